@@ -1,0 +1,388 @@
+//! containerd over its gRPC socket: version, images, content reads, containers, events.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use containerd_client::{
+    services::v1::{
+        GetImageRequest, InfoRequest, ListContainersRequest, ListImagesRequest, ReadContentRequest,
+        SubscribeRequest, containers_client::ContainersClient, content_client::ContentClient,
+        events_client::EventsClient, images_client::ImagesClient, version_client::VersionClient,
+    },
+    tonic::{Code, Request, Status, transport::Channel},
+};
+use futures::{Stream, StreamExt};
+use tracing::instrument;
+
+use crate::core::oci::Descriptor;
+
+/// The largest manifest, index or config ragent reads into memory.
+pub const MAX_METADATA_BLOB: u64 = 16 << 20;
+/// How long connecting to the socket may take before it counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error(
+        "cannot reach containerd at {socket}: {reason}. Point ragent at containerd's socket with --containerd PATH or RAGENT_CONTAINERD=PATH"
+    )]
+    Unreachable { socket: PathBuf, reason: String },
+    #[error("containerd {op} failed: {} ({:?})", status.message(), status.code())]
+    Rpc {
+        op: &'static str,
+        #[source]
+        status: Status,
+    },
+    #[error("content {digest} is not in containerd's content store")]
+    NotFound { digest: String },
+    #[error("content {digest} is {size} bytes, more than the {MAX_METADATA_BLOB} bytes ragent reads as metadata")]
+    TooLarge { digest: String, size: u64 },
+    #[error("invalid namespace {namespace:?}: {reason}")]
+    Namespace { namespace: String, reason: String },
+}
+
+impl ContainerdError {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ContainerdError::Unreachable { .. } => "unreachable",
+            ContainerdError::Rpc { .. } => "rpc",
+            ContainerdError::NotFound { .. } => "not_found",
+            ContainerdError::TooLarge { .. } => "too_large",
+            ContainerdError::Namespace { .. } => "namespace",
+        }
+    }
+
+    /// Whether the connection itself is gone (as opposed to one request failing).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            ContainerdError::Unreachable { .. } => true,
+            ContainerdError::Rpc { status, .. } => {
+                matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn rpc(op: &'static str) -> impl FnOnce(Status) -> ContainerdError {
+    move |status| ContainerdError::Rpc { op, status }
+}
+
+/// An image record as containerd stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub target: Descriptor,
+}
+
+/// A container record (not its task).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One event from containerd's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub namespace: String,
+    pub topic: String,
+}
+
+/// A connection to containerd for one namespace.
+#[derive(Clone)]
+pub struct Containerd {
+    channel: Channel,
+    socket: PathBuf,
+    namespace: String,
+}
+
+impl std::fmt::Debug for Containerd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containerd")
+            .field("socket", &self.socket)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+impl Containerd {
+    /// Connects and checks that containerd answers (Version).
+    #[instrument(level = "debug")]
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Containerd, ContainerdError> {
+        validate_namespace(namespace)?;
+        let unreachable = |reason: String| ContainerdError::Unreachable {
+            socket: socket.to_path_buf(),
+            reason,
+        };
+        match std::fs::metadata(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(unreachable("no such file".into()));
+            }
+            Err(e) => return Err(unreachable(e.to_string())),
+            Ok(m) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !m.file_type().is_socket() {
+                    return Err(unreachable("not a unix socket".into()));
+                }
+            }
+        }
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, containerd_client::connect(socket))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        let c = Containerd {
+            channel,
+            socket: socket.to_path_buf(),
+            namespace: namespace.to_string(),
+        };
+        c.version().await.map_err(|e| match e {
+            ContainerdError::Rpc { status, .. } => unreachable(status.message().to_string()),
+            other => other,
+        })?;
+        Ok(c)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        // Validated in connect(): a namespace is ASCII without control characters.
+        if let Ok(v) = self.namespace.parse() {
+            req.metadata_mut().insert("containerd-namespace", v);
+        }
+        req
+    }
+
+    /// containerd's version string.
+    pub async fn version(&self) -> Result<String, ContainerdError> {
+        let r = VersionClient::new(self.channel.clone())
+            .version(Request::new(()))
+            .await
+            .map_err(rpc("Version"))?;
+        Ok(r.into_inner().version)
+    }
+
+    /// Every image record in the namespace.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn list_images(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
+        let r = ImagesClient::new(self.channel.clone())
+            .list(self.request(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(rpc("Images.List"))?;
+        Ok(r.into_inner()
+            .images
+            .into_iter()
+            .filter_map(|i| {
+                let t = i.target?;
+                Some(ImageRecord {
+                    name: i.name,
+                    labels: i.labels.into_iter().collect(),
+                    target: Descriptor {
+                        media_type: t.media_type,
+                        digest: t.digest,
+                        size: u64::try_from(t.size).unwrap_or(0),
+                        platform: None,
+                        annotations: t.annotations.into_iter().collect(),
+                    },
+                })
+            })
+            .collect())
+    }
+
+    /// One image record by name, or None.
+    pub async fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, ContainerdError> {
+        match ImagesClient::new(self.channel.clone())
+            .get(self.request(GetImageRequest { name: name.into() }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().image.and_then(|i| {
+                let t = i.target?;
+                Some(ImageRecord {
+                    name: i.name,
+                    labels: i.labels.into_iter().collect(),
+                    target: Descriptor {
+                        media_type: t.media_type,
+                        digest: t.digest,
+                        size: u64::try_from(t.size).unwrap_or(0),
+                        platform: None,
+                        annotations: t.annotations.into_iter().collect(),
+                    },
+                })
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(rpc("Images.Get")(s)),
+        }
+    }
+
+    /// The size of a blob in the content store, or None when it is not there.
+    pub async fn content_size(&self, digest: &str) -> Result<Option<u64>, ContainerdError> {
+        match ContentClient::new(self.channel.clone())
+            .info(self.request(InfoRequest {
+                digest: digest.into(),
+            }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().info.map(|i| u64::try_from(i.size).unwrap_or(0))),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(rpc("Content.Info")(s)),
+        }
+    }
+
+    /// Reads a whole metadata blob (manifest, index, config), at most [`MAX_METADATA_BLOB`].
+    #[instrument(level = "debug", skip(self))]
+    pub async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ContainerdError> {
+        let size = self
+            .content_size(digest)
+            .await?
+            .ok_or_else(|| ContainerdError::NotFound {
+                digest: digest.into(),
+            })?;
+        if size > MAX_METADATA_BLOB {
+            return Err(ContainerdError::TooLarge {
+                digest: digest.into(),
+                size,
+            });
+        }
+        let mut stream = ContentClient::new(self.channel.clone())
+            .read(self.request(ReadContentRequest {
+                digest: digest.into(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(|s| match s.code() {
+                Code::NotFound => ContainerdError::NotFound {
+                    digest: digest.into(),
+                },
+                _ => rpc("Content.Read")(s),
+            })?
+            .into_inner();
+        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(rpc("Content.Read"))?;
+            out.extend_from_slice(&chunk.data);
+            if out.len() as u64 > MAX_METADATA_BLOB {
+                return Err(ContainerdError::TooLarge {
+                    digest: digest.into(),
+                    size: out.len() as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every container record in the namespace.
+    pub async fn list_containers(&self) -> Result<Vec<ContainerRecord>, ContainerdError> {
+        let r = ContainersClient::new(self.channel.clone())
+            .list(self.request(ListContainersRequest { filters: vec![] }))
+            .await
+            .map_err(rpc("Containers.List"))?;
+        Ok(r.into_inner()
+            .containers
+            .into_iter()
+            .map(|c| ContainerRecord {
+                id: c.id,
+                image: c.image,
+                labels: c.labels.into_iter().collect(),
+            })
+            .collect())
+    }
+
+    /// Subscribes to this namespace's events. Call it before listing, so nothing that happens
+    /// between the list and the subscription is missed.
+    pub async fn subscribe(
+        &self,
+    ) -> Result<impl Stream<Item = Result<Event, ContainerdError>> + use<>, ContainerdError> {
+        let filter = format!("namespace=={}", self.namespace);
+        let stream = EventsClient::new(self.channel.clone())
+            .subscribe(Request::new(SubscribeRequest {
+                filters: vec![filter],
+            }))
+            .await
+            .map_err(rpc("Events.Subscribe"))?
+            .into_inner();
+        Ok(stream.map(|r| {
+            r.map(|env| Event {
+                namespace: env.namespace,
+                topic: env.topic,
+            })
+            .map_err(rpc("Events.Subscribe"))
+        }))
+    }
+}
+
+fn validate_namespace(ns: &str) -> Result<(), ContainerdError> {
+    // containerd: [A-Za-z0-9] separated by [._-], at most 76 characters.
+    let bad = |reason: &str| ContainerdError::Namespace {
+        namespace: ns.into(),
+        reason: reason.into(),
+    };
+    if ns.is_empty() || ns.len() > 76 {
+        return Err(bad("must be 1 to 76 characters"));
+    }
+    if !ns
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_socket_names_the_path_and_the_flag() {
+        let e = Containerd::connect(Path::new("/nonexistent/containerd.sock"), "k8s.io")
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/containerd.sock"), "{msg}");
+        assert!(msg.contains("--containerd") && msg.contains("RAGENT_CONTAINERD"), "{msg}");
+        assert!(e.is_disconnect());
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_socket_is_unreachable() {
+        let e = Containerd::connect(Path::new("/proc/self/status"), "k8s.io")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not a unix socket"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_are_validated() {
+        assert!(validate_namespace("k8s.io").is_ok());
+        assert!(validate_namespace("").is_err());
+        assert!(validate_namespace("a b").is_err());
+        assert!(validate_namespace("ns\n").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! The kernel: loading ragent's eBPF programs and reading their maps.
+//!
+//! The programs (see `ebpf/src/main.rs`) are attached once at the cgroup2 root; the links are
+//! owned by [`CgroupNet`] and detached when it is dropped.
+use std::{collections::BTreeMap, fs::File, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+};
+use ragent_ebpf::{MAP_CGROUP_NET, MAP_OVERFLOW, NetCounters, Overflow, PROG_EGRESS, PROG_INGRESS};
+
+/// The eBPF object built by agent/build.rs (empty when built with AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ragent-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("this ragent was built without its eBPF programs (AYA_BUILD_SKIP=1); rebuild it after `cargo xtask setup`")]
+    NotBuilt,
+    #[error("loading the eBPF object failed: {0}; the kernel may lack BTF or ragent may lack CAP_BPF/CAP_SYS_ADMIN")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+impl KernelError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            KernelError::NotBuilt => "not_built",
+            KernelError::Load(_) => "load",
+            KernelError::Missing { .. } => "missing",
+            KernelError::Program { .. } => "program",
+            KernelError::Cgroup { .. } => "cgroup",
+            KernelError::Map { .. } => "map",
+        }
+    }
+}
+
+/// Per-cgroup network counters from the cgroup_skb programs.
+pub struct CgroupNet {
+    // Keeps programs and links alive.
+    _ebpf: Ebpf,
+    net: PerCpuHashMap<MapData, u64, NetCounters>,
+    overflow: PerCpuArray<MapData, u64>,
+    programs: usize,
+}
+
+/// What a read of the maps gives.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetSnapshot {
+    pub by_cgroup: BTreeMap<u64, NetCounters>,
+    /// Packets / bytes that found the map full.
+    pub overflow_packets: u64,
+    pub overflow_bytes: u64,
+}
+
+impl NetSnapshot {
+    pub fn total(&self) -> NetCounters {
+        self.by_cgroup
+            .values()
+            .fold(NetCounters::default(), |acc, c| acc.add(c))
+    }
+}
+
+impl CgroupNet {
+    /// Loads the programs and attaches them at `cgroup_root` (a cgroup2 directory).
+    pub fn attach(cgroup_root: &Path) -> Result<CgroupNet, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(KernelError::Load)?;
+        let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        let mut programs = 0;
+        for (name, kind) in [
+            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
+            (PROG_EGRESS, CgroupSkbAttachType::Egress),
+        ] {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            // AllowMultiple fails with EINVAL here (environment.md); links stack with Single.
+            prog.attach(&cgroup, kind, CgroupAttachMode::Single)
+                .map_err(|source| KernelError::Program { name, source })?;
+            programs += 1;
+        }
+        let net = ebpf
+            .take_map(MAP_CGROUP_NET)
+            .ok_or(KernelError::Missing {
+                what: "map",
+                name: MAP_CGROUP_NET,
+            })?
+            .try_into()
+            .map_err(|source| KernelError::Map {
+                name: MAP_CGROUP_NET,
+                source,
+            })?;
+        let overflow = ebpf
+            .take_map(MAP_OVERFLOW)
+            .ok_or(KernelError::Missing {
+                what: "map",
+                name: MAP_OVERFLOW,
+            })?
+            .try_into()
+            .map_err(|source| KernelError::Map {
+                name: MAP_OVERFLOW,
+                source,
+            })?;
+        Ok(CgroupNet {
+            _ebpf: ebpf,
+            net,
+            overflow,
+            programs,
+        })
+    }
+
+    pub fn programs(&self) -> usize {
+        self.programs
+    }
+
+    /// Sums the per-CPU values of every cgroup.
+    pub fn read(&self) -> Result<NetSnapshot, KernelError> {
+        let mut snap = NetSnapshot::default();
+        for item in self.net.iter() {
+            let (cgroup, per_cpu) = item.map_err(|source| KernelError::Map {
+                name: MAP_CGROUP_NET,
+                source,
+            })?;
+            let sum = per_cpu
+                .iter()
+                .fold(NetCounters::default(), |acc, c| acc.add(c));
+            snap.by_cgroup.insert(cgroup, sum);
+        }
+        let slot = |s: Overflow| -> Result<u64, KernelError> {
+            let v = self
+                .overflow
+                .get(&(s as u32), 0)
+                .map_err(|source| KernelError::Map {
+                    name: MAP_OVERFLOW,
+                    source,
+                })?;
+            Ok(v.iter().copied().fold(0u64, u64::saturating_add))
+        };
+        snap.overflow_packets = slot(Overflow::CgroupNetFull)?;
+        snap.overflow_bytes = slot(Overflow::CgroupNetFullBytes)?;
+        Ok(snap)
+    }
+}

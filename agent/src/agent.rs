@@ -1,0 +1,357 @@
+//! `ragent agent`: the long-running node agent.
+//!
+//! Components, each started here and stopped by one shutdown signal:
+//! - the containerd watch: connect (with backoff), subscribe to events *then* list, keep the
+//!   inventory current; on a lost connection mark not-ready and reconnect;
+//! - the eBPF programs at the cgroup2 root (optional: without them the agent says why and goes on);
+//! - the HTTP endpoint: /metrics, /healthz, /readyz.
+use std::{
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    adapters::{
+        cgroupfs,
+        containerd::{Containerd, ContainerdError},
+        kernel::CgroupNet,
+        procfs,
+    },
+    config::AgentConfig,
+    core::inventory::Inventory,
+    metrics::{self, Metrics},
+    scan::Scanner,
+};
+
+/// Reconnect backoff: doubles from the first to the last value.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr}: {source}; choose another --metrics-addr")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What the HTTP handlers read.
+struct Shared {
+    metrics: Metrics,
+    ready: AtomicBool,
+    not_ready_reason: Mutex<String>,
+    inventory: RwLock<Option<Inventory>>,
+    net: Mutex<Option<CgroupNet>>,
+}
+
+impl Shared {
+    fn set_not_ready(&self, reason: String) {
+        self.ready.store(false, Ordering::SeqCst);
+        self.metrics.containerd_up.set(0);
+        if let Ok(mut r) = self.not_ready_reason.lock() {
+            *r = reason;
+        }
+    }
+
+    /// Brings the counters that mirror /proc and the eBPF maps up to date (at scrape time).
+    fn refresh_scraped(&self) {
+        let p = procfs::read_self();
+        metrics::advance_to_f64(&self.metrics.process_cpu, p.cpu_seconds);
+        self.metrics.process_rss.set(i64::try_from(p.resident_bytes).unwrap_or(i64::MAX));
+        self.metrics.process_fds.set(i64::try_from(p.open_fds).unwrap_or(i64::MAX));
+        self.metrics.process_threads.set(i64::try_from(p.threads).unwrap_or(i64::MAX));
+        let Ok(net) = self.net.lock() else { return };
+        let Some(net) = net.as_ref() else { return };
+        match net.read() {
+            Ok(snap) => {
+                let t = snap.total();
+                let m = &self.metrics;
+                metrics::advance_to(&m.node_net_bytes.with_label_values(&["ingress"]), t.rx_bytes);
+                metrics::advance_to(&m.node_net_bytes.with_label_values(&["egress"]), t.tx_bytes);
+                metrics::advance_to(&m.node_net_packets.with_label_values(&["ingress"]), t.rx_packets);
+                metrics::advance_to(&m.node_net_packets.with_label_values(&["egress"]), t.tx_packets);
+                metrics::advance_to(
+                    &m.ebpf_overflow.with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
+                    snap.overflow_bytes,
+                );
+            }
+            Err(e) => warn!(error = %e, "reading the eBPF maps failed"),
+        }
+    }
+
+    fn publish(&self, inv: Inventory, containers: usize) {
+        let m = &self.metrics;
+        let s = &inv.summary;
+        m.images.set(s.images as i64);
+        m.unresolved_images.set(inv.unresolved.len() as i64);
+        m.containers.set(containers as i64);
+        m.node_layer_bytes
+            .with_label_values(&["per_image"])
+            .set(i64::try_from(s.total_layer_bytes).unwrap_or(i64::MAX));
+        m.node_layer_bytes
+            .with_label_values(&["unique"])
+            .set(i64::try_from(s.unique_layer_bytes).unwrap_or(i64::MAX));
+        m.node_layer_dedup_ratio.set(s.dedup_ratio.unwrap_or(0.0));
+        for role in crate::core::cnb::Role::ALL {
+            let bytes = s.unique_bytes_by_role.get(&role).copied().unwrap_or(0);
+            m.node_layer_role_bytes
+                .with_label_values(&[role.as_str()])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        let sizes: Vec<(String, u64)> = inv
+            .images
+            .iter()
+            .map(|i| (i.name.clone(), i.size_bytes))
+            .collect();
+        m.set_image_sizes(&sizes);
+        if let Ok(mut slot) = self.inventory.write() {
+            *slot = Some(inv);
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let metrics = Metrics::new(prometheus::Registry::new())?;
+    let shared = Arc::new(Shared {
+        metrics,
+        ready: AtomicBool::new(false),
+        not_ready_reason: Mutex::new("not connected to containerd yet".into()),
+        inventory: RwLock::new(None),
+        net: Mutex::new(None),
+    });
+
+    if cfg.ebpf {
+        attach_ebpf(&cfg, &shared);
+    } else {
+        info!("eBPF disabled by configuration; network metrics stay at 0");
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(shared.clone());
+    let mut http_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = watcher.await {
+        warn!(error = %e, "the containerd watch ended abnormally");
+    }
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AgentError::Serve(e)),
+        Err(e) => {
+            warn!(error = %e, "the HTTP server task ended abnormally");
+            Ok(())
+        }
+    }
+}
+
+fn attach_ebpf(cfg: &AgentConfig, shared: &Shared) {
+    let root = cgroupfs::detect().and_then(|layout| {
+        info!(mode = ?layout.mode, unified = ?layout.unified, "cgroup layout");
+        cgroupfs::resolve_root(cfg.cgroup_root.as_deref(), &layout)
+    });
+    let root = match root {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "running without eBPF");
+            return;
+        }
+    };
+    match CgroupNet::attach(&root) {
+        Ok(net) => {
+            info!(cgroup_root = %root.display(), programs = net.programs(), "eBPF cgroup_skb counters attached");
+            shared.metrics.ebpf_programs.set(net.programs() as i64);
+            if let Ok(mut slot) = shared.net.lock() {
+                *slot = Some(net);
+            }
+        }
+        Err(e) => warn!(error = %e, reason = e.metric_label(), "running without eBPF"),
+    }
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    shared.refresh_scraped();
+    match shared.metrics.encode() {
+        Ok(body) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], format!("{e}\n")),
+    }
+}
+
+async fn ready_handler(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
+    if shared.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        let reason = shared
+            .not_ready_reason
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+    }
+}
+
+/// Whether an event topic changes the image inventory or the container list.
+fn affects(topic: &str) -> (bool, bool) {
+    (
+        topic.starts_with("/images/") || topic == "/content/delete",
+        topic.starts_with("/containers/"),
+    )
+}
+
+async fn watch_containerd(cfg: AgentConfig, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut scanner = Scanner::default();
+    let mut connected_before = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let result = tokio::select! {
+            r = session(&cfg, &shared, &mut scanner, &mut connected_before, &mut backoff) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let e = match result {
+            Ok(()) => "containerd closed the event stream".to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(error = %e, retry_in = ?backoff, "containerd connection lost");
+        shared.set_not_ready(e);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn refresh(c: &Containerd, scanner: &mut Scanner) -> Result<(Inventory, usize), ContainerdError> {
+    let inv = scanner.scan(c).await?;
+    let containers = c.list_containers().await?.len();
+    Ok((inv, containers))
+}
+
+/// One connected session: returns when the connection is lost.
+async fn session(
+    cfg: &AgentConfig,
+    shared: &Shared,
+    scanner: &mut Scanner,
+    connected_before: &mut bool,
+    backoff: &mut Duration,
+) -> Result<(), ContainerdError> {
+    let c = Containerd::connect(&cfg.common.containerd, &cfg.common.namespace).await?;
+    // Subscribe before listing so that nothing between the two is missed.
+    let mut events = Box::pin(c.subscribe().await?);
+    let (inv, containers) = refresh(&c, scanner).await?;
+    info!(
+        socket = %cfg.common.containerd.display(),
+        namespace = %cfg.common.namespace,
+        images = inv.summary.images,
+        containers,
+        "connected to containerd"
+    );
+    shared.publish(inv, containers);
+    shared.metrics.inventory_refreshes.with_label_values(&["ok"]).inc();
+    if *connected_before {
+        shared.metrics.containerd_reconnects.inc();
+    }
+    *connected_before = true;
+    *backoff = BACKOFF_MIN;
+    shared.metrics.containerd_up.set(1);
+    shared.ready.store(true, Ordering::SeqCst);
+
+    let debounce = Duration::from_millis(cfg.refresh_debounce_ms);
+    let mut dirty = false;
+    loop {
+        let ev = if dirty {
+            match tokio::time::timeout(debounce, events.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    // Quiet for `debounce`: rebuild now.
+                    dirty = false;
+                    match refresh(&c, scanner).await {
+                        Ok((inv, containers)) => {
+                            debug!(images = inv.summary.images, containers, "inventory refreshed");
+                            shared.publish(inv, containers);
+                            shared.metrics.inventory_refreshes.with_label_values(&["ok"]).inc();
+                        }
+                        Err(e) if e.is_disconnect() => return Err(e),
+                        Err(e) => {
+                            warn!(error = %e, "inventory refresh failed");
+                            shared.metrics.inventory_refreshes.with_label_values(&["error"]).inc();
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else {
+            events.next().await
+        };
+        match ev {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(ev)) => {
+                shared
+                    .metrics
+                    .containerd_events
+                    .with_label_values(&[metrics::topic_label(&ev.topic)])
+                    .inc();
+                let (images, containers) = affects(&ev.topic);
+                if images || containers {
+                    dirty = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_and_container_topics_trigger_refresh() {
+        assert_eq!(affects("/images/create"), (true, false));
+        assert_eq!(affects("/content/delete"), (true, false));
+        assert_eq!(affects("/containers/delete"), (false, true));
+        assert_eq!(affects("/tasks/exit"), (false, false));
+    }
+}

@@ -1,0 +1,7 @@
+//! The pure core: image and layer model, CNB metadata, the node inventory.
+//!
+//! Nothing here talks to containerd, the kernel or a socket; adapters feed it bytes and records
+//! and it decides. Everything here is tested directly.
+pub mod cnb;
+pub mod inventory;
+pub mod oci;

@@ -1,0 +1,77 @@
+//! The `ragent` binary: parse, set up logging, run one subcommand.
+use std::process::ExitCode;
+
+use clap::Parser;
+use ragent::{
+    config::{self, Cli, Command, FileConfig, LogFormat},
+    images,
+};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RAGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Agent(args) => {
+            let file = match &args.config {
+                Some(p) => config::load_file(p)?,
+                None => FileConfig::default(),
+            };
+            let cfg = config::agent(&cli, args, &file)?;
+            init_logging(cfg.common.log_format);
+            ragent::agent::run(cfg, shutdown_signal()).await?;
+        }
+        Command::Images(args) => {
+            let common = config::common(&cli, &FileConfig::default())?;
+            init_logging(common.log_format);
+            let inv = images::inventory(&common.containerd, &common.namespace).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&inv)?);
+            } else {
+                print!("{}", images::render_table(&inv));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ragent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace: every error reads as a sentence that says what to do.
+            eprintln!("ragent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The metric catalogue: every metric ragent exports, defined once with its name, help, type
+//! and labels. Dashboards, docs and tests use [`CATALOGUE`]. Names are `ragent_<what>_<unit>`,
+//! `_total` only on counters; labels are bounded, and series of images that are gone are removed.
+use std::collections::BTreeSet;
+
+use prometheus::{Counter, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+macro_rules! def {
+    ($id:ident, $name:literal, $kind:ident, [$($l:literal),*], $help:literal) => {
+        pub const $id: MetricDef = MetricDef { name: $name, help: $help, kind: Kind::$kind, labels: &[$($l),*] };
+    };
+}
+
+def!(BUILD_INFO, "ragent_build_info", Gauge, ["version"], "Always 1; the version label says which ragent runs.");
+def!(CONTAINERD_UP, "ragent_containerd_up", Gauge, [], "1 while ragent is connected to containerd and its event stream, else 0.");
+def!(CONTAINERD_RECONNECTS, "ragent_containerd_reconnects_total", Counter, [], "Times ragent lost containerd and connected again.");
+def!(CONTAINERD_EVENTS, "ragent_containerd_events_total", Counter, ["topic"], "containerd events received, by topic (/images/create, ...; anything else is 'other').");
+def!(INVENTORY_REFRESHES, "ragent_inventory_refreshes_total", Counter, ["result"], "Image inventory rebuilds from containerd, by result (ok, error).");
+def!(IMAGES, "ragent_images", Gauge, [], "Images in the namespace: distinct manifests, not names (CRI's sha256:<config> aliases are not counted).");
+def!(UNRESOLVED_IMAGES, "ragent_unresolved_images", Gauge, [], "Image records whose manifest or config could not be read (content missing or malformed).");
+def!(CONTAINERS, "ragent_containers", Gauge, [], "Container records in the namespace.");
+def!(IMAGE_SIZE, "ragent_image_size_bytes", Gauge, ["image"], "Compressed size of an image's layers (its first name); removed when the image goes.");
+def!(NODE_LAYER_BYTES, "ragent_node_layer_bytes", Gauge, ["scope"], "Layer bytes on the node: scope=per_image sums every image's layers (a layer-unaware store), scope=unique counts each blob once.");
+def!(NODE_LAYER_ROLE_BYTES, "ragent_node_layer_role_bytes", Gauge, ["role"], "Unique layer bytes by CNB role (run-image, launcher, buildpack, app, config, unknown).");
+def!(NODE_LAYER_DEDUP_RATIO, "ragent_node_layer_dedup_ratio", Gauge, [], "per_image / unique layer bytes (0 when the node has no layers).");
+def!(EBPF_PROGRAMS, "ragent_ebpf_programs_loaded", Gauge, [], "eBPF programs loaded and attached (0: running without eBPF, see the log for why).");
+def!(NODE_NET_BYTES, "ragent_node_network_bytes_total", Counter, ["direction"], "Bytes through every socket of the node, seen by cgroup_skb at the cgroup2 root (direction=ingress|egress).");
+def!(NODE_NET_PACKETS, "ragent_node_network_packets_total", Counter, ["direction"], "Packets through every socket of the node, seen by cgroup_skb at the cgroup2 root.");
+def!(EBPF_OVERFLOW, "ragent_ebpf_map_overflow_bytes_total", Counter, ["map"], "Bytes that eBPF could not attribute because a map was full (counted, never silently dropped).");
+def!(PROCESS_CPU, "ragent_process_cpu_seconds_total", Counter, [], "CPU time the agent used (user + system).");
+def!(PROCESS_RSS, "ragent_process_resident_memory_bytes", Gauge, [], "The agent's resident memory.");
+def!(PROCESS_FDS, "ragent_process_open_fds", Gauge, [], "File descriptors the agent holds open.");
+def!(PROCESS_THREADS, "ragent_process_threads", Gauge, [], "Threads of the agent process.");
+
+/// Every metric ragent exports.
+pub const CATALOGUE: &[MetricDef] = &[
+    BUILD_INFO,
+    CONTAINERD_UP,
+    CONTAINERD_RECONNECTS,
+    CONTAINERD_EVENTS,
+    INVENTORY_REFRESHES,
+    IMAGES,
+    UNRESOLVED_IMAGES,
+    CONTAINERS,
+    IMAGE_SIZE,
+    NODE_LAYER_BYTES,
+    NODE_LAYER_ROLE_BYTES,
+    NODE_LAYER_DEDUP_RATIO,
+    EBPF_PROGRAMS,
+    NODE_NET_BYTES,
+    NODE_NET_PACKETS,
+    EBPF_OVERFLOW,
+    PROCESS_CPU,
+    PROCESS_RSS,
+    PROCESS_FDS,
+    PROCESS_THREADS,
+];
+
+/// The containerd event topics counted under their own label value.
+pub const EVENT_TOPICS: &[&str] = &[
+    "/images/create",
+    "/images/update",
+    "/images/delete",
+    "/containers/create",
+    "/containers/update",
+    "/containers/delete",
+    "/tasks/create",
+    "/tasks/start",
+    "/tasks/exit",
+    "/tasks/delete",
+    "/tasks/oom",
+    "/content/delete",
+    "/snapshot/prepare",
+    "/snapshot/commit",
+    "/snapshot/remove",
+];
+
+/// Bounds a topic to [`EVENT_TOPICS`] or `other`.
+pub fn topic_label(topic: &str) -> &'static str {
+    EVENT_TOPICS
+        .iter()
+        .find(|t| **t == topic)
+        .copied()
+        .unwrap_or("other")
+}
+
+fn opts(d: &MetricDef) -> Opts {
+    Opts::new(d.name, d.help)
+}
+
+/// Handles to every metric, registered into the registry passed in.
+pub struct Metrics {
+    registry: Registry,
+    pub containerd_up: IntGauge,
+    pub containerd_reconnects: IntCounter,
+    pub containerd_events: IntCounterVec,
+    pub inventory_refreshes: IntCounterVec,
+    pub images: IntGauge,
+    pub unresolved_images: IntGauge,
+    pub containers: IntGauge,
+    pub image_size: IntGaugeVec,
+    pub node_layer_bytes: IntGaugeVec,
+    pub node_layer_role_bytes: IntGaugeVec,
+    pub node_layer_dedup_ratio: Gauge,
+    pub ebpf_programs: IntGauge,
+    pub node_net_bytes: IntCounterVec,
+    pub node_net_packets: IntCounterVec,
+    pub ebpf_overflow: IntCounterVec,
+    pub process_cpu: Counter,
+    pub process_rss: IntGauge,
+    pub process_fds: IntGauge,
+    pub process_threads: IntGauge,
+    image_series: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl Metrics {
+    pub fn new(registry: Registry) -> Result<Metrics, prometheus::Error> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            c: C,
+        ) -> Result<C, prometheus::Error> {
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let r = &registry;
+        let build_info = reg(r, IntGaugeVec::new(opts(&BUILD_INFO), BUILD_INFO.labels)?)?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let m = Metrics {
+            containerd_up: reg(r, IntGauge::with_opts(opts(&CONTAINERD_UP))?)?,
+            containerd_reconnects: reg(r, IntCounter::with_opts(opts(&CONTAINERD_RECONNECTS))?)?,
+            containerd_events: reg(r, IntCounterVec::new(opts(&CONTAINERD_EVENTS), CONTAINERD_EVENTS.labels)?)?,
+            inventory_refreshes: reg(r, IntCounterVec::new(opts(&INVENTORY_REFRESHES), INVENTORY_REFRESHES.labels)?)?,
+            images: reg(r, IntGauge::with_opts(opts(&IMAGES))?)?,
+            unresolved_images: reg(r, IntGauge::with_opts(opts(&UNRESOLVED_IMAGES))?)?,
+            containers: reg(r, IntGauge::with_opts(opts(&CONTAINERS))?)?,
+            image_size: reg(r, IntGaugeVec::new(opts(&IMAGE_SIZE), IMAGE_SIZE.labels)?)?,
+            node_layer_bytes: reg(r, IntGaugeVec::new(opts(&NODE_LAYER_BYTES), NODE_LAYER_BYTES.labels)?)?,
+            node_layer_role_bytes: reg(r, IntGaugeVec::new(opts(&NODE_LAYER_ROLE_BYTES), NODE_LAYER_ROLE_BYTES.labels)?)?,
+            node_layer_dedup_ratio: reg(r, Gauge::with_opts(opts(&NODE_LAYER_DEDUP_RATIO))?)?,
+            ebpf_programs: reg(r, IntGauge::with_opts(opts(&EBPF_PROGRAMS))?)?,
+            node_net_bytes: reg(r, IntCounterVec::new(opts(&NODE_NET_BYTES), NODE_NET_BYTES.labels)?)?,
+            node_net_packets: reg(r, IntCounterVec::new(opts(&NODE_NET_PACKETS), NODE_NET_PACKETS.labels)?)?,
+            ebpf_overflow: reg(r, IntCounterVec::new(opts(&EBPF_OVERFLOW), EBPF_OVERFLOW.labels)?)?,
+            process_cpu: reg(r, Counter::with_opts(opts(&PROCESS_CPU))?)?,
+            process_rss: reg(r, IntGauge::with_opts(opts(&PROCESS_RSS))?)?,
+            process_fds: reg(r, IntGauge::with_opts(opts(&PROCESS_FDS))?)?,
+            process_threads: reg(r, IntGauge::with_opts(opts(&PROCESS_THREADS))?)?,
+            image_series: std::sync::Mutex::new(BTreeSet::new()),
+            registry,
+        };
+        // Series that exist from the start, so dashboards show 0 rather than "no data".
+        for dir in ["ingress", "egress"] {
+            m.node_net_bytes.with_label_values(&[dir]);
+            m.node_net_packets.with_label_values(&[dir]);
+        }
+        m.ebpf_overflow.with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]);
+        for result in ["ok", "error"] {
+            m.inventory_refreshes.with_label_values(&[result]);
+        }
+        for scope in ["per_image", "unique"] {
+            m.node_layer_bytes.with_label_values(&[scope]);
+        }
+        for role in crate::core::cnb::Role::ALL {
+            m.node_layer_role_bytes.with_label_values(&[role.as_str()]);
+        }
+        Ok(m)
+    }
+
+    /// Sets the per-image series to exactly `sizes`, removing series of images that are gone.
+    pub fn set_image_sizes(&self, sizes: &[(String, u64)]) {
+        let mut live = match self.image_series.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let now: BTreeSet<String> = sizes.iter().map(|(n, _)| n.clone()).collect();
+        for gone in live.difference(&now) {
+            // The series may already be gone; that is fine.
+            let _ = self.image_size.remove_label_values(&[gone.as_str()]);
+        }
+        for (name, size) in sizes {
+            self.image_size
+                .with_label_values(&[name.as_str()])
+                .set(i64::try_from(*size).unwrap_or(i64::MAX));
+        }
+        *live = now;
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Advances a counter that mirrors an absolute, monotonic source (a kernel map, /proc) to `value`.
+pub fn advance_to(counter: &IntCounter, value: u64) {
+    let cur = counter.get();
+    if value > cur {
+        counter.inc_by(value - cur);
+    }
+}
+
+/// Same for a float counter.
+pub fn advance_to_f64(counter: &Counter, value: f64) {
+    let cur = counter.get();
+    if value > cur {
+        counter.inc_by(value - cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_names_follow_the_convention() {
+        let mut seen = BTreeSet::new();
+        for d in CATALOGUE {
+            assert!(d.name.starts_with("ragent_"), "{}", d.name);
+            assert!(seen.insert(d.name), "duplicate {}", d.name);
+            assert_eq!(d.name.ends_with("_total"), d.kind == Kind::Counter, "{}: _total iff counter", d.name);
+            assert!(!d.labels.iter().any(|l| ["pod_ip", "ip", "uid", "digest"].contains(l)), "{}: unbounded label", d.name);
+        }
+    }
+
+    #[test]
+    fn every_catalogued_metric_is_exported_with_its_type() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        m.containerd_events.with_label_values(&["other"]).inc();
+        m.set_image_sizes(&[("a".into(), 1)]);
+        let text = m.encode().unwrap();
+        for d in CATALOGUE {
+            assert!(text.contains(&format!("# TYPE {} {}", d.name, d.kind.as_str())), "{} missing:\n{text}", d.name);
+        }
+    }
+
+    #[test]
+    fn image_series_of_gone_images_are_removed() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        m.set_image_sizes(&[("a".into(), 1), ("b".into(), 2)]);
+        m.set_image_sizes(&[("b".into(), 3)]);
+        let text = m.encode().unwrap();
+        assert!(!text.contains("image=\"a\""), "{text}");
+        assert!(text.contains("ragent_image_size_bytes{image=\"b\"} 3"), "{text}");
+    }
+
+    #[test]
+    fn counters_mirror_absolute_values_and_never_go_back() {
+        let c = IntCounter::new("x_total", "x").unwrap();
+        advance_to(&c, 10);
+        advance_to(&c, 7);
+        advance_to(&c, 12);
+        assert_eq!(c.get(), 12);
+    }
+
+    #[test]
+    fn topics_are_bounded() {
+        assert_eq!(topic_label("/images/create"), "/images/create");
+        assert_eq!(topic_label("/something/new"), "other");
+    }
+}
