@@ -1,1 +1,468 @@
+//! The local node: containerd (with CRI) + an OCI registry + Prometheus, all under one short
+//! private directory, started as our own processes and stopped by PID.
+//!
+//! `cargo xtask up` uses it for the demo node, `cargo xtask test` for the test node; the
+//! end-to-end tests load its state file to find sockets and to restart containerd.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{fixtures::FixtureSet, http};
+
+/// Where and on which ports a node runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// Everything lives here; keep it short (unix socket paths must stay under 108 bytes).
+    pub dir: PathBuf,
+    pub registry_port: u16,
+    pub prometheus_port: u16,
+    /// The port Prometheus scrapes ragent on.
+    pub agent_port: u16,
+}
+
+impl NodeConfig {
+    /// The demo node of `cargo xtask up`.
+    pub fn demo() -> NodeConfig {
+        NodeConfig {
+            dir: PathBuf::from("/tmp/ragent-node"),
+            registry_port: 5000,
+            prometheus_port: 9090,
+            agent_port: 9464,
+        }
+    }
+
+    /// The node of `cargo xtask test` (other ports, so both can run at once).
+    pub fn test() -> NodeConfig {
+        NodeConfig {
+            dir: PathBuf::from("/tmp/ragent-test"),
+            registry_port: 5055,
+            prometheus_port: 9095,
+            agent_port: 9469,
+        }
+    }
+}
+
+/// A running node, as recorded in `<dir>/node.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    pub config: NodeConfig,
+    /// service name -> PID of the process we started.
+    pub pids: BTreeMap<String, u32>,
+}
+
+const STATE: &str = "node.json";
+const SERVICES: [&str; 3] = ["registry", "containerd", "prometheus"];
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ok() {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(100));
+    }
+    bail!("{what} did not become ready within {timeout:?}")
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Sends SIGTERM, waits, then SIGKILL. Only to a PID whose command line mentions `marker`
+/// (so a PID reused by someone else's process is never signalled).
+fn stop_pid(pid: u32, marker: &str, grace: Duration) -> bool {
+    if !pid_alive(pid) || !cmdline(pid).contains(marker) {
+        return false;
+    }
+    let Ok(p) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with a PID we started and verified.
+    unsafe { libc::kill(p, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if !pid_alive(pid) {
+            return true;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(p, libc::SIGKILL) };
+    let _ = wait_until("exit", Duration::from_secs(5), || !pid_alive(pid));
+    true
+}
+
+impl Node {
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.config.dir.join("containerd.sock")
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn registry(&self) -> String {
+        format!("127.0.0.1:{}", self.config.registry_port)
+    }
+
+    pub fn prometheus_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.config.prometheus_port))
+    }
+
+    pub fn fixtures_dir(&self) -> PathBuf {
+        self.config.dir.join("fixtures")
+    }
+
+    pub fn hosts_dir(&self) -> PathBuf {
+        self.config.dir.join("certs.d")
+    }
+
+    /// Loads the state of a running node.
+    pub fn load(dir: &Path) -> Result<Node> {
+        let p = dir.join(STATE);
+        let text = fs::read_to_string(&p).with_context(|| {
+            format!("no node at {} (start one with `cargo xtask up` or `cargo xtask test`)", dir.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    fn save(&self) -> Result<()> {
+        fs::write(self.config.dir.join(STATE), serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, cmd: &mut Command) -> Result<u32> {
+        let log = fs::File::create(self.config.dir.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Own process group: Ctrl-C in the terminal stops the agent, not the node.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(child.id())
+    }
+
+    /// Starts a node. Fails if one is already recorded in the directory and still running.
+    pub fn up(config: NodeConfig) -> Result<Node> {
+        let dir = &config.dir;
+        if let Ok(old) = Node::load(dir) {
+            if old.pids.values().any(|p| pid_alive(*p)) {
+                bail!("a node is already running in {} (stop it with `cargo xtask down`)", dir.display());
+            }
+        }
+        if dir.as_os_str().len() + "/containerd.sock.ttrpc".len() >= 108 {
+            bail!("{} is too long for unix socket paths (108 bytes); use a shorter directory", dir.display());
+        }
+        fs::create_dir_all(dir)?;
+        let mut node = Node {
+            config: config.clone(),
+            pids: BTreeMap::new(),
+        };
+        node.write_configs()?;
+        node.start_registry()?;
+        node.start_containerd()?;
+        node.start_prometheus()?;
+        Ok(node)
+    }
+
+    fn write_configs(&self) -> Result<()> {
+        let d = &self.config.dir;
+        let reg = self.registry();
+        for sub in ["registry", "root", "state", "opt", "cni", "runc", "prometheus"] {
+            fs::create_dir_all(d.join(sub))?;
+        }
+        fs::write(
+            d.join("registry.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n",
+                d.join("registry").display()
+            ),
+        )?;
+        let hosts = self.hosts_dir().join(&reg);
+        fs::create_dir_all(&hosts)?;
+        fs::write(
+            hosts.join("hosts.toml"),
+            format!("server = \"http://{reg}\"\n\n[host.\"http://{reg}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n"),
+        )?;
+        let p = |s: &str| d.join(s).display().to_string();
+        fs::write(
+            d.join("containerd.toml"),
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+oom_score = 0
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  sandbox_image = "{reg}/ragent/pause:3.9"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{runc}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+                root = p("root"),
+                state = p("state"),
+                sock = self.socket().display(),
+                opt = p("opt"),
+                runc = p("runc"),
+                cni = p("cni"),
+                certs = self.hosts_dir().display(),
+            ),
+        )?;
+        fs::write(
+            d.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\nscrape_configs:\n  - job_name: ragent\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+                self.config.agent_port
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn start_registry(&mut self) -> Result<()> {
+        let cfg = self.config.dir.join("registry.yml");
+        let pid = self.spawn("registry", Command::new("docker-registry").arg("serve").arg(&cfg))?;
+        self.pids.insert("registry".into(), pid);
+        self.save()?;
+        let addr: SocketAddr = self.registry().parse()?;
+        wait_until("the registry", Duration::from_secs(20), || {
+            matches!(http::get(addr, "/v2/"), Ok((200, _)))
+        })
+        .with_context(|| self.log_tail("registry"))
+    }
+
+    /// Starts containerd and waits until its socket answers.
+    pub fn start_containerd(&mut self) -> Result<()> {
+        let cfg = self.config.dir.join("containerd.toml");
+        let pid = self.spawn("containerd", Command::new("containerd").arg("--config").arg(&cfg))?;
+        self.pids.insert("containerd".into(), pid);
+        self.save()?;
+        let sock = self.socket();
+        wait_until("containerd", Duration::from_secs(30), || {
+            sock.exists()
+                && Command::new("ctr")
+                    .arg("--address")
+                    .arg(&sock)
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        })
+        .with_context(|| self.log_tail("containerd"))
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop_containerd(&mut self) -> Result<()> {
+        if let Some(pid) = self.pids.remove("containerd") {
+            stop_pid(pid, &self.config.dir.display().to_string(), Duration::from_secs(10));
+        }
+        self.save()
+    }
+
+    /// What a containerd upgrade or crash looks like to ragent.
+    pub fn restart_containerd(&mut self) -> Result<()> {
+        self.stop_containerd()?;
+        self.start_containerd()
+    }
+
+    fn start_prometheus(&mut self) -> Result<()> {
+        let d = &self.config.dir;
+        let pid = self.spawn(
+            "prometheus",
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", d.join("prometheus.yml").display()))
+                .arg(format!("--storage.tsdb.path={}", d.join("prometheus").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{}", self.config.prometheus_port))
+                .arg("--storage.tsdb.retention.time=1d"),
+        )?;
+        self.pids.insert("prometheus".into(), pid);
+        self.save()?;
+        let addr = self.prometheus_addr();
+        wait_until("Prometheus", Duration::from_secs(30), || {
+            matches!(http::get(addr, "/-/ready"), Ok((200, _)))
+        })
+        .with_context(|| self.log_tail("prometheus"))
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let p = self.config.dir.join(format!("{name}.log"));
+        let text = fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(15).collect();
+        format!(
+            "last lines of {}:\n{}",
+            p.display(),
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// A `ctr` command against this node's containerd.
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.socket()).arg("--namespace").arg(namespace);
+        c
+    }
+
+    /// Pulls an image with `ctr` (plain HTTP to the local registry, unpacked).
+    pub fn ctr_pull(&self, namespace: &str, reference: &str) -> Result<()> {
+        let out = self
+            .ctr(namespace)
+            .args(["images", "pull", "--plain-http", "--hosts-dir"])
+            .arg(self.hosts_dir())
+            .arg(reference)
+            .output()?;
+        if !out.status.success() {
+            bail!("ctr pull {reference} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Pushes every fixture image to the node's registry with skopeo, keeping digests.
+    pub fn push(&self, set: &FixtureSet) -> Result<usize> {
+        let mut n = 0;
+        let mut copy = |layout_ref: &str, repo: &str, tag: &str, all: bool| -> Result<()> {
+            let mut c = Command::new("skopeo");
+            c.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]);
+            if all {
+                c.arg("--all");
+            }
+            let src = format!("oci:{}:{layout_ref}", set.layout.display());
+            let dst = format!("docker://{}/{repo}:{tag}", self.registry());
+            let out = c.arg(&src).arg(&dst).output().context("running skopeo (cargo xtask setup installs it)")?;
+            if !out.status.success() {
+                bail!("skopeo copy {src} {dst} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            n += 1;
+            Ok(())
+        };
+        for i in &set.images {
+            copy(&i.layout_ref, &i.repo, &i.tag, false)?;
+        }
+        for i in &set.indexes {
+            copy(&i.layout_ref, &i.repo, &i.tag, true)?;
+        }
+        Ok(n)
+    }
+
+    /// Stops everything a node in `dir` started: tasks, shims, services; unmounts what is
+    /// mounted below `dir`; removes cgroups containerd left behind. Safe to run twice.
+    pub fn down(dir: &Path) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        let marker = dir.display().to_string();
+        let node = Node::load(dir).ok();
+        if let Some(node) = &node {
+            // Tasks first, while containerd still runs.
+            if node.pids.get("containerd").is_some_and(|p| pid_alive(*p)) {
+                for ns in ["k8s.io", "default"] {
+                    let out = node.ctr(ns).args(["tasks", "list", "-q"]).output();
+                    let ids = out.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+                    for id in ids.lines().filter(|l| !l.is_empty()) {
+                        let _ = node.ctr(ns).args(["tasks", "kill", "-s", "SIGKILL", id]).output();
+                        done.push(format!("killed task {ns}/{id}"));
+                    }
+                }
+            }
+            for name in SERVICES.iter().rev() {
+                if let Some(pid) = node.pids.get(*name) {
+                    if stop_pid(*pid, &marker, Duration::from_secs(10)) {
+                        done.push(format!("stopped {name} (pid {pid})"));
+                    }
+                }
+            }
+        }
+        // Shims outlive containerd: find those whose -address is our socket.
+        let sock = dir.join("containerd.sock").display().to_string();
+        if let Ok(procs) = fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let cl = cmdline(pid);
+                if cl.contains("containerd-shim") && cl.contains(&sock) && stop_pid(pid, &sock, Duration::from_secs(5)) {
+                    done.push(format!("stopped shim (pid {pid})"));
+                }
+            }
+        }
+        // Unmount anything below dir, deepest first.
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| Path::new(m).starts_with(dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m.clone()) {
+                // SAFETY: umount2 with a valid C string.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                    done.push(format!("unmounted {m}"));
+                }
+            }
+        }
+        done.extend(remove_leftover_cgroups());
+        if dir.exists() {
+            fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+            done.push(format!("removed {}", dir.display()));
+        }
+        Ok(done)
+    }
+}
+
+/// containerd leaves `k8s.io/<id>` and `pod-<uid>` cgroup directories behind: remove the empty ones.
+fn remove_leftover_cgroups() -> Vec<String> {
+    let mut done = Vec::new();
+    let Ok(ctrls) = fs::read_dir("/sys/fs/cgroup") else {
+        return done;
+    };
+    for ctrl in ctrls.flatten() {
+        for parent in ["k8s.io", "ragent-pods"] {
+            let base = ctrl.path().join(parent);
+            let Ok(children) = fs::read_dir(&base) else { continue };
+            for c in children.flatten() {
+                if c.path().is_dir() && fs::remove_dir(c.path()).is_ok() {
+                    done.push(format!("removed cgroup {}", c.path().display()));
+                }
+            }
+            if fs::remove_dir(&base).is_ok() {
+                done.push(format!("removed cgroup {}", base.display()));
+            }
+        }
+    }
+    done
+}

@@ -1,1 +1,334 @@
-fn main(){}
+//! `cargo xtask`: setup, the local node (up/down), the test command, fixtures.
+//!
+//! - `setup`  installs what is missing (Debian packages, rust-src, bpf-linker for LLVM 22) and
+//!            mounts bpffs/tracefs; idempotent.
+//! - `up`     the README's main command: a local node with sample buildpack images and
+//!            `ragent agent` in the foreground.
+//! - `down`   stops everything `up` (or a failed `test`) started, by PID.
+//! - `test`   the README's test command (what .ci/run runs): unit tests, then end-to-end tests
+//!            against a real containerd, registry, kernel and Prometheus.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ragent_testkit::{
+    fixtures::{self, FixtureSet},
+    node::{Node, NodeConfig},
+};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing and mount bpffs/tracefs (idempotent)
+    Setup,
+    /// Start the local node and run `ragent agent` on it in the foreground
+    Up {
+        /// Payload multiplier for the sample images
+        #[arg(long, default_value_t = 1)]
+        scale: u32,
+        /// Start the node, build and pull images, but do not run the agent
+        #[arg(long)]
+        no_agent: bool,
+    },
+    /// Stop the local node started by `up` (or `--test` for the test node)
+    Down {
+        #[arg(long)]
+        test: bool,
+    },
+    /// Run every test: unit tests, then end-to-end tests on a real local node
+    Test {
+        /// Keep the test node running afterwards (for debugging)
+        #[arg(long)]
+        keep: bool,
+        /// Only the unit tests (no root, no services)
+        #[arg(long)]
+        unit: bool,
+        /// Extra arguments for the e2e test binary (e.g. a test name filter)
+        #[arg(last = true)]
+        e2e_args: Vec<String>,
+    },
+    /// Build the sample images into DIR (and push them to REGISTRY with --push)
+    Fixtures {
+        #[arg(long, default_value = "/tmp/ragent-fixtures")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        #[arg(long, default_value_t = 1)]
+        scale: u32,
+    },
+}
+
+const APT_PACKAGES: &[(&str, &str)] = &[
+    // (command or file that shows it is there, package)
+    ("/usr/bin/containerd", "containerd"),
+    ("/usr/sbin/runc", "runc"),
+    ("/usr/bin/docker-registry", "docker-registry"),
+    ("/usr/bin/skopeo", "skopeo"),
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/bin/protoc", "protobuf-compiler"),
+    ("/usr/bin/prometheus", "prometheus"),
+    ("/usr/bin/promtool", "prometheus"),
+    ("/usr/lib/llvm-22/bin/llvm-config", "llvm-22-dev"),
+    ("/usr/sbin/bpftool", "bpftool"),
+    ("/usr/sbin/ip", "iproute2"),
+    ("/usr/bin/curl", "curl"),
+];
+
+/// The LLVM major the eBPF toolchain (nightly, or stable with RUSTC_BOOTSTRAP) and bpf-linker share.
+const LLVM_MAJOR: &str = "22";
+const EBPF_TOOLCHAIN: &str = "nightly";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn setup() -> Result<()> {
+    let t0 = Instant::now();
+    let mut did = Vec::new();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        did.push(format!("installed {}", missing.join(" ")));
+    }
+    let bb = output(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "busybox-static"]))?;
+    if bb.trim() != fixtures::BUSYBOX_DEB_VERSION {
+        println!(
+            "setup: warning: busybox-static is {:?}, the sample images pin {}; image digests will differ from the pinned ones",
+            bb.trim(),
+            fixtures::BUSYBOX_DEB_VERSION
+        );
+    }
+    for tc in [EBPF_TOOLCHAIN, "stable"] {
+        let comps = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", tc]))?;
+        if !comps.contains("rust-src") {
+            run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", tc]))?;
+            did.push(format!("added rust-src to {tc}"));
+        }
+    }
+    // The compiler that builds the eBPF crate must share bpf-linker's LLVM major.
+    let vv = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).arg("-vV"))?;
+    let rustc_llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .unwrap_or("")
+        .to_string();
+    if rustc_llvm != LLVM_MAJOR {
+        bail!(
+            "the {EBPF_TOOLCHAIN} toolchain uses LLVM {rustc_llvm}, bpf-linker here is built for LLVM {LLVM_MAJOR}: \
+             use a toolchain with LLVM {LLVM_MAJOR} (set RAGENT_EBPF_TOOLCHAIN, or stable with RUSTC_BOOTSTRAP=1) \
+             or install llvm-{rustc_llvm}-dev and rebuild bpf-linker with --features llvm-{rustc_llvm}"
+        );
+    }
+    let linker_ok = which("bpf-linker").is_some_and(|p| {
+        output(Command::new("ldd").arg(p))
+            .map(|l| l.contains(&format!("libLLVM.so.{LLVM_MAJOR}")) || l.contains(&format!("libLLVM-{LLVM_MAJOR}")))
+            .unwrap_or(false)
+    });
+    if !linker_ok {
+        println!("setup: building bpf-linker for LLVM {LLVM_MAJOR} (about a minute)");
+        run(cargo()
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features"])
+            .arg(format!("llvm-{LLVM_MAJOR}"))
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))?;
+        did.push(format!("installed bpf-linker for LLVM {LLVM_MAJOR}"));
+    }
+    for (fs, target) in [("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")] {
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(target));
+        if !mounted {
+            std::fs::create_dir_all(target).ok();
+            run(Command::new("mount").args(["-t", fs, fs, target]))?;
+            did.push(format!("mounted {fs} at {target}"));
+        }
+    }
+    if did.is_empty() {
+        did.push("nothing: everything was already there".into());
+    }
+    println!("setup: {} ({:.1} s)", did.join("; "), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::iter::once(format!("{home}/.cargo/bin"))
+        .chain(path.split(':').map(str::to_string))
+        .map(|d| Path::new(&d).join(cmd))
+        .find(|p| p.exists())
+}
+
+fn build_ragent() -> Result<PathBuf> {
+    println!("building ragent (with its eBPF programs)");
+    run(cargo().current_dir(root()).args(["build", "-p", "ragent", "--bin", "ragent"]))?;
+    Ok(root().join("target/debug/ragent"))
+}
+
+/// Starts a node, builds and pushes the fixtures.
+fn start_node(config: NodeConfig, scale: u32) -> Result<(Node, FixtureSet)> {
+    let t0 = Instant::now();
+    let node = Node::up(config)?;
+    println!("node: registry {}, containerd {}, Prometheus {} ({:.1} s)", node.registry(), node.socket().display(), node.prometheus_addr(), t0.elapsed().as_secs_f64());
+    let t1 = Instant::now();
+    let mut opts = fixtures::Options::new(&node.registry());
+    opts.scale = scale;
+    let set = fixtures::build(&node.fixtures_dir(), &opts)?;
+    let pushed = node.push(&set)?;
+    println!("sample images: {} built and {pushed} pushed ({:.1} s)", set.images.len() + set.indexes.len(), t1.elapsed().as_secs_f64());
+    Ok((node, set))
+}
+
+fn up(scale: u32, no_agent: bool) -> Result<()> {
+    setup()?;
+    let bin = build_ragent()?;
+    let (node, set) = match start_node(NodeConfig::demo(), scale) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = Node::down(&NodeConfig::demo().dir);
+            return Err(e);
+        }
+    };
+    let pulls = ["ragent/app-py-web", "ragent/app-py-worker", "ragent/app-jvm-api", "ragent/app-jvm-batch", "ragent/app-multi"];
+    for repo in pulls {
+        node.ctr_pull("k8s.io", &set.reference(repo, "v1"))?;
+    }
+    println!("pulled into containerd (namespace k8s.io): {}", pulls.join(", "));
+    let metrics = format!("http://127.0.0.1:{}/metrics", node.config.agent_port);
+    println!(
+        "\nThe node is up. In another shell:\n\
+         \x20 export RAGENT_CONTAINERD={sock} RAGENT_NAMESPACE=k8s.io PATH=\"{bindir}:$PATH\"\n\
+         \x20 ragent images                 # the node's images, layer roles, what they share\n\
+         \x20 ragent images --json | jq .summary\n\
+         \x20 curl -s {metrics} | grep ^ragent_\n\
+         \x20 ctr -a {sock} -n k8s.io images pull --plain-http --hosts-dir {hosts} {more}   # watch ragent_images change\n\
+         \x20 Prometheus: http://{prom}/graph?g0.expr=ragent_node_layer_bytes\n\
+         Stop the agent with Ctrl-C; `cargo xtask down` stops the node.\n",
+        sock = node.socket().display(),
+        bindir = bin.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+        hosts = node.hosts_dir().display(),
+        more = set.reference("ragent/app-py-legacy", "v1"),
+        prom = node.prometheus_addr(),
+    );
+    if no_agent {
+        return Ok(());
+    }
+    let status = Command::new(&bin)
+        .arg("agent")
+        .arg("--containerd")
+        .arg(node.socket())
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", node.config.agent_port))
+        .status()?;
+    println!("ragent agent exited ({status}); the node keeps running until `cargo xtask down`");
+    Ok(())
+}
+
+fn down(test: bool) -> Result<()> {
+    let cfg = if test { NodeConfig::test() } else { NodeConfig::demo() };
+    let done = Node::down(&cfg.dir)?;
+    if done.is_empty() {
+        println!("down: nothing was running in {}", cfg.dir.display());
+    }
+    for d in done {
+        println!("down: {d}");
+    }
+    Ok(())
+}
+
+fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
+    let t0 = Instant::now();
+    setup()?;
+    println!("== unit tests");
+    run(cargo().current_dir(root()).args(["test", "--workspace", "--lib", "--bins"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    let bin = build_ragent()?;
+    println!("== end-to-end tests (containerd, registry, kernel, Prometheus)");
+    // Build the e2e binary before the node starts, so the node is not idle through a link.
+    run(cargo().current_dir(root()).args(["test", "-p", "ragent-testkit", "--test", "e2e", "--no-run"]))?;
+    let cfg = NodeConfig::test();
+    let _ = Node::down(&cfg.dir);
+    let result = start_node(cfg.clone(), 1).and_then(|(node, _)| {
+        run(cargo()
+            .current_dir(root())
+            .args(["test", "-p", "ragent-testkit", "--test", "e2e", "--", "--test-threads=1"])
+            .args(e2e_args)
+            .env("RAGENT_TEST_NODE", node.dir())
+            .env("RAGENT_BIN", &bin))
+    });
+    if keep {
+        println!("test node kept at {} (cargo xtask down --test stops it)", cfg.dir.display());
+    } else {
+        for d in Node::down(&cfg.dir)? {
+            println!("down: {d}");
+        }
+    }
+    result?;
+    println!("all tests passed ({:.0} s)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Up { scale, no_agent } => up(scale, no_agent),
+        Cmd::Down { test } => down(test),
+        Cmd::Test { keep, unit, e2e_args } => test(keep, unit, &e2e_args),
+        Cmd::Fixtures { dir, registry, scale } => {
+            let mut o = fixtures::Options::new(&registry);
+            o.scale = scale;
+            fixtures::build(&dir, &o).map(|s| {
+                println!("{} images and {} index in {}", s.images.len(), s.indexes.len(), s.layout.display());
+            })
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
