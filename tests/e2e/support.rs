@@ -1,0 +1,168 @@
+//! Shared helpers: the node, the fixtures, running ragent, CRI pulls, the agent process.
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use containerd_client::tonic::Request;
+use k8s_cri::v1::{ImageSpec, PullImageRequest, image_service_client::ImageServiceClient};
+use ragent_testkit::{fixtures::FixtureSet, http, node::Node};
+
+pub fn node() -> Node {
+    let dir = std::env::var("RAGENT_TEST_NODE")
+        .expect("RAGENT_TEST_NODE is not set: run the end-to-end tests with `cargo xtask test`");
+    Node::load(&PathBuf::from(dir)).expect("loading the test node")
+}
+
+pub fn fixtures(node: &Node) -> FixtureSet {
+    FixtureSet::load(&node.fixtures_dir()).expect("loading fixtures.json")
+}
+
+pub fn ragent_bin() -> PathBuf {
+    let p = std::env::var("RAGENT_BIN").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ragent")
+    });
+    assert!(p.exists(), "{} does not exist: build it (cargo build -p ragent) or set RAGENT_BIN", p.display());
+    p
+}
+
+/// Runs `ragent ARGS` against the node; the environment carries no RAGENT_* of the caller.
+pub fn ragent(node: &Node, args: &[&str]) -> Output {
+    let mut c = Command::new(ragent_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RAGENT_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RAGENT_CONTAINERD", node.socket()).args(args).output().expect("running ragent")
+}
+
+/// Pulls through containerd's CRI ImageService, as kubelet does.
+pub async fn cri_pull(node: &Node, reference: &str) {
+    let channel = containerd_client::connect(node.socket()).await.expect("connecting to CRI");
+    let mut client = ImageServiceClient::new(channel);
+    client
+        .pull_image(Request::new(PullImageRequest {
+            image: Some(ImageSpec {
+                image: reference.to_string(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("CRI PullImage {reference}: {e}"));
+}
+
+/// The size containerd's content store reports for a blob.
+pub async fn content_size(node: &Node, digest: &str) -> u64 {
+    let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connecting to containerd");
+    c.content_size(digest)
+        .await
+        .expect("Content.Info")
+        .unwrap_or_else(|| panic!("{digest} is not in the content store"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running `ragent agent`, killed on drop if the test did not stop it.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(node: &Node, port: u16, extra: &[&str]) -> Agent {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = node.dir().join(format!("agent-{port}.log"));
+        let f = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new(ragent_bin())
+            .args(["agent", "--metrics-addr", &addr.to_string()])
+            .arg("--containerd")
+            .arg(node.socket())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("starting ragent agent");
+        let a = Agent { child, addr, log };
+        a.wait_ready(Duration::from_secs(30));
+        a
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http::get(self.addr, path).unwrap_or((0, String::new()))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let log = self.log.clone();
+        wait_for(&format!("/readyz (log: {})", log.display()), timeout, || {
+            (self.get("/readyz").0 == 200).then_some(())
+        });
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "/metrics answered {status}");
+        body
+    }
+
+    /// The value of one series, e.g. `ragent_images` or `ragent_node_layer_bytes{scope="unique"}`.
+    pub fn value(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics(), series)
+    }
+
+    /// SIGTERM, then waits for exit; returns the exit status.
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the child we spawned.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waiting for the agent") {
+                return s;
+            }
+            assert!(start.elapsed() < timeout, "the agent did not stop within {timeout:?} of SIGTERM");
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
