@@ -15,7 +15,7 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -30,6 +30,22 @@ use crate::{
     metrics::{self, Metrics},
     scan::Scanner,
 };
+
+/// Events buffered between containerd's stream and the agent's loop.
+const EVENT_BACKLOG: usize = 4096;
+/// How long the subscription gets to reach containerd before the first list.
+const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(50);
+/// A full rescan at this interval even without events (a safety net, cheap: blobs are cached).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Aborts a task when dropped (the subscription ends with the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Reconnect backoff: doubles from the first to the last value.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -71,21 +87,37 @@ impl Shared {
     fn refresh_scraped(&self) {
         let p = procfs::read_self();
         metrics::advance_to_f64(&self.metrics.process_cpu, p.cpu_seconds);
-        self.metrics.process_rss.set(i64::try_from(p.resident_bytes).unwrap_or(i64::MAX));
-        self.metrics.process_fds.set(i64::try_from(p.open_fds).unwrap_or(i64::MAX));
-        self.metrics.process_threads.set(i64::try_from(p.threads).unwrap_or(i64::MAX));
+        self.metrics
+            .process_rss
+            .set(i64::try_from(p.resident_bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .process_fds
+            .set(i64::try_from(p.open_fds).unwrap_or(i64::MAX));
+        self.metrics
+            .process_threads
+            .set(i64::try_from(p.threads).unwrap_or(i64::MAX));
         let Ok(net) = self.net.lock() else { return };
         let Some(net) = net.as_ref() else { return };
         match net.read() {
             Ok(snap) => {
                 let t = snap.total();
                 let m = &self.metrics;
-                metrics::advance_to(&m.node_net_bytes.with_label_values(&["ingress"]), t.rx_bytes);
-                metrics::advance_to(&m.node_net_bytes.with_label_values(&["egress"]), t.tx_bytes);
-                metrics::advance_to(&m.node_net_packets.with_label_values(&["ingress"]), t.rx_packets);
-                metrics::advance_to(&m.node_net_packets.with_label_values(&["egress"]), t.tx_packets);
                 metrics::advance_to(
-                    &m.ebpf_overflow.with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
+                    &m.node_net_bytes.with_label_values(&["ingress"]),
+                    t.rx_bytes,
+                );
+                metrics::advance_to(&m.node_net_bytes.with_label_values(&["egress"]), t.tx_bytes);
+                metrics::advance_to(
+                    &m.node_net_packets.with_label_values(&["ingress"]),
+                    t.rx_packets,
+                );
+                metrics::advance_to(
+                    &m.node_net_packets.with_label_values(&["egress"]),
+                    t.tx_packets,
+                );
+                metrics::advance_to(
+                    &m.ebpf_overflow
+                        .with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
                     snap.overflow_bytes,
                 );
             }
@@ -208,11 +240,21 @@ fn attach_ebpf(cfg: &AgentConfig, shared: &Shared) {
     }
 }
 
-async fn metrics_handler(State(shared): State<Arc<Shared>>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+async fn metrics_handler(
+    State(shared): State<Arc<Shared>>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     shared.refresh_scraped();
     match shared.metrics.encode() {
-        Ok(body) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], body),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], format!("{e}\n")),
+        Ok(body) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("{e}\n"),
+        ),
     }
 }
 
@@ -225,7 +267,10 @@ async fn ready_handler(State(shared): State<Arc<Shared>>) -> (StatusCode, String
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default();
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
     }
 }
 
@@ -263,7 +308,10 @@ async fn watch_containerd(cfg: AgentConfig, shared: Arc<Shared>, mut stop: watch
     }
 }
 
-async fn refresh(c: &Containerd, scanner: &mut Scanner) -> Result<(Inventory, usize), ContainerdError> {
+async fn refresh(
+    c: &Containerd,
+    scanner: &mut Scanner,
+) -> Result<(Inventory, usize), ContainerdError> {
     let inv = scanner.scan(c).await?;
     let containers = c.list_containers().await?.len();
     Ok((inv, containers))
@@ -278,8 +326,29 @@ async fn session(
     backoff: &mut Duration,
 ) -> Result<(), ContainerdError> {
     let c = Containerd::connect(&cfg.common.containerd, &cfg.common.namespace).await?;
-    // Subscribe before listing so that nothing between the two is missed.
-    let mut events = Box::pin(c.subscribe().await?);
+    // Subscribe before listing so that nothing between the two is missed. containerd sends the
+    // stream's headers only with its first event, so the subscription runs in its own task and
+    // hands events over a channel; the list starts once the request is on its way, and a
+    // rescan right after the first quiet period covers the moment until containerd registers it.
+    let (tx, mut events) =
+        mpsc::channel::<Result<crate::adapters::containerd::Event, ContainerdError>>(EVENT_BACKLOG);
+    let sub = c.clone();
+    let _subscription = AbortOnDrop(tokio::spawn(async move {
+        match sub.subscribe().await {
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+            }
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }));
+    tokio::time::sleep(SUBSCRIBE_SETTLE).await;
     let (inv, containers) = refresh(&c, scanner).await?;
     info!(
         socket = %cfg.common.containerd.display(),
@@ -289,7 +358,11 @@ async fn session(
         "connected to containerd"
     );
     shared.publish(inv, containers);
-    shared.metrics.inventory_refreshes.with_label_values(&["ok"]).inc();
+    shared
+        .metrics
+        .inventory_refreshes
+        .with_label_values(&["ok"])
+        .inc();
     if *connected_before {
         shared.metrics.containerd_reconnects.inc();
     }
@@ -298,32 +371,51 @@ async fn session(
     shared.metrics.containerd_up.set(1);
     shared.ready.store(true, Ordering::SeqCst);
 
-    let debounce = Duration::from_millis(cfg.refresh_debounce_ms);
-    let mut dirty = false;
+    let debounce = Duration::from_millis(cfg.refresh_debounce_ms).max(SUBSCRIBE_SETTLE);
+    // One confirming rescan after the first quiet period (see above), then one per RESYNC.
+    let mut dirty = true;
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     loop {
         let ev = if dirty {
-            match tokio::time::timeout(debounce, events.next()).await {
+            match tokio::time::timeout(debounce, events.recv()).await {
                 Ok(ev) => ev,
                 Err(_) => {
                     // Quiet for `debounce`: rebuild now.
                     dirty = false;
                     match refresh(&c, scanner).await {
                         Ok((inv, containers)) => {
-                            debug!(images = inv.summary.images, containers, "inventory refreshed");
+                            debug!(
+                                images = inv.summary.images,
+                                containers, "inventory refreshed"
+                            );
                             shared.publish(inv, containers);
-                            shared.metrics.inventory_refreshes.with_label_values(&["ok"]).inc();
+                            shared
+                                .metrics
+                                .inventory_refreshes
+                                .with_label_values(&["ok"])
+                                .inc();
                         }
                         Err(e) if e.is_disconnect() => return Err(e),
                         Err(e) => {
                             warn!(error = %e, "inventory refresh failed");
-                            shared.metrics.inventory_refreshes.with_label_values(&["error"]).inc();
+                            shared
+                                .metrics
+                                .inventory_refreshes
+                                .with_label_values(&["error"])
+                                .inc();
                         }
                     }
                     continue;
                 }
             }
         } else {
-            events.next().await
+            tokio::select! {
+                ev = events.recv() => ev,
+                _ = resync.tick() => {
+                    dirty = true;
+                    continue;
+                }
+            }
         };
         match ev {
             None => return Ok(()),

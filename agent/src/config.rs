@@ -21,7 +21,11 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
 pub const DEFAULT_REFRESH_DEBOUNCE_MS: u64 = 250;
 
 #[derive(Debug, Parser)]
-#[command(name = "ragent", version, about = "Node agent for buildpack-built workloads: layer-aware pre-pull, eBPF insight, node-local rebase")]
+#[command(
+    name = "ragent",
+    version,
+    about = "Node agent for buildpack-built workloads: layer-aware pre-pull, eBPF insight, node-local rebase"
+)]
 pub struct Cli {
     /// containerd's gRPC socket [default: /run/containerd/containerd.sock]
     #[arg(long, global = true, env = "RAGENT_CONTAINERD", value_name = "SOCKET")]
@@ -175,7 +179,10 @@ pub fn common(cli: &Cli, file: &FileConfig) -> Result<Common, ConfigError> {
     Ok(Common {
         containerd,
         namespace,
-        log_format: cli.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        log_format: cli
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
     })
 }
 
@@ -201,7 +208,10 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
     Ok(AgentConfig {
         common,
         metrics_addr,
-        cgroup_root: args.cgroup_root.clone().or_else(|| file.agent.cgroup_root.clone()),
+        cgroup_root: args
+            .cgroup_root
+            .clone()
+            .or_else(|| file.agent.cgroup_root.clone()),
         ebpf: !args.no_ebpf && file.agent.ebpf.unwrap_or(true),
         refresh_debounce_ms,
     })
@@ -246,7 +256,13 @@ mod tests {
             "#,
         )
         .unwrap();
-        let c = cli(&["--namespace", "flagns", "agent", "--metrics-addr", "127.0.0.1:2"]);
+        let c = cli(&[
+            "--namespace",
+            "flagns",
+            "agent",
+            "--metrics-addr",
+            "127.0.0.1:2",
+        ]);
         let a = agent(&c, agent_args(&c), &file).unwrap();
         assert_eq!(a.common.containerd, Path::new("/file.sock"));
         assert_eq!(a.common.namespace, "flagns");
@@ -257,14 +273,24 @@ mod tests {
     #[test]
     fn global_flags_work_after_the_subcommand() {
         let c = cli(&["images", "--json", "--containerd", "/x.sock"]);
-        assert_eq!(common(&c, &FileConfig::default()).unwrap().containerd, Path::new("/x.sock"));
+        assert_eq!(
+            common(&c, &FileConfig::default()).unwrap().containerd,
+            Path::new("/x.sock")
+        );
     }
 
     #[test]
     fn unknown_file_keys_are_errors_naming_the_key() {
-        let e = parse_file(Path::new("/etc/ragent.toml"), "[agent]\nmetrics_adr = \"x\"\n").unwrap_err();
+        let e = parse_file(
+            Path::new("/etc/ragent.toml"),
+            "[agent]\nmetrics_adr = \"x\"\n",
+        )
+        .unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("/etc/ragent.toml") && msg.contains("metrics_adr"), "{msg}");
+        assert!(
+            msg.contains("/etc/ragent.toml") && msg.contains("metrics_adr"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -284,6 +310,9 @@ mod tests {
     fn debounce_is_bounded() {
         let file = parse_file(Path::new("t"), "[agent]\nrefresh_debounce_ms = 999999\n").unwrap();
         let c = cli(&["agent"]);
-        assert!(matches!(agent(&c, agent_args(&c), &file), Err(ConfigError::Debounce(_))));
+        assert!(matches!(
+            agent(&c, agent_args(&c), &file),
+            Err(ConfigError::Debounce(_))
+        ));
     }
 }

@@ -8,7 +8,10 @@ use crate::{
 };
 
 /// Connects, scans and returns the inventory.
-pub async fn inventory(socket: &std::path::Path, namespace: &str) -> Result<Inventory, ContainerdError> {
+pub async fn inventory(
+    socket: &std::path::Path,
+    namespace: &str,
+) -> Result<Inventory, ContainerdError> {
     let c = Containerd::connect(socket, namespace).await?;
     Scanner::default().scan(&c).await
 }
@@ -78,7 +81,11 @@ pub fn render_table(inv: &Inventory) -> String {
             }
             let _ = writeln!(out, "  {}", parts.join("; "));
         }
-        let _ = writeln!(out, "  {:<14} {:<10} {:>10}  SHARED BY", "LAYER", "ROLE", "SIZE");
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<10} {:>10}  SHARED BY",
+            "LAYER", "ROLE", "SIZE"
+        );
         for l in &img.layers {
             let _ = writeln!(
                 out,
@@ -154,7 +161,10 @@ mod tests {
             name: n.into(),
             manifest_digest: m.into(),
             index_digest: None,
-            layers: vec![d("sha256:aaaaaaaaaaaaaaaa", 2048), d(&format!("sha256:{m}"), 10)],
+            layers: vec![
+                d("sha256:aaaaaaaaaaaaaaaa", 2048),
+                d(&format!("sha256:{m}"), 10),
+            ],
             config: ImageConfig {
                 os: "linux".into(),
                 architecture: "amd64".into(),
@@ -162,7 +172,10 @@ mod tests {
                 ..Default::default()
             },
         };
-        let t = render_table(&build(vec![img("reg/a:v1", "sha256:ma"), img("reg/b:v1", "sha256:mb")], vec![]));
+        let t = render_table(&build(
+            vec![img("reg/a:v1", "sha256:ma"), img("reg/b:v1", "sha256:mb")],
+            vec![],
+        ));
         assert!(t.contains("reg/a:v1"), "{t}");
         assert!(t.contains("aaaaaaaaaaaa   unknown"), "{t}");
         assert!(t.contains("node: 2 images, 3 distinct layers"), "{t}");

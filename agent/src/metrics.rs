@@ -3,7 +3,10 @@
 //! `_total` only on counters; labels are bounded, and series of images that are gone are removed.
 use std::collections::BTreeSet;
 
-use prometheus::{Counter, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Counter, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -34,26 +37,146 @@ macro_rules! def {
     };
 }
 
-def!(BUILD_INFO, "ragent_build_info", Gauge, ["version"], "Always 1; the version label says which ragent runs.");
-def!(CONTAINERD_UP, "ragent_containerd_up", Gauge, [], "1 while ragent is connected to containerd and its event stream, else 0.");
-def!(CONTAINERD_RECONNECTS, "ragent_containerd_reconnects_total", Counter, [], "Times ragent lost containerd and connected again.");
-def!(CONTAINERD_EVENTS, "ragent_containerd_events_total", Counter, ["topic"], "containerd events received, by topic (/images/create, ...; anything else is 'other').");
-def!(INVENTORY_REFRESHES, "ragent_inventory_refreshes_total", Counter, ["result"], "Image inventory rebuilds from containerd, by result (ok, error).");
-def!(IMAGES, "ragent_images", Gauge, [], "Images in the namespace: distinct manifests, not names (CRI's sha256:<config> aliases are not counted).");
-def!(UNRESOLVED_IMAGES, "ragent_unresolved_images", Gauge, [], "Image records whose manifest or config could not be read (content missing or malformed).");
-def!(CONTAINERS, "ragent_containers", Gauge, [], "Container records in the namespace.");
-def!(IMAGE_SIZE, "ragent_image_size_bytes", Gauge, ["image"], "Compressed size of an image's layers (its first name); removed when the image goes.");
-def!(NODE_LAYER_BYTES, "ragent_node_layer_bytes", Gauge, ["scope"], "Layer bytes on the node: scope=per_image sums every image's layers (a layer-unaware store), scope=unique counts each blob once.");
-def!(NODE_LAYER_ROLE_BYTES, "ragent_node_layer_role_bytes", Gauge, ["role"], "Unique layer bytes by CNB role (run-image, launcher, buildpack, app, config, unknown).");
-def!(NODE_LAYER_DEDUP_RATIO, "ragent_node_layer_dedup_ratio", Gauge, [], "per_image / unique layer bytes (0 when the node has no layers).");
-def!(EBPF_PROGRAMS, "ragent_ebpf_programs_loaded", Gauge, [], "eBPF programs loaded and attached (0: running without eBPF, see the log for why).");
-def!(NODE_NET_BYTES, "ragent_node_network_bytes_total", Counter, ["direction"], "Bytes through every socket of the node, seen by cgroup_skb at the cgroup2 root (direction=ingress|egress).");
-def!(NODE_NET_PACKETS, "ragent_node_network_packets_total", Counter, ["direction"], "Packets through every socket of the node, seen by cgroup_skb at the cgroup2 root.");
-def!(EBPF_OVERFLOW, "ragent_ebpf_map_overflow_bytes_total", Counter, ["map"], "Bytes that eBPF could not attribute because a map was full (counted, never silently dropped).");
-def!(PROCESS_CPU, "ragent_process_cpu_seconds_total", Counter, [], "CPU time the agent used (user + system).");
-def!(PROCESS_RSS, "ragent_process_resident_memory_bytes", Gauge, [], "The agent's resident memory.");
-def!(PROCESS_FDS, "ragent_process_open_fds", Gauge, [], "File descriptors the agent holds open.");
-def!(PROCESS_THREADS, "ragent_process_threads", Gauge, [], "Threads of the agent process.");
+def!(
+    BUILD_INFO,
+    "ragent_build_info",
+    Gauge,
+    ["version"],
+    "Always 1; the version label says which ragent runs."
+);
+def!(
+    CONTAINERD_UP,
+    "ragent_containerd_up",
+    Gauge,
+    [],
+    "1 while ragent is connected to containerd and its event stream, else 0."
+);
+def!(
+    CONTAINERD_RECONNECTS,
+    "ragent_containerd_reconnects_total",
+    Counter,
+    [],
+    "Times ragent lost containerd and connected again."
+);
+def!(
+    CONTAINERD_EVENTS,
+    "ragent_containerd_events_total",
+    Counter,
+    ["topic"],
+    "containerd events received, by topic (/images/create, ...; anything else is 'other')."
+);
+def!(
+    INVENTORY_REFRESHES,
+    "ragent_inventory_refreshes_total",
+    Counter,
+    ["result"],
+    "Image inventory rebuilds from containerd, by result (ok, error)."
+);
+def!(
+    IMAGES,
+    "ragent_images",
+    Gauge,
+    [],
+    "Images in the namespace: distinct manifests, not names (CRI's sha256:<config> aliases are not counted)."
+);
+def!(
+    UNRESOLVED_IMAGES,
+    "ragent_unresolved_images",
+    Gauge,
+    [],
+    "Image records whose manifest or config could not be read (content missing or malformed)."
+);
+def!(
+    CONTAINERS,
+    "ragent_containers",
+    Gauge,
+    [],
+    "Container records in the namespace."
+);
+def!(
+    IMAGE_SIZE,
+    "ragent_image_size_bytes",
+    Gauge,
+    ["image"],
+    "Compressed size of an image's layers (its first name); removed when the image goes."
+);
+def!(
+    NODE_LAYER_BYTES,
+    "ragent_node_layer_bytes",
+    Gauge,
+    ["scope"],
+    "Layer bytes on the node: scope=per_image sums every image's layers (a layer-unaware store), scope=unique counts each blob once."
+);
+def!(
+    NODE_LAYER_ROLE_BYTES,
+    "ragent_node_layer_role_bytes",
+    Gauge,
+    ["role"],
+    "Unique layer bytes by CNB role (run-image, launcher, buildpack, app, config, unknown)."
+);
+def!(
+    NODE_LAYER_DEDUP_RATIO,
+    "ragent_node_layer_dedup_ratio",
+    Gauge,
+    [],
+    "per_image / unique layer bytes (0 when the node has no layers)."
+);
+def!(
+    EBPF_PROGRAMS,
+    "ragent_ebpf_programs_loaded",
+    Gauge,
+    [],
+    "eBPF programs loaded and attached (0: running without eBPF, see the log for why)."
+);
+def!(
+    NODE_NET_BYTES,
+    "ragent_node_network_bytes_total",
+    Counter,
+    ["direction"],
+    "Bytes through every socket of the node, seen by cgroup_skb at the cgroup2 root (direction=ingress|egress)."
+);
+def!(
+    NODE_NET_PACKETS,
+    "ragent_node_network_packets_total",
+    Counter,
+    ["direction"],
+    "Packets through every socket of the node, seen by cgroup_skb at the cgroup2 root."
+);
+def!(
+    EBPF_OVERFLOW,
+    "ragent_ebpf_map_overflow_bytes_total",
+    Counter,
+    ["map"],
+    "Bytes that eBPF could not attribute because a map was full (counted, never silently dropped)."
+);
+def!(
+    PROCESS_CPU,
+    "ragent_process_cpu_seconds_total",
+    Counter,
+    [],
+    "CPU time the agent used (user + system)."
+);
+def!(
+    PROCESS_RSS,
+    "ragent_process_resident_memory_bytes",
+    Gauge,
+    [],
+    "The agent's resident memory."
+);
+def!(
+    PROCESS_FDS,
+    "ragent_process_open_fds",
+    Gauge,
+    [],
+    "File descriptors the agent holds open."
+);
+def!(
+    PROCESS_THREADS,
+    "ragent_process_threads",
+    Gauge,
+    [],
+    "Threads of the agent process."
+);
 
 /// Every metric ragent exports.
 pub const CATALOGUE: &[MetricDef] = &[
@@ -153,19 +276,40 @@ impl Metrics {
         let m = Metrics {
             containerd_up: reg(r, IntGauge::with_opts(opts(&CONTAINERD_UP))?)?,
             containerd_reconnects: reg(r, IntCounter::with_opts(opts(&CONTAINERD_RECONNECTS))?)?,
-            containerd_events: reg(r, IntCounterVec::new(opts(&CONTAINERD_EVENTS), CONTAINERD_EVENTS.labels)?)?,
-            inventory_refreshes: reg(r, IntCounterVec::new(opts(&INVENTORY_REFRESHES), INVENTORY_REFRESHES.labels)?)?,
+            containerd_events: reg(
+                r,
+                IntCounterVec::new(opts(&CONTAINERD_EVENTS), CONTAINERD_EVENTS.labels)?,
+            )?,
+            inventory_refreshes: reg(
+                r,
+                IntCounterVec::new(opts(&INVENTORY_REFRESHES), INVENTORY_REFRESHES.labels)?,
+            )?,
             images: reg(r, IntGauge::with_opts(opts(&IMAGES))?)?,
             unresolved_images: reg(r, IntGauge::with_opts(opts(&UNRESOLVED_IMAGES))?)?,
             containers: reg(r, IntGauge::with_opts(opts(&CONTAINERS))?)?,
             image_size: reg(r, IntGaugeVec::new(opts(&IMAGE_SIZE), IMAGE_SIZE.labels)?)?,
-            node_layer_bytes: reg(r, IntGaugeVec::new(opts(&NODE_LAYER_BYTES), NODE_LAYER_BYTES.labels)?)?,
-            node_layer_role_bytes: reg(r, IntGaugeVec::new(opts(&NODE_LAYER_ROLE_BYTES), NODE_LAYER_ROLE_BYTES.labels)?)?,
+            node_layer_bytes: reg(
+                r,
+                IntGaugeVec::new(opts(&NODE_LAYER_BYTES), NODE_LAYER_BYTES.labels)?,
+            )?,
+            node_layer_role_bytes: reg(
+                r,
+                IntGaugeVec::new(opts(&NODE_LAYER_ROLE_BYTES), NODE_LAYER_ROLE_BYTES.labels)?,
+            )?,
             node_layer_dedup_ratio: reg(r, Gauge::with_opts(opts(&NODE_LAYER_DEDUP_RATIO))?)?,
             ebpf_programs: reg(r, IntGauge::with_opts(opts(&EBPF_PROGRAMS))?)?,
-            node_net_bytes: reg(r, IntCounterVec::new(opts(&NODE_NET_BYTES), NODE_NET_BYTES.labels)?)?,
-            node_net_packets: reg(r, IntCounterVec::new(opts(&NODE_NET_PACKETS), NODE_NET_PACKETS.labels)?)?,
-            ebpf_overflow: reg(r, IntCounterVec::new(opts(&EBPF_OVERFLOW), EBPF_OVERFLOW.labels)?)?,
+            node_net_bytes: reg(
+                r,
+                IntCounterVec::new(opts(&NODE_NET_BYTES), NODE_NET_BYTES.labels)?,
+            )?,
+            node_net_packets: reg(
+                r,
+                IntCounterVec::new(opts(&NODE_NET_PACKETS), NODE_NET_PACKETS.labels)?,
+            )?,
+            ebpf_overflow: reg(
+                r,
+                IntCounterVec::new(opts(&EBPF_OVERFLOW), EBPF_OVERFLOW.labels)?,
+            )?,
             process_cpu: reg(r, Counter::with_opts(opts(&PROCESS_CPU))?)?,
             process_rss: reg(r, IntGauge::with_opts(opts(&PROCESS_RSS))?)?,
             process_fds: reg(r, IntGauge::with_opts(opts(&PROCESS_FDS))?)?,
@@ -178,7 +322,11 @@ impl Metrics {
             m.node_net_bytes.with_label_values(&[dir]);
             m.node_net_packets.with_label_values(&[dir]);
         }
-        m.ebpf_overflow.with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]);
+        m.ebpf_overflow
+            .with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]);
+        for topic in EVENT_TOPICS.iter().chain(&["other"]) {
+            m.containerd_events.with_label_values(&[*topic]);
+        }
         for result in ["ok", "error"] {
             m.inventory_refreshes.with_label_values(&[result]);
         }
@@ -244,19 +392,33 @@ mod tests {
         for d in CATALOGUE {
             assert!(d.name.starts_with("ragent_"), "{}", d.name);
             assert!(seen.insert(d.name), "duplicate {}", d.name);
-            assert_eq!(d.name.ends_with("_total"), d.kind == Kind::Counter, "{}: _total iff counter", d.name);
-            assert!(!d.labels.iter().any(|l| ["pod_ip", "ip", "uid", "digest"].contains(l)), "{}: unbounded label", d.name);
+            assert_eq!(
+                d.name.ends_with("_total"),
+                d.kind == Kind::Counter,
+                "{}: _total iff counter",
+                d.name
+            );
+            assert!(
+                !d.labels
+                    .iter()
+                    .any(|l| ["pod_ip", "ip", "uid", "digest"].contains(l)),
+                "{}: unbounded label",
+                d.name
+            );
         }
     }
 
     #[test]
     fn every_catalogued_metric_is_exported_with_its_type() {
         let m = Metrics::new(Registry::new()).unwrap();
-        m.containerd_events.with_label_values(&["other"]).inc();
         m.set_image_sizes(&[("a".into(), 1)]);
         let text = m.encode().unwrap();
         for d in CATALOGUE {
-            assert!(text.contains(&format!("# TYPE {} {}", d.name, d.kind.as_str())), "{} missing:\n{text}", d.name);
+            assert!(
+                text.contains(&format!("# TYPE {} {}", d.name, d.kind.as_str())),
+                "{} missing:\n{text}",
+                d.name
+            );
         }
     }
 
@@ -267,7 +429,10 @@ mod tests {
         m.set_image_sizes(&[("b".into(), 3)]);
         let text = m.encode().unwrap();
         assert!(!text.contains("image=\"a\""), "{text}");
-        assert!(text.contains("ragent_image_size_bytes{image=\"b\"} 3"), "{text}");
+        assert!(
+            text.contains("ragent_image_size_bytes{image=\"b\"} 3"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -277,6 +442,15 @@ mod tests {
         advance_to(&c, 7);
         advance_to(&c, 12);
         assert_eq!(c.get(), 12);
+    }
+
+    #[test]
+    fn the_readme_documents_every_metric() {
+        let readme = include_str!("../../README.md");
+        for d in CATALOGUE {
+            let row = format!("| `{}` | {} |", d.name, d.kind.as_str());
+            assert!(readme.contains(&row), "README.md's metric table lacks the row for {}", d.name);
+        }
     }
 
     #[test]

@@ -70,8 +70,10 @@ impl Scanner {
             }
         }
         // Forget cached targets no record points at any more (bounded memory).
-        let live: std::collections::HashSet<&str> =
-            resolved.iter().map(|r| r.manifest_digest.as_str()).collect();
+        let live: std::collections::HashSet<&str> = resolved
+            .iter()
+            .map(|r| r.manifest_digest.as_str())
+            .collect();
         self.by_target
             .retain(|_, r| live.contains(r.manifest_digest.as_str()));
         Ok(inventory::build(resolved, unresolved))
@@ -109,4 +111,3 @@ impl Scanner {
         Ok(r)
     }
 }
-

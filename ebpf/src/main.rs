@@ -61,7 +61,10 @@ mod prog {
             first.tx_bytes = len;
             first.tx_packets = 1;
         }
-        if CGROUP_NET.insert(cgroup, first, BPF_NOEXIST as u64).is_err() {
+        if CGROUP_NET
+            .insert(cgroup, first, BPF_NOEXIST as u64)
+            .is_err()
+        {
             // Either the map is full or another CPU inserted the key first; retry once.
             if let Some(c) = CGROUP_NET.get_ptr_mut(cgroup) {
                 // SAFETY: as above.

@@ -13,10 +13,20 @@ fn promtool_check(text: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("promtool (cargo xtask setup installs prometheus)");
-    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
     let out = child.wait_with_output().expect("promtool");
     // promtool exits non-zero for lint problems too: show them and fail.
-    assert!(out.status.success(), "promtool check metrics:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn images_count(node: &ragent_testkit::node::Node) -> f64 {
@@ -36,31 +46,53 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
     let text = agent.metrics();
     promtool_check(&text);
     for d in ragent::metrics::CATALOGUE {
-        assert!(text.contains(&format!("# TYPE {} ", d.name)), "{} missing from /metrics", d.name);
+        assert!(
+            text.contains(&format!("# TYPE {} ", d.name)),
+            "{} missing from /metrics",
+            d.name
+        );
     }
     assert_eq!(agent.value("ragent_containerd_up"), Some(1.0));
     assert_eq!(agent.value("ragent_images"), Some(images_count(&node)));
-    let unique = agent.value("ragent_node_layer_bytes{scope=\"unique\"}").expect("unique bytes");
+    let unique = agent
+        .value("ragent_node_layer_bytes{scope=\"unique\"}")
+        .expect("unique bytes");
     assert!(unique > 0.0);
     assert_eq!(agent.get("/healthz").0, 200);
 
     // A pull shows up through containerd's events.
     let before = agent.value("ragent_images").expect("images");
-    node.ctr_pull("k8s.io", &set.reference("ragent/run-other-distro", "v1")).expect("pull");
-    wait_for("ragent_images to grow after a pull", Duration::from_secs(20), || {
-        (agent.value("ragent_images")? > before).then_some(())
-    });
+    node.ctr_pull("k8s.io", &set.reference("ragent/run-other-distro", "v1"))
+        .expect("pull");
+    wait_for(
+        "ragent_images to grow after a pull",
+        Duration::from_secs(20),
+        || (agent.value("ragent_images")? > before).then_some(()),
+    );
     let name = set.reference("ragent/run-other-distro", "v1");
     let series = format!("ragent_image_size_bytes{{image=\"{name}\"}}");
-    let want = set.image("ragent/run-other-distro", "v1").expect("fixture").layers.iter().map(|l| l.size).sum::<u64>();
+    let want = set
+        .image("ragent/run-other-distro", "v1")
+        .expect("fixture")
+        .layers
+        .iter()
+        .map(|l| l.size)
+        .sum::<u64>();
     assert_eq!(agent.value(&series), Some(want as f64));
 
     // Removing it removes its series (bounded labels).
-    let out = node.ctr("k8s.io").args(["images", "rm"]).arg(&name).output().expect("ctr");
+    let out = node
+        .ctr("k8s.io")
+        .args(["images", "rm"])
+        .arg(&name)
+        .output()
+        .expect("ctr");
     assert!(out.status.success());
-    wait_for("the removed image's series to go", Duration::from_secs(20), || {
-        agent.value(&series).is_none().then_some(())
-    });
+    wait_for(
+        "the removed image's series to go",
+        Duration::from_secs(20),
+        || agent.value(&series).is_none().then_some(()),
+    );
 
     // containerd restarts: the agent notices, reconnects and carries on.
     node.restart_containerd().expect("restarting containerd");
@@ -70,13 +102,17 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
     agent.wait_ready(Duration::from_secs(30));
     assert_eq!(agent.value("ragent_containerd_up"), Some(1.0));
     let before = agent.value("ragent_images").expect("images");
-    node.ctr_pull("k8s.io", &set.reference("ragent/run-other-stack", "v1")).expect("pull after restart");
+    node.ctr_pull("k8s.io", &set.reference("ragent/run-other-stack", "v1"))
+        .expect("pull after restart");
     wait_for("events after the restart", Duration::from_secs(20), || {
         (agent.value("ragent_images")? > before).then_some(())
     });
 
     let status = agent.terminate(Duration::from_secs(15));
-    assert!(status.success(), "SIGTERM should stop the agent cleanly, got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM should stop the agent cleanly, got {status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +124,13 @@ async fn agent_is_not_ready_without_containerd_and_ready_once_it_comes() {
     let log = node.dir().join("agent-notready.log");
     let f = std::fs::File::create(&log).expect("log");
     let mut child = Command::new(ragent_bin())
-        .args(["agent", "--no-ebpf", "--metrics-addr", &addr.to_string(), "--containerd"])
+        .args([
+            "agent",
+            "--no-ebpf",
+            "--metrics-addr",
+            &addr.to_string(),
+            "--containerd",
+        ])
         .arg(node.socket())
         .stdout(f.try_clone().expect("log"))
         .stderr(f)
@@ -99,11 +141,22 @@ async fn agent_is_not_ready_without_containerd_and_ready_once_it_comes() {
     });
     assert_eq!(status, 503);
     assert!(body.contains("containerd"), "{body}");
-    assert_eq!(ragent_testkit::http::get(addr, "/healthz").expect("healthz").0, 200);
+    assert_eq!(
+        ragent_testkit::http::get(addr, "/healthz")
+            .expect("healthz")
+            .0,
+        200
+    );
     node.start_containerd().expect("start containerd");
-    wait_for("ready after containerd starts", Duration::from_secs(30), || {
-        ragent_testkit::http::get(addr, "/readyz").ok().filter(|(s, _)| *s == 200)
-    });
+    wait_for(
+        "ready after containerd starts",
+        Duration::from_secs(30),
+        || {
+            ragent_testkit::http::get(addr, "/readyz")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        },
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -117,18 +170,32 @@ async fn agent_ebpf_counts_the_bytes_of_a_pull() {
     let node = node();
     let set = fixtures(&node);
     let agent = Agent::start(&node, free_port(), &[]);
-    assert_eq!(agent.value("ragent_ebpf_programs_loaded"), Some(2.0), "log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
-    let before = agent.value("ragent_node_network_bytes_total{direction=\"ingress\"}").expect("ingress");
+    assert_eq!(
+        agent.value("ragent_ebpf_programs_loaded"),
+        Some(2.0),
+        "log: {}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    let before = agent
+        .value("ragent_node_network_bytes_total{direction=\"ingress\"}")
+        .expect("ingress");
     // run:v2's release layer is on no other pulled image: at least its bytes must cross a socket.
     let v2 = set.image("ragent/run", "v2").expect("run:v2");
     cri_pull(&node, &set.reference("ragent/run", "v2")).await;
     let new_bytes = v2.layers[1].size as f64;
-    let after = wait_for("ingress bytes to include the pull", Duration::from_secs(10), || {
-        let v = agent.value("ragent_node_network_bytes_total{direction=\"ingress\"}")?;
-        (v - before >= new_bytes).then_some(v)
-    });
+    let after = wait_for(
+        "ingress bytes to include the pull",
+        Duration::from_secs(10),
+        || {
+            let v = agent.value("ragent_node_network_bytes_total{direction=\"ingress\"}")?;
+            (v - before >= new_bytes).then_some(v)
+        },
+    );
     assert!(after - before >= new_bytes);
-    assert_eq!(agent.value("ragent_ebpf_map_overflow_bytes_total{map=\"CGROUP_NET\"}"), Some(0.0));
+    assert_eq!(
+        agent.value("ragent_ebpf_map_overflow_bytes_total{map=\"CGROUP_NET\"}"),
+        Some(0.0)
+    );
     let status = agent.terminate(Duration::from_secs(15));
     assert!(status.success());
 }
@@ -136,18 +203,74 @@ async fn agent_ebpf_counts_the_bytes_of_a_pull() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_agent() {
     let node = node();
+    // Some image on the node, so per-image panels have a series.
+    cri_pull(&node, &fixtures(&node).reference("ragent/app-py-web", "v1")).await;
     let agent = Agent::start(&node, node.config.agent_port, &["--no-ebpf"]);
     let want = agent.value("ragent_images").expect("images");
     let prom = node.prometheus_addr();
-    let got = wait_for("Prometheus to scrape ragent_images", Duration::from_secs(30), || {
-        let (status, body) = ragent_testkit::http::get(prom, "/api/v1/query?query=ragent_images").ok()?;
-        if status != 200 {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["data"]["result"][0]["value"][1].as_str()?.parse::<f64>().ok()
-    });
+    let got = wait_for(
+        "Prometheus to scrape ragent_images",
+        Duration::from_secs(30),
+        || {
+            let (status, body) =
+                ragent_testkit::http::get(prom, "/api/v1/query?query=ragent_images").ok()?;
+            if status != 200 {
+                return None;
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()
+        },
+    );
     assert_eq!(got, want);
+
+    // Every panel of every shipped dashboard returns data from this Prometheus.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    let mut checked = 0;
+    for f in std::fs::read_dir(&dir).expect("dashboards/") {
+        let path = f.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let d: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read"))
+                .expect("dashboard JSON");
+        for panel in d["panels"].as_array().expect("panels") {
+            for t in panel["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                let q = format!("/api/v1/query?query={}", urlencode(expr));
+                wait_for(
+                    &format!(
+                        "{} panel {:?}: {expr} to return data",
+                        path.display(),
+                        panel["title"]
+                    ),
+                    Duration::from_secs(60),
+                    || {
+                        let (status, body) = ragent_testkit::http::get(prom, &q).ok()?;
+                        assert_eq!(status, 200, "{expr}: {body}");
+                        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                        (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+                    },
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} dashboard queries found");
     let status = agent.terminate(Duration::from_secs(15));
     assert!(status.success());
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

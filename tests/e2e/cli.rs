@@ -5,8 +5,17 @@ use crate::support::*;
 
 fn one_clear_line(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr).into_owned();
-    assert_eq!(text.trim_end().lines().count(), 1, "one line expected, got:\n{text}");
-    assert!(!text.contains("panicked") && !text.contains("backtrace") && !text.contains("RUST_BACKTRACE"), "{text}");
+    assert_eq!(
+        text.trim_end().lines().count(),
+        1,
+        "one line expected, got:\n{text}"
+    );
+    assert!(
+        !text.contains("panicked")
+            && !text.contains("backtrace")
+            && !text.contains("RUST_BACKTRACE"),
+        "{text}"
+    );
     text
 }
 
@@ -20,7 +29,10 @@ fn cli_unreachable_socket_says_which_socket_and_how_to_set_it() {
     assert!(!out.status.success());
     let line = one_clear_line(&out.stderr);
     assert!(line.contains("/nonexistent/ragent-test.sock"), "{line}");
-    assert!(line.contains("--containerd") && line.contains("RAGENT_CONTAINERD"), "{line}");
+    assert!(
+        line.contains("--containerd") && line.contains("RAGENT_CONTAINERD"),
+        "{line}"
+    );
 
     // The same from the environment variable.
     let out = Command::new(ragent_bin())
@@ -41,7 +53,10 @@ fn cli_bad_config_and_bad_flags_are_clear_errors() {
     let out = ragent(&node, &["agent", "--config", cfg.to_str().expect("utf8")]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("bad-config.toml") && text.contains("metrics_adress"), "{text}");
+    assert!(
+        text.contains("bad-config.toml") && text.contains("metrics_adress"),
+        "{text}"
+    );
     assert!(!text.contains("panicked"), "{text}");
 
     let out = ragent(&node, &["agent", "--metrics-addr", "nonsense"]);
@@ -59,6 +74,9 @@ fn cli_bad_config_and_bad_flags_are_clear_errors() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
     let last = text.trim_end().lines().last().unwrap_or("");
-    assert!(last.starts_with("ragent: ") && last.contains(&addr) && last.contains("--metrics-addr"), "{text}");
+    assert!(
+        last.starts_with("ragent: ") && last.contains(&addr) && last.contains("--metrics-addr"),
+        "{text}"
+    );
     assert!(!text.contains("panicked"), "{text}");
 }

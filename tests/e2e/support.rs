@@ -22,10 +22,16 @@ pub fn fixtures(node: &Node) -> FixtureSet {
 }
 
 pub fn ragent_bin() -> PathBuf {
-    let p = std::env::var("RAGENT_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ragent")
-    });
-    assert!(p.exists(), "{} does not exist: build it (cargo build -p ragent) or set RAGENT_BIN", p.display());
+    let p = std::env::var("RAGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ragent")
+        });
+    assert!(
+        p.exists(),
+        "{} does not exist: build it (cargo build -p ragent) or set RAGENT_BIN",
+        p.display()
+    );
     p
 }
 
@@ -37,12 +43,17 @@ pub fn ragent(node: &Node, args: &[&str]) -> Output {
             c.env_remove(k);
         }
     }
-    c.env("RAGENT_CONTAINERD", node.socket()).args(args).output().expect("running ragent")
+    c.env("RAGENT_CONTAINERD", node.socket())
+        .args(args)
+        .output()
+        .expect("running ragent")
 }
 
 /// Pulls through containerd's CRI ImageService, as kubelet does.
 pub async fn cri_pull(node: &Node, reference: &str) {
-    let channel = containerd_client::connect(node.socket()).await.expect("connecting to CRI");
+    let channel = containerd_client::connect(node.socket())
+        .await
+        .expect("connecting to CRI");
     let mut client = ImageServiceClient::new(channel);
     client
         .pull_image(Request::new(PullImageRequest {
@@ -69,7 +80,10 @@ pub async fn content_size(node: &Node, digest: &str) -> u64 {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -78,7 +92,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         sleep(Duration::from_millis(100));
     }
 }
@@ -115,10 +132,17 @@ impl Agent {
     }
 
     pub fn wait_ready(&self, timeout: Duration) {
-        let log = self.log.clone();
-        wait_for(&format!("/readyz (log: {})", log.display()), timeout, || {
-            (self.get("/readyz").0 == 200).then_some(())
-        });
+        let start = Instant::now();
+        while self.get("/readyz").0 != 200 {
+            if start.elapsed() > timeout {
+                panic!(
+                    "the agent was not ready within {timeout:?}; /readyz says {:?}; its log:\n{}",
+                    self.get("/readyz").1,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn metrics(&self) -> String {
@@ -141,7 +165,10 @@ impl Agent {
             if let Some(s) = self.child.try_wait().expect("waiting for the agent") {
                 return s;
             }
-            assert!(start.elapsed() < timeout, "the agent did not stop within {timeout:?} of SIGTERM");
+            assert!(
+                start.elapsed() < timeout,
+                "the agent did not stop within {timeout:?} of SIGTERM"
+            );
             sleep(Duration::from_millis(50));
         }
     }
@@ -157,12 +184,18 @@ impl Drop for Agent {
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }

@@ -29,6 +29,8 @@ pub const BUSYBOX_SHA256: &str = "3d9f2889d6782537624a4e1a10e68a2ddd53e0ee8bac02
 pub const CNB_EPOCH: u64 = 315_532_801;
 pub const CNB_CREATED: &str = "1980-01-01T00:00:01Z";
 
+/// What /etc/ragent-release says in run:v2 (a container can read it to see the patch).
+pub const RELEASE_V2: &str = "ragent-linux 1.0 run image v2 (patch level 1: CVE fixes)";
 pub const STACK_ID: &str = "io.ragent.stacks.sample";
 pub const DISTRO_NAME: &str = "ragent-linux";
 pub const MIXINS: &[&str] = &["ragent-tzdata", "ragent-ca-certs", "run:ragent-shell"];
@@ -309,6 +311,19 @@ struct RunImage {
     labels: BTreeMap<String, String>,
 }
 
+/// What a run image is made of.
+struct RunSpec<'a> {
+    repo: &'a str,
+    tag: &'a str,
+    purpose: &'a str,
+    arch: Arch,
+    /// (release layer variant, text of /etc/ragent-release)
+    release: (&'a str, &'a str),
+    stack_id: &'a str,
+    mixins: &'a [&'a str],
+    distro_version: &'a str,
+}
+
 /// What an app is made of.
 struct AppSpec<'a> {
     name: &'a str,
@@ -452,26 +467,38 @@ impl Builder {
         image
     }
 
-    fn run_image(
-        &mut self,
-        repo: &str,
-        tag: &str,
-        purpose: &str,
-        arch: Arch,
-        release: (&str, &str),
-        stack_id: &str,
-        mixins: &[&str],
-        distro_version: &str,
-    ) -> Result<RunImage> {
+    fn run_image(&mut self, spec: RunSpec<'_>) -> Result<RunImage> {
+        let RunSpec {
+            repo,
+            tag,
+            purpose,
+            arch,
+            release,
+            stack_id,
+            mixins,
+            distro_version,
+        } = spec;
         let base = self.run_base(arch)?;
         let rel = self.run_release(arch, release.0, release.1)?;
         let mut labels = BTreeMap::new();
         labels.insert("io.buildpacks.stack.id".to_string(), stack_id.to_string());
-        labels.insert("io.buildpacks.stack.mixins".to_string(), serde_json::to_string(mixins)?);
+        labels.insert(
+            "io.buildpacks.stack.mixins".to_string(),
+            serde_json::to_string(mixins)?,
+        );
         labels.insert("io.buildpacks.base.id".to_string(), stack_id.to_string());
-        labels.insert("io.buildpacks.base.distro.name".to_string(), DISTRO_NAME.to_string());
-        labels.insert("io.buildpacks.base.distro.version".to_string(), distro_version.to_string());
-        labels.insert("io.buildpacks.base.maintainer".to_string(), "ragent samples".to_string());
+        labels.insert(
+            "io.buildpacks.base.distro.name".to_string(),
+            DISTRO_NAME.to_string(),
+        );
+        labels.insert(
+            "io.buildpacks.base.distro.version".to_string(),
+            distro_version.to_string(),
+        );
+        labels.insert(
+            "io.buildpacks.base.maintainer".to_string(),
+            "ragent samples".to_string(),
+        );
         let config = json!({
             "architecture": arch.oci,
             "os": "linux",
@@ -528,7 +555,11 @@ impl Builder {
                 Entry::Dir(dir.clone()),
                 Entry::Dir(format!("{dir}/env")),
                 file(format!("{dir}/payload.bin"), data, 0o644),
-                file(format!("{dir}/env/MARKER"), format!("{bp} {layer}\n"), 0o644),
+                file(
+                    format!("{dir}/env/MARKER"),
+                    format!("{bp} {layer}\n"),
+                    0o644,
+                ),
             ],
         })
     }
@@ -622,15 +653,29 @@ impl Builder {
         let mut labels = spec.run.labels.clone();
         if legacy {
             labels.retain(|k, _| !k.starts_with("io.buildpacks.base."));
-            labels.insert("io.buildpacks.stack.mixins".into(), serde_json::to_string(APP_MIXINS)?);
+            labels.insert(
+                "io.buildpacks.stack.mixins".into(),
+                serde_json::to_string(APP_MIXINS)?,
+            );
         }
-        labels.insert("io.buildpacks.lifecycle.metadata".into(), serde_json::to_string(&lifecycle)?);
-        labels.insert("io.buildpacks.build.metadata".into(), serde_json::to_string(&build)?);
+        labels.insert(
+            "io.buildpacks.lifecycle.metadata".into(),
+            serde_json::to_string(&lifecycle)?,
+        );
+        labels.insert(
+            "io.buildpacks.build.metadata".into(),
+            serde_json::to_string(&build)?,
+        );
         labels.insert("io.buildpacks.project.metadata".into(), "{}".into());
         for (k, v) in spec.extra_labels {
             labels.insert((*k).into(), (*v).into());
         }
-        path.extend(["/cnb/process".into(), "/cnb/lifecycle".into(), "/usr/bin".into(), "/bin".into()]);
+        path.extend([
+            "/cnb/process".into(),
+            "/cnb/lifecycle".into(),
+            "/usr/bin".into(),
+            "/bin".into(),
+        ]);
         let mut env = vec![
             format!("PATH={}", path.join(":")),
             format!("CNB_PLATFORM_API={}", spec.platform_api),
@@ -660,7 +705,14 @@ impl Builder {
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()},
             "history": Self::history(&created_by),
         });
-        self.image(&format!("ragent/{}", spec.name), "v1", spec.purpose, arch, layers, config)
+        self.image(
+            &format!("ragent/{}", spec.name),
+            "v1",
+            spec.purpose,
+            arch,
+            layers,
+            config,
+        )
     }
 }
 
@@ -718,17 +770,85 @@ pub fn build(dir: &Path, opts: &Options) -> Result<FixtureSet> {
         "rootfs": {"type": "layers", "diff_ids": [pause_layer.diff_id]},
         "history": Builder::history(&["ragent-samples: pause".into()]),
     });
-    let pause = b.image("ragent/pause", "3.9", "pause", AMD64, vec![pause_layer], pause_cfg)?;
+    let pause = b.image(
+        "ragent/pause",
+        "3.9",
+        "pause",
+        AMD64,
+        vec![pause_layer],
+        pause_cfg,
+    )?;
     images.push(b.add_ref(pause));
 
     // Run images: v1, the patched v2, and three that a rebase must refuse.
-    let run_v1 = b.run_image("ragent/run", "v1", "run", AMD64, ("v1", "ragent-linux 1.0 run image v1 (patch level 0)"), STACK_ID, MIXINS, "1.0")?;
-    let run_v2 = b.run_image("ragent/run", "v2", "run-patched", AMD64, ("v2", "ragent-linux 1.0 run image v2 (patch level 1: CVE fixes)"), STACK_ID, MIXINS, "1.0")?;
-    let other_stack = b.run_image("ragent/run-other-stack", "v1", "refuse-stack", AMD64, ("other-stack", "ragent-linux 1.0 other stack"), "io.ragent.stacks.other", MIXINS, "1.0")?;
-    let no_mixin = b.run_image("ragent/run-no-mixin", "v1", "refuse-mixin", AMD64, ("v2", "ragent-linux 1.0 run image v2 (patch level 1: CVE fixes)"), STACK_ID, &["ragent-ca-certs", "run:ragent-shell"], "1.0")?;
-    let other_distro = b.run_image("ragent/run-other-distro", "v1", "refuse-distro", AMD64, ("distro2", "ragent-linux 2.0 run image"), STACK_ID, MIXINS, "2.0")?;
-    let run_arm64 = b.run_image("ragent/run-arm64", "v1", "run", ARM64, ("v1", "ragent-linux 1.0 run image v1 arm64"), STACK_ID, MIXINS, "1.0")?;
-    for r in [&run_v1, &run_v2, &other_stack, &no_mixin, &other_distro, &run_arm64] {
+    let run_v1 = b.run_image(RunSpec {
+        repo: "ragent/run",
+        tag: "v1",
+        purpose: "run",
+        arch: AMD64,
+        release: ("v1", "ragent-linux 1.0 run image v1 (patch level 0)"),
+        stack_id: STACK_ID,
+        mixins: MIXINS,
+        distro_version: "1.0",
+    })?;
+    let run_v2 = b.run_image(RunSpec {
+        repo: "ragent/run",
+        tag: "v2",
+        purpose: "run-patched",
+        arch: AMD64,
+        release: ("v2", RELEASE_V2),
+        stack_id: STACK_ID,
+        mixins: MIXINS,
+        distro_version: "1.0",
+    })?;
+    let other_stack = b.run_image(RunSpec {
+        repo: "ragent/run-other-stack",
+        tag: "v1",
+        purpose: "refuse-stack",
+        arch: AMD64,
+        release: ("other-stack", "ragent-linux 1.0 other stack"),
+        stack_id: "io.ragent.stacks.other",
+        mixins: MIXINS,
+        distro_version: "1.0",
+    })?;
+    let no_mixin = b.run_image(RunSpec {
+        repo: "ragent/run-no-mixin",
+        tag: "v1",
+        purpose: "refuse-mixin",
+        arch: AMD64,
+        release: ("v2", RELEASE_V2),
+        stack_id: STACK_ID,
+        mixins: &["ragent-ca-certs", "run:ragent-shell"],
+        distro_version: "1.0",
+    })?;
+    let other_distro = b.run_image(RunSpec {
+        repo: "ragent/run-other-distro",
+        tag: "v1",
+        purpose: "refuse-distro",
+        arch: AMD64,
+        release: ("distro2", "ragent-linux 2.0 run image"),
+        stack_id: STACK_ID,
+        mixins: MIXINS,
+        distro_version: "2.0",
+    })?;
+    let run_arm64 = b.run_image(RunSpec {
+        repo: "ragent/run-arm64",
+        tag: "v1",
+        purpose: "run",
+        arch: ARM64,
+        release: ("v1", "ragent-linux 1.0 run image v1 arm64"),
+        stack_id: STACK_ID,
+        mixins: MIXINS,
+        distro_version: "1.0",
+    })?;
+    for r in [
+        &run_v1,
+        &run_v2,
+        &other_stack,
+        &no_mixin,
+        &other_distro,
+        &run_arm64,
+    ] {
         images.push(b.add_ref(r.image.clone()));
     }
     // A mirror of run:v1 under another repository (same manifest), named in runImage.mirrors.
@@ -736,20 +856,110 @@ pub fn build(dir: &Path, opts: &Options) -> Result<FixtureSet> {
     mirror.repo = "ragent/run-mirror".into();
     images.push(b.add_ref(mirror));
 
-    const PY: &[(&str, &str, &[&str])] = &[("ragent-samples/cpython", "3.12.1", &["cpython"]), ("ragent-samples/pip", "24.0", &["pip-packages"])];
+    const PY: &[(&str, &str, &[&str])] = &[
+        ("ragent-samples/cpython", "3.12.1", &["cpython"]),
+        ("ragent-samples/pip", "24.0", &["pip-packages"]),
+    ];
     const PY_ONLY: &[(&str, &str, &[&str])] = &[("ragent-samples/cpython", "3.12.1", &["cpython"])];
-    const JVM: &[(&str, &str, &[&str])] = &[("ragent-samples/jre", "17.0.9", &["jre", "helper"]), ("ragent-samples/executable-jar", "1.2.0", &["classpath"])];
-    const JVM_ONLY: &[(&str, &str, &[&str])] = &[("ragent-samples/jre", "17.0.9", &["jre", "helper"])];
+    const JVM: &[(&str, &str, &[&str])] = &[
+        ("ragent-samples/jre", "17.0.9", &["jre", "helper"]),
+        ("ragent-samples/executable-jar", "1.2.0", &["classpath"]),
+    ];
+    const JVM_ONLY: &[(&str, &str, &[&str])] =
+        &[("ragent-samples/jre", "17.0.9", &["jre", "helper"])];
 
     let apps = [
-        AppSpec { name: "app-py-web", run: &run_v1, arch: AMD64, buildpacks: PY, jvm: false, platform_api: "0.12", extra_labels: &[], purpose: "app", app_kib: 512 },
-        AppSpec { name: "app-py-worker", run: &run_v1, arch: AMD64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[], purpose: "app", app_kib: 256 },
-        AppSpec { name: "app-jvm-api", run: &run_v1, arch: AMD64, buildpacks: JVM, jvm: true, platform_api: "0.13", extra_labels: &[], purpose: "app", app_kib: 1024 },
-        AppSpec { name: "app-jvm-batch", run: &run_v1, arch: AMD64, buildpacks: JVM_ONLY, jvm: true, platform_api: "0.12", extra_labels: &[], purpose: "app", app_kib: 768 },
-        AppSpec { name: "app-py-legacy", run: &run_v1, arch: AMD64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.10", extra_labels: &[], purpose: "app-legacy-api", app_kib: 256 },
-        AppSpec { name: "app-norebase", run: &run_v1, arch: AMD64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[("io.buildpacks.rebasable", "false")], purpose: "app-not-rebasable", app_kib: 256 },
-        AppSpec { name: "app-arm64", run: &run_arm64, arch: ARM64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[], purpose: "app-other-arch", app_kib: 256 },
-        AppSpec { name: "app-broken-label", run: &run_v1, arch: AMD64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[("io.buildpacks.lifecycle.metadata", "{\"runImage\": {\"topLayer\": ")], purpose: "malformed-label", app_kib: 128 },
+        AppSpec {
+            name: "app-py-web",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: PY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[],
+            purpose: "app",
+            app_kib: 512,
+        },
+        AppSpec {
+            name: "app-py-worker",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: PY_ONLY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[],
+            purpose: "app",
+            app_kib: 256,
+        },
+        AppSpec {
+            name: "app-jvm-api",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: JVM,
+            jvm: true,
+            platform_api: "0.13",
+            extra_labels: &[],
+            purpose: "app",
+            app_kib: 1024,
+        },
+        AppSpec {
+            name: "app-jvm-batch",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: JVM_ONLY,
+            jvm: true,
+            platform_api: "0.12",
+            extra_labels: &[],
+            purpose: "app",
+            app_kib: 768,
+        },
+        AppSpec {
+            name: "app-py-legacy",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: PY_ONLY,
+            jvm: false,
+            platform_api: "0.10",
+            extra_labels: &[],
+            purpose: "app-legacy-api",
+            app_kib: 256,
+        },
+        AppSpec {
+            name: "app-norebase",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: PY_ONLY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[("io.buildpacks.rebasable", "false")],
+            purpose: "app-not-rebasable",
+            app_kib: 256,
+        },
+        AppSpec {
+            name: "app-arm64",
+            run: &run_arm64,
+            arch: ARM64,
+            buildpacks: PY_ONLY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[],
+            purpose: "app-other-arch",
+            app_kib: 256,
+        },
+        AppSpec {
+            name: "app-broken-label",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: PY_ONLY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[(
+                "io.buildpacks.lifecycle.metadata",
+                "{\"runImage\": {\"topLayer\": ",
+            )],
+            purpose: "malformed-label",
+            app_kib: 128,
+        },
     ];
     for spec in &apps {
         let img = b.app(spec)?;
@@ -757,8 +967,28 @@ pub fn build(dir: &Path, opts: &Options) -> Result<FixtureSet> {
     }
 
     // A multi-platform app: one index over an amd64 and an arm64 manifest.
-    let multi_amd = b.app(&AppSpec { name: "app-multi", run: &run_v1, arch: AMD64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[], purpose: "app-multiarch", app_kib: 256 })?;
-    let multi_arm = b.app(&AppSpec { name: "app-multi", run: &run_arm64, arch: ARM64, buildpacks: PY_ONLY, jvm: false, platform_api: "0.12", extra_labels: &[], purpose: "app-multiarch", app_kib: 256 })?;
+    let multi_amd = b.app(&AppSpec {
+        name: "app-multi",
+        run: &run_v1,
+        arch: AMD64,
+        buildpacks: PY_ONLY,
+        jvm: false,
+        platform_api: "0.12",
+        extra_labels: &[],
+        purpose: "app-multiarch",
+        app_kib: 256,
+    })?;
+    let multi_arm = b.app(&AppSpec {
+        name: "app-multi",
+        run: &run_arm64,
+        arch: ARM64,
+        buildpacks: PY_ONLY,
+        jvm: false,
+        platform_api: "0.12",
+        extra_labels: &[],
+        purpose: "app-multiarch",
+        app_kib: 256,
+    })?;
     let entries: Vec<Value> = [&multi_amd, &multi_arm]
         .iter()
         .map(|i| {
@@ -810,7 +1040,10 @@ mod tests {
     #[test]
     fn prng_is_stable() {
         // Pinned: if this changes, every fixture digest changes.
-        assert_eq!(hex::encode(SplitMix64::bytes("ragent", 8)), hex::encode(SplitMix64::bytes("ragent", 8)));
+        assert_eq!(
+            hex::encode(SplitMix64::bytes("ragent", 8)),
+            hex::encode(SplitMix64::bytes("ragent", 8))
+        );
         assert_ne!(SplitMix64::bytes("a", 16), SplitMix64::bytes("b", 16));
         let mut r = SplitMix64(0);
         assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
@@ -818,7 +1051,13 @@ mod tests {
 
     #[test]
     fn tar_and_gzip_are_deterministic() {
-        let e = || vec![Entry::Dir("d".into()), file("d/f", b"x".to_vec(), 0o644), Entry::Link("d/l".into(), "f".into())];
+        let e = || {
+            vec![
+                Entry::Dir("d".into()),
+                file("d/f", b"x".to_vec(), 0o644),
+                Entry::Link("d/l".into(), "f".into()),
+            ]
+        };
         let a = gzip(&tar_of(&e()).unwrap()).unwrap();
         let b = gzip(&tar_of(&e()).unwrap()).unwrap();
         assert_eq!(a, b);
@@ -844,7 +1083,9 @@ mod tests {
     #[test]
     fn build_is_byte_identical_and_shares_layers() {
         if !busybox_available() {
-            eprintln!("skipping: {BUSYBOX_PATH} missing (cargo xtask setup installs busybox-static)");
+            eprintln!(
+                "skipping: {BUSYBOX_PATH} missing (cargo xtask setup installs busybox-static)"
+            );
             return;
         }
         let (d1, d2) = (tmp("a"), tmp("b"));
@@ -866,9 +1107,15 @@ mod tests {
             assert_eq!(a.layers[2].role, "launcher");
             assert_eq!(a.layers.last().unwrap().role, "app");
         }
-        let total: u64 = apps.iter().flat_map(|a| a.layers.iter().map(|l| l.size)).sum();
+        let total: u64 = apps
+            .iter()
+            .flat_map(|a| a.layers.iter().map(|l| l.size))
+            .sum();
         let unique = FixtureSet::unique_layer_bytes(apps.iter().copied());
-        assert!(unique * 2 < total, "apps share most bytes: unique {unique}, total {total}");
+        assert!(
+            unique * 2 < total,
+            "apps share most bytes: unique {unique}, total {total}"
+        );
 
         // run:v2 differs from v1 in exactly one layer.
         let v2 = s1.image("ragent/run", "v2").unwrap();
@@ -878,7 +1125,10 @@ mod tests {
         // Every blob referenced is in the layout, with its digest.
         for i in &s1.images {
             for l in &i.layers {
-                let p = s1.layout.join("blobs/sha256").join(l.digest.trim_start_matches("sha256:"));
+                let p = s1
+                    .layout
+                    .join("blobs/sha256")
+                    .join(l.digest.trim_start_matches("sha256:"));
                 let bytes = fs::read(&p).unwrap();
                 assert_eq!(sha256(&bytes), l.digest);
             }
@@ -899,7 +1149,12 @@ mod tests {
         let s1 = build(&d1, &Options::new("127.0.0.1:5000")).unwrap();
         let s2 = build(&d2, &Options::new("127.0.0.1:5055")).unwrap();
         let run = |s: &FixtureSet| s.image("ragent/run", "v1").unwrap().manifest_digest.clone();
-        let app = |s: &FixtureSet| s.image("ragent/app-py-web", "v1").unwrap().manifest_digest.clone();
+        let app = |s: &FixtureSet| {
+            s.image("ragent/app-py-web", "v1")
+                .unwrap()
+                .manifest_digest
+                .clone()
+        };
         assert_eq!(run(&s1), run(&s2));
         assert_ne!(app(&s1), app(&s2));
         let _ = fs::remove_dir_all(&d1);
@@ -913,7 +1168,10 @@ mod tests {
         let fake = d.join("busybox");
         fs::write(&fake, b"not busybox").unwrap();
         let e = read_busybox(&fake).unwrap_err().to_string();
-        assert!(e.contains(BUSYBOX_DEB_VERSION) && e.contains(BUSYBOX_SHA256), "{e}");
+        assert!(
+            e.contains(BUSYBOX_DEB_VERSION) && e.contains(BUSYBOX_SHA256),
+            "{e}"
+        );
         let _ = fs::remove_dir_all(&d);
     }
 }

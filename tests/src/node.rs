@@ -61,6 +61,11 @@ pub struct Node {
 }
 
 const STATE: &str = "node.json";
+// The node's config templates live in deploy/local/ where a reader finds them.
+const CONTAINERD_TOML: &str = include_str!("../../deploy/local/containerd.toml");
+const REGISTRY_YML: &str = include_str!("../../deploy/local/registry.yml");
+const PROMETHEUS_YML: &str = include_str!("../../deploy/local/prometheus.yml");
+const HOSTS_TOML: &str = include_str!("../../deploy/local/hosts.toml");
 const SERVICES: [&str; 3] = ["registry", "containerd", "prometheus"];
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
@@ -141,13 +146,19 @@ impl Node {
     pub fn load(dir: &Path) -> Result<Node> {
         let p = dir.join(STATE);
         let text = fs::read_to_string(&p).with_context(|| {
-            format!("no node at {} (start one with `cargo xtask up` or `cargo xtask test`)", dir.display())
+            format!(
+                "no node at {} (start one with `cargo xtask up` or `cargo xtask test`)",
+                dir.display()
+            )
         })?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 
     fn save(&self) -> Result<()> {
-        fs::write(self.config.dir.join(STATE), serde_json::to_vec_pretty(self)?)?;
+        fs::write(
+            self.config.dir.join(STATE),
+            serde_json::to_vec_pretty(self)?,
+        )?;
         Ok(())
     }
 
@@ -167,13 +178,21 @@ impl Node {
     /// Starts a node. Fails if one is already recorded in the directory and still running.
     pub fn up(config: NodeConfig) -> Result<Node> {
         let dir = &config.dir;
-        if let Ok(old) = Node::load(dir) {
-            if old.pids.values().any(|p| pid_alive(*p)) {
-                bail!("a node is already running in {} (stop it with `cargo xtask down`)", dir.display());
+        if let Ok(old) = Node::load(dir)
+            && old.pids.values().any(|p| pid_alive(*p))
+        {
+            {
+                bail!(
+                    "a node is already running in {} (stop it with `cargo xtask down`)",
+                    dir.display()
+                );
             }
         }
         if dir.as_os_str().len() + "/containerd.sock.ttrpc".len() >= 108 {
-            bail!("{} is too long for unix socket paths (108 bytes); use a shorter directory", dir.display());
+            bail!(
+                "{} is too long for unix socket paths (108 bytes); use a shorter directory",
+                dir.display()
+            );
         }
         fs::create_dir_all(dir)?;
         let mut node = Node {
@@ -189,75 +208,40 @@ impl Node {
 
     fn write_configs(&self) -> Result<()> {
         let d = &self.config.dir;
-        let reg = self.registry();
-        for sub in ["registry", "root", "state", "opt", "cni", "runc", "prometheus"] {
+        for sub in [
+            "registry",
+            "root",
+            "state",
+            "opt",
+            "cni",
+            "runc",
+            "prometheus",
+        ] {
             fs::create_dir_all(d.join(sub))?;
         }
-        fs::write(
-            d.join("registry.yml"),
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n",
-                d.join("registry").display()
-            ),
-        )?;
-        let hosts = self.hosts_dir().join(&reg);
+        let fill = |t: &str| {
+            t.replace("{{DIR}}", &d.display().to_string())
+                .replace("{{REGISTRY}}", &self.registry())
+                .replace(
+                    "{{AGENT}}",
+                    &format!("127.0.0.1:{}", self.config.agent_port),
+                )
+        };
+        fs::write(d.join("registry.yml"), fill(REGISTRY_YML))?;
+        fs::write(d.join("containerd.toml"), fill(CONTAINERD_TOML))?;
+        fs::write(d.join("prometheus.yml"), fill(PROMETHEUS_YML))?;
+        let hosts = self.hosts_dir().join(self.registry());
         fs::create_dir_all(&hosts)?;
-        fs::write(
-            hosts.join("hosts.toml"),
-            format!("server = \"http://{reg}\"\n\n[host.\"http://{reg}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n"),
-        )?;
-        let p = |s: &str| d.join(s).display().to_string();
-        fs::write(
-            d.join("containerd.toml"),
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-oom_score = 0
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-[plugins."io.containerd.grpc.v1.cri"]
-  restrict_oom_score_adj = true
-  sandbox_image = "{reg}/ragent/pause:3.9"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        Root = "{runc}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{certs}"
-"#,
-                root = p("root"),
-                state = p("state"),
-                sock = self.socket().display(),
-                opt = p("opt"),
-                runc = p("runc"),
-                cni = p("cni"),
-                certs = self.hosts_dir().display(),
-            ),
-        )?;
-        fs::write(
-            d.join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\nscrape_configs:\n  - job_name: ragent\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
-                self.config.agent_port
-            ),
-        )?;
+        fs::write(hosts.join("hosts.toml"), fill(HOSTS_TOML))?;
         Ok(())
     }
 
     fn start_registry(&mut self) -> Result<()> {
         let cfg = self.config.dir.join("registry.yml");
-        let pid = self.spawn("registry", Command::new("docker-registry").arg("serve").arg(&cfg))?;
+        let pid = self.spawn(
+            "registry",
+            Command::new("docker-registry").arg("serve").arg(&cfg),
+        )?;
         self.pids.insert("registry".into(), pid);
         self.save()?;
         let addr: SocketAddr = self.registry().parse()?;
@@ -270,7 +254,10 @@ oom_score = 0
     /// Starts containerd and waits until its socket answers.
     pub fn start_containerd(&mut self) -> Result<()> {
         let cfg = self.config.dir.join("containerd.toml");
-        let pid = self.spawn("containerd", Command::new("containerd").arg("--config").arg(&cfg))?;
+        let pid = self.spawn(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&cfg),
+        )?;
         self.pids.insert("containerd".into(), pid);
         self.save()?;
         let sock = self.socket();
@@ -291,7 +278,11 @@ oom_score = 0
     /// Stops containerd (SIGTERM, then SIGKILL after 10 s).
     pub fn stop_containerd(&mut self) -> Result<()> {
         if let Some(pid) = self.pids.remove("containerd") {
-            stop_pid(pid, &self.config.dir.display().to_string(), Duration::from_secs(10));
+            stop_pid(
+                pid,
+                &self.config.dir.display().to_string(),
+                Duration::from_secs(10),
+            );
         }
         self.save()
     }
@@ -307,9 +298,18 @@ oom_score = 0
         let pid = self.spawn(
             "prometheus",
             Command::new("prometheus")
-                .arg(format!("--config.file={}", d.join("prometheus.yml").display()))
-                .arg(format!("--storage.tsdb.path={}", d.join("prometheus").display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{}", self.config.prometheus_port))
+                .arg(format!(
+                    "--config.file={}",
+                    d.join("prometheus.yml").display()
+                ))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    d.join("prometheus").display()
+                ))
+                .arg(format!(
+                    "--web.listen-address=127.0.0.1:{}",
+                    self.config.prometheus_port
+                ))
                 .arg("--storage.tsdb.retention.time=1d"),
         )?;
         self.pids.insert("prometheus".into(), pid);
@@ -335,7 +335,10 @@ oom_score = 0
     /// A `ctr` command against this node's containerd.
     pub fn ctr(&self, namespace: &str) -> Command {
         let mut c = Command::new("ctr");
-        c.arg("--address").arg(self.socket()).arg("--namespace").arg(namespace);
+        c.arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(namespace);
         c
     }
 
@@ -348,7 +351,10 @@ oom_score = 0
             .arg(reference)
             .output()?;
         if !out.status.success() {
-            bail!("ctr pull {reference} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ctr pull {reference} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -358,15 +364,28 @@ oom_score = 0
         let mut n = 0;
         let mut copy = |layout_ref: &str, repo: &str, tag: &str, all: bool| -> Result<()> {
             let mut c = Command::new("skopeo");
-            c.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]);
+            c.args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ]);
             if all {
                 c.arg("--all");
             }
             let src = format!("oci:{}:{layout_ref}", set.layout.display());
             let dst = format!("docker://{}/{repo}:{tag}", self.registry());
-            let out = c.arg(&src).arg(&dst).output().context("running skopeo (cargo xtask setup installs it)")?;
+            let out = c
+                .arg(&src)
+                .arg(&dst)
+                .output()
+                .context("running skopeo (cargo xtask setup installs it)")?;
             if !out.status.success() {
-                bail!("skopeo copy {src} {dst} failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "skopeo copy {src} {dst} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             n += 1;
             Ok(())
@@ -391,18 +410,23 @@ oom_score = 0
             if node.pids.get("containerd").is_some_and(|p| pid_alive(*p)) {
                 for ns in ["k8s.io", "default"] {
                     let out = node.ctr(ns).args(["tasks", "list", "-q"]).output();
-                    let ids = out.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+                    let ids = out
+                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                        .unwrap_or_default();
                     for id in ids.lines().filter(|l| !l.is_empty()) {
-                        let _ = node.ctr(ns).args(["tasks", "kill", "-s", "SIGKILL", id]).output();
+                        let _ = node
+                            .ctr(ns)
+                            .args(["tasks", "kill", "-s", "SIGKILL", id])
+                            .output();
                         done.push(format!("killed task {ns}/{id}"));
                     }
                 }
             }
             for name in SERVICES.iter().rev() {
-                if let Some(pid) = node.pids.get(*name) {
-                    if stop_pid(*pid, &marker, Duration::from_secs(10)) {
-                        done.push(format!("stopped {name} (pid {pid})"));
-                    }
+                if let Some(pid) = node.pids.get(*name)
+                    && stop_pid(*pid, &marker, Duration::from_secs(10))
+                {
+                    done.push(format!("stopped {name} (pid {pid})"));
                 }
             }
         }
@@ -414,7 +438,10 @@ oom_score = 0
                     continue;
                 };
                 let cl = cmdline(pid);
-                if cl.contains("containerd-shim") && cl.contains(&sock) && stop_pid(pid, &sock, Duration::from_secs(5)) {
+                if cl.contains("containerd-shim")
+                    && cl.contains(&sock)
+                    && stop_pid(pid, &sock, Duration::from_secs(5))
+                {
                     done.push(format!("stopped shim (pid {pid})"));
                 }
             }
@@ -453,7 +480,9 @@ fn remove_leftover_cgroups() -> Vec<String> {
     for ctrl in ctrls.flatten() {
         for parent in ["k8s.io", "ragent-pods"] {
             let base = ctrl.path().join(parent);
-            let Ok(children) = fs::read_dir(&base) else { continue };
+            let Ok(children) = fs::read_dir(&base) else {
+                continue;
+            };
             for c in children.flatten() {
                 if c.path().is_dir() && fs::remove_dir(c.path()).is_ok() {
                     done.push(format!("removed cgroup {}", c.path().display()));

@@ -1,12 +1,12 @@
 //! `cargo xtask`: setup, the local node (up/down), the test command, fixtures.
 //!
-//! - `setup`  installs what is missing (Debian packages, rust-src, bpf-linker for LLVM 22) and
-//!            mounts bpffs/tracefs; idempotent.
-//! - `up`     the README's main command: a local node with sample buildpack images and
-//!            `ragent agent` in the foreground.
-//! - `down`   stops everything `up` (or a failed `test`) started, by PID.
-//! - `test`   the README's test command (what .ci/run runs): unit tests, then end-to-end tests
-//!            against a real containerd, registry, kernel and Prometheus.
+//! - `setup`: installs what is missing (Debian packages, rust-src, bpf-linker for LLVM 22) and
+//!   mounts bpffs/tracefs; idempotent.
+//! - `up`: the README's main command: a local node with sample buildpack images and
+//!   `ragent agent` in the foreground.
+//! - `down`: stops everything `up` (or a failed `test`) started, by PID.
+//! - `test`: the README's test command (what .ci/run runs): lints, unit tests, then end-to-end
+//!   tests against a real containerd, registry, kernel and Prometheus.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -89,11 +89,16 @@ const LLVM_MAJOR: &str = "22";
 const EBPF_TOOLCHAIN: &str = "nightly";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -101,7 +106,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
@@ -137,14 +144,24 @@ fn setup() -> Result<()> {
         );
     }
     for tc in [EBPF_TOOLCHAIN, "stable"] {
-        let comps = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", tc]))?;
+        let comps = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            tc,
+        ]))?;
         if !comps.contains("rust-src") {
             run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", tc]))?;
             did.push(format!("added rust-src to {tc}"));
         }
     }
     // The compiler that builds the eBPF crate must share bpf-linker's LLVM major.
-    let vv = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).arg("-vV"))?;
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg("-vV"),
+    )?;
     let rustc_llvm = vv
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -160,13 +177,22 @@ fn setup() -> Result<()> {
     }
     let linker_ok = which("bpf-linker").is_some_and(|p| {
         output(Command::new("ldd").arg(p))
-            .map(|l| l.contains(&format!("libLLVM.so.{LLVM_MAJOR}")) || l.contains(&format!("libLLVM-{LLVM_MAJOR}")))
+            .map(|l| {
+                l.contains(&format!("libLLVM.so.{LLVM_MAJOR}"))
+                    || l.contains(&format!("libLLVM-{LLVM_MAJOR}"))
+            })
             .unwrap_or(false)
     });
     if !linker_ok {
         println!("setup: building bpf-linker for LLVM {LLVM_MAJOR} (about a minute)");
         run(cargo()
-            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{LLVM_MAJOR}"))
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))?;
         did.push(format!("installed bpf-linker for LLVM {LLVM_MAJOR}"));
@@ -185,7 +211,11 @@ fn setup() -> Result<()> {
     if did.is_empty() {
         did.push("nothing: everything was already there".into());
     }
-    println!("setup: {} ({:.1} s)", did.join("; "), t0.elapsed().as_secs_f64());
+    println!(
+        "setup: {} ({:.1} s)",
+        did.join("; "),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -200,7 +230,9 @@ fn which(cmd: &str) -> Option<PathBuf> {
 
 fn build_ragent() -> Result<PathBuf> {
     println!("building ragent (with its eBPF programs)");
-    run(cargo().current_dir(root()).args(["build", "-p", "ragent", "--bin", "ragent"]))?;
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "-p", "ragent", "--bin", "ragent"]))?;
     Ok(root().join("target/debug/ragent"))
 }
 
@@ -208,13 +240,23 @@ fn build_ragent() -> Result<PathBuf> {
 fn start_node(config: NodeConfig, scale: u32) -> Result<(Node, FixtureSet)> {
     let t0 = Instant::now();
     let node = Node::up(config)?;
-    println!("node: registry {}, containerd {}, Prometheus {} ({:.1} s)", node.registry(), node.socket().display(), node.prometheus_addr(), t0.elapsed().as_secs_f64());
+    println!(
+        "node: registry {}, containerd {}, Prometheus {} ({:.1} s)",
+        node.registry(),
+        node.socket().display(),
+        node.prometheus_addr(),
+        t0.elapsed().as_secs_f64()
+    );
     let t1 = Instant::now();
     let mut opts = fixtures::Options::new(&node.registry());
     opts.scale = scale;
     let set = fixtures::build(&node.fixtures_dir(), &opts)?;
     let pushed = node.push(&set)?;
-    println!("sample images: {} built and {pushed} pushed ({:.1} s)", set.images.len() + set.indexes.len(), t1.elapsed().as_secs_f64());
+    println!(
+        "sample images: {} built and {pushed} pushed ({:.1} s)",
+        set.images.len() + set.indexes.len(),
+        t1.elapsed().as_secs_f64()
+    );
     Ok((node, set))
 }
 
@@ -228,11 +270,20 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
             return Err(e);
         }
     };
-    let pulls = ["ragent/app-py-web", "ragent/app-py-worker", "ragent/app-jvm-api", "ragent/app-jvm-batch", "ragent/app-multi"];
+    let pulls = [
+        "ragent/app-py-web",
+        "ragent/app-py-worker",
+        "ragent/app-jvm-api",
+        "ragent/app-jvm-batch",
+        "ragent/app-multi",
+    ];
     for repo in pulls {
         node.ctr_pull("k8s.io", &set.reference(repo, "v1"))?;
     }
-    println!("pulled into containerd (namespace k8s.io): {}", pulls.join(", "));
+    println!(
+        "pulled into containerd (namespace k8s.io): {}",
+        pulls.join(", ")
+    );
     let metrics = format!("http://127.0.0.1:{}/metrics", node.config.agent_port);
     println!(
         "\nThe node is up. In another shell:\n\
@@ -244,7 +295,10 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
          \x20 Prometheus: http://{prom}/graph?g0.expr=ragent_node_layer_bytes\n\
          Stop the agent with Ctrl-C; `cargo xtask down` stops the node.\n",
         sock = node.socket().display(),
-        bindir = bin.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+        bindir = bin
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         hosts = node.hosts_dir().display(),
         more = set.reference("ragent/app-py-legacy", "v1"),
         prom = node.prometheus_addr(),
@@ -264,7 +318,11 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
 }
 
 fn down(test: bool) -> Result<()> {
-    let cfg = if test { NodeConfig::test() } else { NodeConfig::demo() };
+    let cfg = if test {
+        NodeConfig::test()
+    } else {
+        NodeConfig::demo()
+    };
     let done = Node::down(&cfg.dir)?;
     if done.is_empty() {
         println!("down: nothing was running in {}", cfg.dir.display());
@@ -278,27 +336,53 @@ fn down(test: bool) -> Result<()> {
 fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     let t0 = Instant::now();
     setup()?;
+    println!("== lints (rustfmt, clippy -D warnings)");
+    run(cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo()
+        .current_dir(root())
+        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     println!("== unit tests");
-    run(cargo().current_dir(root()).args(["test", "--workspace", "--lib", "--bins"]))?;
+    run(cargo()
+        .current_dir(root())
+        .args(["test", "--workspace", "--lib", "--bins"]))?;
     if unit_only {
         return Ok(());
     }
     let bin = build_ragent()?;
     println!("== end-to-end tests (containerd, registry, kernel, Prometheus)");
     // Build the e2e binary before the node starts, so the node is not idle through a link.
-    run(cargo().current_dir(root()).args(["test", "-p", "ragent-testkit", "--test", "e2e", "--no-run"]))?;
+    run(cargo().current_dir(root()).args([
+        "test",
+        "-p",
+        "ragent-testkit",
+        "--test",
+        "e2e",
+        "--no-run",
+    ]))?;
     let cfg = NodeConfig::test();
     let _ = Node::down(&cfg.dir);
     let result = start_node(cfg.clone(), 1).and_then(|(node, _)| {
         run(cargo()
             .current_dir(root())
-            .args(["test", "-p", "ragent-testkit", "--test", "e2e", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "-p",
+                "ragent-testkit",
+                "--test",
+                "e2e",
+                "--",
+                "--test-threads=1",
+            ])
             .args(e2e_args)
             .env("RAGENT_TEST_NODE", node.dir())
             .env("RAGENT_BIN", &bin))
     });
     if keep {
-        println!("test node kept at {} (cargo xtask down --test stops it)", cfg.dir.display());
+        println!(
+            "test node kept at {} (cargo xtask down --test stops it)",
+            cfg.dir.display()
+        );
     } else {
         for d in Node::down(&cfg.dir)? {
             println!("down: {d}");
@@ -315,12 +399,25 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Up { scale, no_agent } => up(scale, no_agent),
         Cmd::Down { test } => down(test),
-        Cmd::Test { keep, unit, e2e_args } => test(keep, unit, &e2e_args),
-        Cmd::Fixtures { dir, registry, scale } => {
+        Cmd::Test {
+            keep,
+            unit,
+            e2e_args,
+        } => test(keep, unit, &e2e_args),
+        Cmd::Fixtures {
+            dir,
+            registry,
+            scale,
+        } => {
             let mut o = fixtures::Options::new(&registry);
             o.scale = scale;
             fixtures::build(&dir, &o).map(|s| {
-                println!("{} images and {} index in {}", s.images.len(), s.indexes.len(), s.layout.display());
+                println!(
+                    "{} images and {} index in {}",
+                    s.images.len(),
+                    s.indexes.len(),
+                    s.layout.display()
+                );
             })
         }
     };

@@ -74,12 +74,24 @@ pub fn parse_mountinfo(text: &str) -> CgroupLayout {
                 for opt in superopts.split(',') {
                     let is_controller = matches!(
                         opt,
-                        "cpu" | "cpuacct" | "cpuset" | "memory" | "devices" | "freezer"
-                            | "blkio" | "pids" | "net_cls" | "net_prio" | "perf_event"
-                            | "hugetlb" | "rdma" | "misc"
+                        "cpu"
+                            | "cpuacct"
+                            | "cpuset"
+                            | "memory"
+                            | "devices"
+                            | "freezer"
+                            | "blkio"
+                            | "pids"
+                            | "net_cls"
+                            | "net_prio"
+                            | "perf_event"
+                            | "hugetlb"
+                            | "rdma"
+                            | "misc"
                     ) || opt.starts_with("name=");
                     if is_controller {
-                        v1.entry(opt.to_string()).or_insert_with(|| mount_point.clone());
+                        v1.entry(opt.to_string())
+                            .or_insert_with(|| mount_point.clone());
                     }
                 }
             }
@@ -100,7 +112,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -167,7 +182,10 @@ mod tests {
     fn hybrid_layout() {
         let l = parse_mountinfo(HYBRID);
         assert_eq!(l.mode, CgroupMode::Hybrid);
-        assert_eq!(l.unified.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            l.unified.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(l.v1["memory"], Path::new("/sys/fs/cgroup/memory"));
         assert_eq!(l.v1["name=systemd"], Path::new("/sys/fs/cgroup/systemd"));
         assert!(!l.v1.contains_key("rw"));
@@ -183,10 +201,17 @@ mod tests {
 
     #[test]
     fn v1_only_layout_has_no_root() {
-        let text: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).map(|l| format!("{l}\n")).collect();
+        let text: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let l = parse_mountinfo(&text);
         assert_eq!(l.mode, CgroupMode::V1);
-        assert!(matches!(resolve_root(None, &l), Err(CgroupError::NoUnified)));
+        assert!(matches!(
+            resolve_root(None, &l),
+            Err(CgroupError::NoUnified)
+        ));
     }
 
     #[test]
@@ -195,7 +220,10 @@ mod tests {
         assert!(resolve_root(Some(Path::new("/sys/fs/cgroup/unified")), &l).is_ok());
         let e = resolve_root(Some(Path::new("/sys/fs/cgroup/cpu")), &l).unwrap_err();
         assert!(e.to_string().contains("/sys/fs/cgroup/unified"), "{e}");
-        assert_eq!(resolve_root(None, &l).unwrap(), Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            resolve_root(None, &l).unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
     }
 
     #[test]

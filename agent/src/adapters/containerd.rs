@@ -37,7 +37,9 @@ pub enum ContainerdError {
     },
     #[error("content {digest} is not in containerd's content store")]
     NotFound { digest: String },
-    #[error("content {digest} is {size} bytes, more than the {MAX_METADATA_BLOB} bytes ragent reads as metadata")]
+    #[error(
+        "content {digest} is {size} bytes, more than the {MAX_METADATA_BLOB} bytes ragent reads as metadata"
+    )]
     TooLarge { digest: String, size: u64 },
     #[error("invalid namespace {namespace:?}: {reason}")]
     Namespace { namespace: String, reason: String },
@@ -60,7 +62,10 @@ impl ContainerdError {
         match self {
             ContainerdError::Unreachable { .. } => true,
             ContainerdError::Rpc { status, .. } => {
-                matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
+                matches!(
+                    status.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                )
             }
             _ => false,
         }
@@ -234,7 +239,10 @@ impl Containerd {
             }))
             .await
         {
-            Ok(r) => Ok(r.into_inner().info.map(|i| u64::try_from(i.size).unwrap_or(0))),
+            Ok(r) => Ok(r
+                .into_inner()
+                .info
+                .map(|i| u64::try_from(i.size).unwrap_or(0))),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(rpc("Content.Info")(s)),
         }
@@ -366,7 +374,10 @@ mod tests {
             .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("/nonexistent/containerd.sock"), "{msg}");
-        assert!(msg.contains("--containerd") && msg.contains("RAGENT_CONTAINERD"), "{msg}");
+        assert!(
+            msg.contains("--containerd") && msg.contains("RAGENT_CONTAINERD"),
+            "{msg}"
+        );
         assert!(e.is_disconnect());
     }
 

@@ -16,12 +16,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ra
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("this ragent was built without its eBPF programs (AYA_BUILD_SKIP=1); rebuild it after `cargo xtask setup`")]
+    #[error(
+        "this ragent was built without its eBPF programs (AYA_BUILD_SKIP=1); rebuild it after `cargo xtask setup`"
+    )]
     NotBuilt,
-    #[error("loading the eBPF object failed: {0}; the kernel may lack BTF or ragent may lack CAP_BPF/CAP_SYS_ADMIN")]
+    #[error(
+        "loading the eBPF object failed: {0}; the kernel may lack BTF or ragent may lack CAP_BPF/CAP_SYS_ADMIN"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {what} named {name}")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,

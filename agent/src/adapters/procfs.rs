@@ -19,7 +19,10 @@ pub fn parse_stat(stat: &str, ticks_per_second: u64) -> Option<(f64, u64)> {
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     let threads: u64 = f.get(17)?.parse().ok()?;
-    Some(((utime + stime) as f64 / ticks_per_second.max(1) as f64, threads))
+    Some((
+        (utime + stime) as f64 / ticks_per_second.max(1) as f64,
+        threads,
+    ))
 }
 
 /// Parses /proc/self/statm: resident pages (second field).
@@ -68,7 +71,10 @@ mod tests {
 
     #[test]
     fn statm_resident() {
-        assert_eq!(parse_statm("1000 250 100 1 0 300 0", 4096), Some(250 * 4096));
+        assert_eq!(
+            parse_statm("1000 250 100 1 0 300 0", 4096),
+            Some(250 * 4096)
+        );
         assert_eq!(parse_statm("", 4096), None);
     }
 

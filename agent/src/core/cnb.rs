@@ -198,16 +198,20 @@ pub struct CnbImage {
 /// Reads the CNB labels of a config. `Ok(None)` for an image that is not a CNB image at all.
 pub fn parse(config: &ImageConfig) -> Result<Option<CnbImage>, CnbError> {
     let labels = &config.labels;
-    let lifecycle = match labels.get(LABEL_LIFECYCLE) {
-        Some(raw) => Some(serde_json::from_str::<LifecycleMetadata>(raw).map_err(|source| {
-            CnbError::MalformedLabel {
-                label: LABEL_LIFECYCLE,
-                source,
-            }
-        })?),
-        None => None,
-    };
-    let stack_id = labels.get(LABEL_STACK_ID).filter(|s| !s.is_empty()).cloned();
+    let lifecycle =
+        match labels.get(LABEL_LIFECYCLE) {
+            Some(raw) => Some(serde_json::from_str::<LifecycleMetadata>(raw).map_err(
+                |source| CnbError::MalformedLabel {
+                    label: LABEL_LIFECYCLE,
+                    source,
+                },
+            )?),
+            None => None,
+        };
+    let stack_id = labels
+        .get(LABEL_STACK_ID)
+        .filter(|s| !s.is_empty())
+        .cloned();
     let distro_name = labels.get(LABEL_DISTRO_NAME).filter(|s| !s.is_empty());
     let is_run_image = lifecycle.is_none() && (stack_id.is_some() || distro_name.is_some());
     if lifecycle.is_none() && !is_run_image {
@@ -362,7 +366,15 @@ mod tests {
         let cfg = config(
             &[(LABEL_LIFECYCLE, LC), (LABEL_STACK_ID, "s")],
             &["CNB_PLATFORM_API=0.12"],
-            &["sha256:r1", "sha256:r2", "sha256:l", "sha256:b1", "sha256:b2", "sha256:c", "sha256:a"],
+            &[
+                "sha256:r1",
+                "sha256:r2",
+                "sha256:l",
+                "sha256:b1",
+                "sha256:b2",
+                "sha256:c",
+                "sha256:a",
+            ],
         );
         let cnb = parse(&cfg).unwrap().unwrap();
         assert_eq!(cnb.info.kind, CnbKind::App);
@@ -370,9 +382,20 @@ mod tests {
         let (roles, warnings) = classify_layers(&cfg.diff_ids, Some(&cnb));
         assert!(warnings.is_empty());
         use Role::*;
-        assert_eq!(roles, vec![RunImage, RunImage, Launcher, Buildpack, Buildpack, Config, App]);
+        assert_eq!(
+            roles,
+            vec![
+                RunImage, RunImage, Launcher, Buildpack, Buildpack, Config, App
+            ]
+        );
         // Without build metadata, buildpacks come from the lifecycle keys.
-        assert_eq!(cnb.info.buildpacks, vec![BuildpackRef { id: "py".into(), version: "1.0".into() }]);
+        assert_eq!(
+            cnb.info.buildpacks,
+            vec![BuildpackRef {
+                id: "py".into(),
+                version: "1.0".into()
+            }]
+        );
         let ri = cnb.info.run_image.unwrap();
         assert_eq!(ri.image.as_deref(), Some("reg/run:v1"));
         assert_eq!(ri.mirrors, vec!["mirror/run:v1"]);
@@ -382,7 +405,11 @@ mod tests {
     fn an_app_layer_that_equals_a_run_layer_stays_run_image() {
         // The boundary decides below topLayer, even when a digest repeats above it.
         let lc = LC.replace("sha256:a\"", "sha256:r1\"");
-        let cfg = config(&[(LABEL_LIFECYCLE, &lc)], &[], &["sha256:r1", "sha256:r2", "sha256:r1"]);
+        let cfg = config(
+            &[(LABEL_LIFECYCLE, &lc)],
+            &[],
+            &["sha256:r1", "sha256:r2", "sha256:r1"],
+        );
         let cnb = parse(&cfg).unwrap().unwrap();
         let (roles, _) = classify_layers(&cfg.diff_ids, Some(&cnb));
         assert_eq!(roles, vec![Role::RunImage, Role::RunImage, Role::App]);
@@ -390,7 +417,11 @@ mod tests {
 
     #[test]
     fn top_layer_missing_gives_a_warning_not_a_failure() {
-        let cfg = config(&[(LABEL_LIFECYCLE, LC)], &[], &["sha256:x", "sha256:l", "sha256:a"]);
+        let cfg = config(
+            &[(LABEL_LIFECYCLE, LC)],
+            &[],
+            &["sha256:x", "sha256:l", "sha256:a"],
+        );
         let cnb = parse(&cfg).unwrap().unwrap();
         let (roles, warnings) = classify_layers(&cfg.diff_ids, Some(&cnb));
         assert_eq!(roles, vec![Role::Unknown, Role::Launcher, Role::App]);
@@ -407,29 +438,44 @@ mod tests {
                 (LABEL_LIFECYCLE, lc),
                 (LABEL_STACK_ID, "io.ragent.stacks.sample"),
                 (LABEL_STACK_MIXINS, r#"["tzdata","run:shell"]"#),
-                (LABEL_BUILD, r#"{"buildpacks":[{"id":"jre","version":"17"}]}"#),
+                (
+                    LABEL_BUILD,
+                    r#"{"buildpacks":[{"id":"jre","version":"17"}]}"#,
+                ),
             ],
             &["CNB_PLATFORM_API=0.10"],
             &["sha256:r"],
         );
         let cnb = parse(&cfg).unwrap().unwrap();
-        assert_eq!(cnb.info.stack_id.as_deref(), Some("io.ragent.stacks.sample"));
+        assert_eq!(
+            cnb.info.stack_id.as_deref(),
+            Some("io.ragent.stacks.sample")
+        );
         assert_eq!(cnb.info.mixins, vec!["tzdata", "run:shell"]);
-        assert_eq!(cnb.info.run_image.as_ref().unwrap().image.as_deref(), Some("reg/run:v1"));
+        assert_eq!(
+            cnb.info.run_image.as_ref().unwrap().image.as_deref(),
+            Some("reg/run:v1")
+        );
         assert_eq!(cnb.info.buildpacks[0].id, "jre");
     }
 
     #[test]
     fn run_image_is_recognised_by_its_stack_labels() {
         let cfg = config(
-            &[(LABEL_DISTRO_NAME, "ragent-linux"), (LABEL_DISTRO_VERSION, "1.0")],
+            &[
+                (LABEL_DISTRO_NAME, "ragent-linux"),
+                (LABEL_DISTRO_VERSION, "1.0"),
+            ],
             &[],
             &["sha256:1", "sha256:2"],
         );
         let cnb = parse(&cfg).unwrap().unwrap();
         assert_eq!(cnb.info.kind, CnbKind::RunImage);
         assert_eq!(cnb.info.distro.as_deref(), Some("ragent-linux 1.0"));
-        assert_eq!(classify_layers(&cfg.diff_ids, Some(&cnb)).0, vec![Role::RunImage; 2]);
+        assert_eq!(
+            classify_layers(&cfg.diff_ids, Some(&cnb)).0,
+            vec![Role::RunImage; 2]
+        );
     }
 
     #[test]
@@ -444,13 +490,26 @@ mod tests {
         let cfg = config(&[(LABEL_LIFECYCLE, "{not json")], &[], &[]);
         let e = parse(&cfg).unwrap_err().to_string();
         assert!(e.contains(LABEL_LIFECYCLE), "{e}");
-        let cfg = config(&[(LABEL_STACK_ID, "s"), (LABEL_STACK_MIXINS, "\"x\"")], &[], &[]);
-        assert!(parse(&cfg).unwrap_err().to_string().contains(LABEL_STACK_MIXINS));
+        let cfg = config(
+            &[(LABEL_STACK_ID, "s"), (LABEL_STACK_MIXINS, "\"x\"")],
+            &[],
+            &[],
+        );
+        assert!(
+            parse(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains(LABEL_STACK_MIXINS)
+        );
     }
 
     #[test]
     fn rebasable_false_is_read() {
-        let cfg = config(&[(LABEL_LIFECYCLE, LC), (LABEL_REBASABLE, "false")], &[], &[]);
+        let cfg = config(
+            &[(LABEL_LIFECYCLE, LC), (LABEL_REBASABLE, "false")],
+            &[],
+            &[],
+        );
         assert!(!parse(&cfg).unwrap().unwrap().info.rebasable);
     }
 }

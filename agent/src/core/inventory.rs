@@ -143,7 +143,8 @@ pub fn build(resolved: Vec<ResolvedImage>, unresolved: Vec<Unresolved>) -> Inven
                 img.layers.len()
             ));
         }
-        let (roles, role_warnings) = classify_layers_for(&img.config, img.layers.len(), cnb.as_ref());
+        let (roles, role_warnings) =
+            classify_layers_for(&img.config, img.layers.len(), cnb.as_ref());
         warnings.extend(role_warnings);
         let layers: Vec<LayerEntry> = img
             .layers
@@ -200,9 +201,11 @@ fn summarize(images: &[ImageEntry]) -> Summary {
     for img in images {
         for l in &img.layers {
             total += l.size_bytes;
-            let e = unique
-                .entry(l.digest.as_str())
-                .or_insert((l.size_bytes, BTreeSet::new(), l.shared_by));
+            let e = unique.entry(l.digest.as_str()).or_insert((
+                l.size_bytes,
+                BTreeSet::new(),
+                l.shared_by,
+            ));
             e.1.insert(l.role);
         }
     }
@@ -258,7 +261,12 @@ mod tests {
         }
     }
 
-    fn img(name: &str, manifest: &str, layers: &[(&str, u64)], labels: &[(&str, &str)]) -> ResolvedImage {
+    fn img(
+        name: &str,
+        manifest: &str,
+        layers: &[(&str, u64)],
+        labels: &[(&str, &str)],
+    ) -> ResolvedImage {
         ResolvedImage {
             name: name.into(),
             manifest_digest: manifest.into(),
@@ -269,7 +277,10 @@ mod tests {
                 architecture: "amd64".into(),
                 variant: None,
                 diff_ids: layers.iter().map(|(d, _)| format!("{d}-diff")).collect(),
-                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 env: vec![],
             },
         }
@@ -291,8 +302,18 @@ mod tests {
 
     #[test]
     fn shared_layers_are_counted_once_in_unique_bytes() {
-        let a = img("a", "sha256:ma", &[("sha256:run", 100), ("sha256:appa", 5)], &[]);
-        let b = img("b", "sha256:mb", &[("sha256:run", 100), ("sha256:appb", 7)], &[]);
+        let a = img(
+            "a",
+            "sha256:ma",
+            &[("sha256:run", 100), ("sha256:appa", 5)],
+            &[],
+        );
+        let b = img(
+            "b",
+            "sha256:mb",
+            &[("sha256:run", 100), ("sha256:appb", 7)],
+            &[],
+        );
         let inv = build(vec![a, b], vec![]);
         assert_eq!(inv.summary.total_layer_bytes, 212);
         assert_eq!(inv.summary.unique_layer_bytes, 112);
@@ -316,7 +337,12 @@ mod tests {
 
     #[test]
     fn malformed_cnb_label_is_a_warning_on_that_image() {
-        let a = img("a", "sha256:ma", &[("sha256:l", 1)], &[(cnb::LABEL_LIFECYCLE, "{bad")]);
+        let a = img(
+            "a",
+            "sha256:ma",
+            &[("sha256:l", 1)],
+            &[(cnb::LABEL_LIFECYCLE, "{bad")],
+        );
         let inv = build(vec![a], vec![]);
         assert!(inv.images[0].cnb.is_none());
         assert_eq!(inv.images[0].layers[0].role, Role::Unknown);
@@ -336,7 +362,12 @@ mod tests {
             assert!(l.get(k).is_some(), "missing {k}");
         }
         assert_eq!(l["role"], "unknown");
-        for k in ["images", "total_layer_bytes", "unique_layer_bytes", "dedup_ratio"] {
+        for k in [
+            "images",
+            "total_layer_bytes",
+            "unique_layer_bytes",
+            "dedup_ratio",
+        ] {
             assert!(v["summary"].get(k).is_some(), "missing {k}");
         }
         let _ = MEDIA_OCI_MANIFEST;

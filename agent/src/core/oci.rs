@@ -267,7 +267,10 @@ mod tests {
             architecture: "amd64".into(),
             variant: None,
         };
-        assert_eq!(choose_platform("sha256:i", &i, &want).unwrap().digest, "sha256:1");
+        assert_eq!(
+            choose_platform("sha256:i", &i, &want).unwrap().digest,
+            "sha256:1"
+        );
     }
 
     #[test]
@@ -278,7 +281,10 @@ mod tests {
             architecture: "arm".into(),
             variant: Some("v7".into()),
         };
-        assert_eq!(choose_platform("sha256:i", &i, &want).unwrap().digest, "sha256:1");
+        assert_eq!(
+            choose_platform("sha256:i", &i, &want).unwrap().digest,
+            "sha256:1"
+        );
     }
 
     #[test]
@@ -286,7 +292,10 @@ mod tests {
         let i = idx(&[("linux", "arm64", None), ("unknown", "unknown", None)]);
         let err = choose_platform("sha256:i", &i, &Platform::this_node()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("linux/arm64") && msg.contains("unknown/unknown"), "{msg}");
+        assert!(
+            msg.contains("linux/arm64") && msg.contains("unknown/unknown"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -301,7 +310,11 @@ mod tests {
 
     #[test]
     fn config_without_labels_or_env_is_fine() {
-        let c = parse_config("sha256:c", br#"{"os":"linux","architecture":"amd64","config":{"Labels":null}}"#).unwrap();
+        let c = parse_config(
+            "sha256:c",
+            br#"{"os":"linux","architecture":"amd64","config":{"Labels":null}}"#,
+        )
+        .unwrap();
         assert!(c.labels.is_empty() && c.env.is_empty() && c.diff_ids.is_empty());
     }
 
