@@ -449,7 +449,11 @@ mod tests {
         let readme = include_str!("../../README.md");
         for d in CATALOGUE {
             let row = format!("| `{}` | {} |", d.name, d.kind.as_str());
-            assert!(readme.contains(&row), "README.md's metric table lacks the row for {}", d.name);
+            assert!(
+                readme.contains(&row),
+                "README.md's metric table lacks the row for {}",
+                d.name
+            );
         }
     }
 

@@ -121,6 +121,13 @@ impl Node {
         &self.config.dir
     }
 
+    /// Whether every service this node started is still running.
+    pub fn is_running(&self) -> bool {
+        SERVICES
+            .iter()
+            .all(|s| self.pids.get(*s).is_some_and(|p| pid_alive(*p)))
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.config.dir.join("containerd.sock")
     }

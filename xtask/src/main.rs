@@ -82,6 +82,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/bpftool", "bpftool"),
     ("/usr/sbin/ip", "iproute2"),
     ("/usr/bin/curl", "curl"),
+    ("/usr/bin/jq", "jq"),
 ];
 
 /// The LLVM major the eBPF toolchain (nightly, or stable with RUSTC_BOOTSTRAP) and bpf-linker share.
@@ -263,12 +264,27 @@ fn start_node(config: NodeConfig, scale: u32) -> Result<(Node, FixtureSet)> {
 fn up(scale: u32, no_agent: bool) -> Result<()> {
     setup()?;
     let bin = build_ragent()?;
-    let (node, set) = match start_node(NodeConfig::demo(), scale) {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = Node::down(&NodeConfig::demo().dir);
-            return Err(e);
+    let demo = NodeConfig::demo();
+    let (node, set) = match Node::load(&demo.dir) {
+        // A node from an earlier `up` (the agent was stopped with Ctrl-C): use it again.
+        Ok(node) if node.is_running() => {
+            println!(
+                "node: reusing the running node in {} (`cargo xtask down` stops it)",
+                demo.dir.display()
+            );
+            let mut opts = fixtures::Options::new(&node.registry());
+            opts.scale = scale;
+            let set = fixtures::build(&node.fixtures_dir(), &opts)?;
+            node.push(&set)?;
+            (node, set)
         }
+        _ => match start_node(demo.clone(), scale) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = Node::down(&demo.dir);
+                return Err(e);
+            }
+        },
     };
     let pulls = [
         "ragent/app-py-web",
@@ -337,11 +353,18 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     let t0 = Instant::now();
     setup()?;
     println!("== lints (rustfmt, clippy -D warnings)");
-    run(cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]))
-        .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo()
         .current_dir(root())
-        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        .args(["fmt", "--all", "--", "--check"]))
+    .context("formatting differs: run `cargo fmt --all`")?;
+    run(cargo().current_dir(root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     println!("== unit tests");
     run(cargo()
         .current_dir(root())
