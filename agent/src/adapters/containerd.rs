@@ -189,20 +189,7 @@ impl Containerd {
         Ok(r.into_inner()
             .images
             .into_iter()
-            .filter_map(|i| {
-                let t = i.target?;
-                Some(ImageRecord {
-                    name: i.name,
-                    labels: i.labels.into_iter().collect(),
-                    target: Descriptor {
-                        media_type: t.media_type,
-                        digest: t.digest,
-                        size: u64::try_from(t.size).unwrap_or(0),
-                        platform: None,
-                        annotations: t.annotations.into_iter().collect(),
-                    },
-                })
-            })
+            .filter_map(image_record)
             .collect())
     }
 
@@ -212,20 +199,7 @@ impl Containerd {
             .get(self.request(GetImageRequest { name: name.into() }))
             .await
         {
-            Ok(r) => Ok(r.into_inner().image.and_then(|i| {
-                let t = i.target?;
-                Some(ImageRecord {
-                    name: i.name,
-                    labels: i.labels.into_iter().collect(),
-                    target: Descriptor {
-                        media_type: t.media_type,
-                        digest: t.digest,
-                        size: u64::try_from(t.size).unwrap_or(0),
-                        platform: None,
-                        annotations: t.annotations.into_iter().collect(),
-                    },
-                })
-            })),
+            Ok(r) => Ok(r.into_inner().image.and_then(image_record)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(rpc("Images.Get")(s)),
         }
@@ -329,6 +303,22 @@ impl Containerd {
             .map_err(rpc("Events.Subscribe"))
         }))
     }
+}
+
+/// containerd's image record -> ours; records without a target are skipped.
+fn image_record(i: containerd_client::services::v1::Image) -> Option<ImageRecord> {
+    let t = i.target?;
+    Some(ImageRecord {
+        name: i.name,
+        labels: i.labels.into_iter().collect(),
+        target: Descriptor {
+            media_type: t.media_type,
+            digest: t.digest,
+            size: u64::try_from(t.size).unwrap_or(0),
+            platform: None,
+            annotations: t.annotations.into_iter().collect(),
+        },
+    })
 }
 
 fn validate_namespace(ns: &str) -> Result<(), ContainerdError> {
