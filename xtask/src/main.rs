@@ -322,13 +322,17 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
     if no_agent {
         return Ok(());
     }
-    let status = Command::new(&bin)
+    let mut agent = Command::new(&bin)
         .arg("agent")
         .arg("--containerd")
         .arg(node.socket())
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", node.config.agent_port))
-        .status()?;
+        .spawn()?;
+    // Ctrl-C reaches the whole foreground group: the agent stops on it, xtask stays to say so.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = agent.wait()?;
     println!("ragent agent exited ({status}); the node keeps running until `cargo xtask down`");
     Ok(())
 }
