@@ -5,3 +5,4 @@
 pub mod cnb;
 pub mod inventory;
 pub mod oci;
+pub mod prepull;
