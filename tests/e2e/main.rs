@@ -6,4 +6,5 @@
 mod agent;
 mod cli;
 mod images;
+mod store;
 mod support;

@@ -41,6 +41,10 @@ pub enum ContainerdError {
         "content {digest} is {size} bytes, more than the {MAX_METADATA_BLOB} bytes ragent reads as metadata"
     )]
     TooLarge { digest: String, size: u64 },
+    #[error("reading the bytes of {digest} failed: {reason}")]
+    Source { digest: String, reason: String },
+    #[error("containerd rejected {digest}: {reason} (nothing was committed)")]
+    Rejected { digest: String, reason: String },
     #[error("invalid namespace {namespace:?}: {reason}")]
     Namespace { namespace: String, reason: String },
 }
@@ -54,6 +58,8 @@ impl ContainerdError {
             ContainerdError::NotFound { .. } => "not_found",
             ContainerdError::TooLarge { .. } => "too_large",
             ContainerdError::Namespace { .. } => "namespace",
+            ContainerdError::Source { .. } => "source",
+            ContainerdError::Rejected { .. } => "rejected",
         }
     }
 
@@ -72,7 +78,7 @@ impl ContainerdError {
     }
 }
 
-fn rpc(op: &'static str) -> impl FnOnce(Status) -> ContainerdError {
+pub(crate) fn rpc(op: &'static str) -> impl FnOnce(Status) -> ContainerdError {
     move |status| ContainerdError::Rpc { op, status }
 }
 
@@ -102,7 +108,7 @@ pub struct Event {
 /// A connection to containerd for one namespace.
 #[derive(Clone)]
 pub struct Containerd {
-    channel: Channel,
+    pub(crate) channel: Channel,
     socket: PathBuf,
     namespace: String,
 }
@@ -161,7 +167,7 @@ impl Containerd {
         &self.namespace
     }
 
-    fn request<T>(&self, msg: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         // Validated in connect(): a namespace is ASCII without control characters.
         if let Ok(v) = self.namespace.parse() {

@@ -2,5 +2,6 @@
 //! core's model and make no decisions of their own.
 pub mod cgroupfs;
 pub mod containerd;
+pub mod containerd_write;
 pub mod kernel;
 pub mod procfs;

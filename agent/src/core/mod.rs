@@ -2,6 +2,7 @@
 //!
 //! Nothing here talks to containerd, the kernel or a socket; adapters feed it bytes and records
 //! and it decides. Everything here is tested directly.
+pub mod chain;
 pub mod cnb;
 pub mod inventory;
 pub mod oci;

@@ -165,8 +165,22 @@ mod tests {
     #[test]
     fn shared_layers_first_each_once_present_skipped() {
         let images = [
-            app("a", &[("sha256:run", 100), ("sha256:launcher", 10), ("sha256:app-a", 50)]),
-            app("b", &[("sha256:run", 100), ("sha256:launcher", 10), ("sha256:app-b", 60)]),
+            app(
+                "a",
+                &[
+                    ("sha256:run", 100),
+                    ("sha256:launcher", 10),
+                    ("sha256:app-a", 50),
+                ],
+            ),
+            app(
+                "b",
+                &[
+                    ("sha256:run", 100),
+                    ("sha256:launcher", 10),
+                    ("sha256:app-b", 60),
+                ],
+            ),
             app("c", &[("sha256:run", 100), ("sha256:app-c", 5)]),
         ];
         let present = BTreeSet::from(["sha256:launcher".to_string()]);
@@ -174,7 +188,15 @@ mod tests {
         let order: Vec<&str> = p.fetch.iter().map(|b| b.digest.as_str()).collect();
         assert_eq!(
             order,
-            ["sha256:cfg-a", "sha256:cfg-b", "sha256:cfg-c", "sha256:run", "sha256:app-b", "sha256:app-a", "sha256:app-c"]
+            [
+                "sha256:cfg-a",
+                "sha256:cfg-b",
+                "sha256:cfg-c",
+                "sha256:run",
+                "sha256:app-b",
+                "sha256:app-a",
+                "sha256:app-c"
+            ]
         );
         assert_eq!(p.fetch[3].needed_by, 3);
         assert_eq!(p.bytes_to_fetch, 3 + 100 + 50 + 60 + 5);
