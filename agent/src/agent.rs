@@ -15,7 +15,10 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -31,6 +34,10 @@ use crate::{
     scan::Scanner,
 };
 
+/// How often entries of cgroups that are gone are removed from the eBPF map.
+const RETIRE_EVERY: Duration = Duration::from_secs(30);
+/// The longest a rebuild waits behind a stream of events.
+const MAX_REFRESH_DELAY: Duration = Duration::from_secs(2);
 /// Events buffered between containerd's stream and the agent's loop.
 const EVENT_BACKLOG: usize = 4096;
 /// How long the subscription gets to reach containerd before the first list.
@@ -72,6 +79,10 @@ struct Shared {
     not_ready_reason: Mutex<String>,
     inventory: RwLock<Option<Inventory>>,
     net: Mutex<Option<CgroupNet>>,
+    /// Where the eBPF programs are attached (to find which cgroups still exist).
+    cgroup_root: Option<std::path::PathBuf>,
+    last_retire: Mutex<Option<Instant>>,
+    scrape: Mutex<()>,
 }
 
 impl Shared {
@@ -84,7 +95,9 @@ impl Shared {
     }
 
     /// Brings the counters that mirror /proc and the eBPF maps up to date (at scrape time).
+    /// Serialized: two concurrent scrapes must not add the same difference twice.
     fn refresh_scraped(&self) {
+        let _one_at_a_time = self.scrape.lock();
         let p = procfs::read_self();
         metrics::advance_to_f64(&self.metrics.process_cpu, p.cpu_seconds);
         self.metrics
@@ -96,8 +109,20 @@ impl Shared {
         self.metrics
             .process_threads
             .set(i64::try_from(p.threads).unwrap_or(i64::MAX));
-        let Ok(net) = self.net.lock() else { return };
-        let Some(net) = net.as_ref() else { return };
+        let Ok(mut net) = self.net.lock() else { return };
+        let Some(net) = net.as_mut() else { return };
+        if let Ok(mut last) = self.last_retire.lock()
+            && last.is_none_or(|t| t.elapsed() >= RETIRE_EVERY)
+        {
+            *last = Some(Instant::now());
+            if let Some(root) = &self.cgroup_root {
+                match net.retire_dead(&cgroupfs::live_ids(root)) {
+                    Ok(n) if n > 0 => debug!(retired = n, "eBPF entries of gone cgroups retired"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "retiring eBPF entries failed"),
+                }
+            }
+        }
         match net.read() {
             Ok(snap) => {
                 let t = snap.total();
@@ -118,7 +143,9 @@ impl Shared {
                 metrics::advance_to(
                     &m.ebpf_overflow
                         .with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
-                    snap.overflow_bytes,
+                    snap.overflow
+                        .rx_bytes
+                        .saturating_add(snap.overflow.tx_bytes),
                 );
             }
             Err(e) => warn!(error = %e, "reading the eBPF maps failed"),
@@ -162,19 +189,29 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new(prometheus::Registry::new())?;
+    let ebpf = if cfg.ebpf {
+        attach_ebpf(&cfg)
+    } else {
+        info!("eBPF disabled by configuration; network metrics stay at 0");
+        None
+    };
+    metrics
+        .ebpf_programs
+        .set(ebpf.as_ref().map_or(0, |(n, _)| n.programs() as i64));
+    let (net, cgroup_root) = match ebpf {
+        Some((n, r)) => (Some(n), Some(r)),
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         metrics,
         ready: AtomicBool::new(false),
         not_ready_reason: Mutex::new("not connected to containerd yet".into()),
         inventory: RwLock::new(None),
-        net: Mutex::new(None),
+        net: Mutex::new(net),
+        cgroup_root,
+        last_retire: Mutex::new(None),
+        scrape: Mutex::new(()),
     });
-
-    if cfg.ebpf {
-        attach_ebpf(&cfg, &shared);
-    } else {
-        info!("eBPF disabled by configuration; network metrics stay at 0");
-    }
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
@@ -216,7 +253,8 @@ pub async fn run(
     }
 }
 
-fn attach_ebpf(cfg: &AgentConfig, shared: &Shared) {
+/// Loads and attaches the eBPF programs, or says why not (the agent runs on without them).
+fn attach_ebpf(cfg: &AgentConfig) -> Option<(CgroupNet, std::path::PathBuf)> {
     let root = cgroupfs::detect().and_then(|layout| {
         info!(mode = ?layout.mode, unified = ?layout.unified, "cgroup layout");
         cgroupfs::resolve_root(cfg.cgroup_root.as_deref(), &layout)
@@ -225,18 +263,18 @@ fn attach_ebpf(cfg: &AgentConfig, shared: &Shared) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "running without eBPF");
-            return;
+            return None;
         }
     };
     match CgroupNet::attach(&root) {
         Ok(net) => {
             info!(cgroup_root = %root.display(), programs = net.programs(), "eBPF cgroup_skb counters attached");
-            shared.metrics.ebpf_programs.set(net.programs() as i64);
-            if let Ok(mut slot) = shared.net.lock() {
-                *slot = Some(net);
-            }
+            Some((net, root))
         }
-        Err(e) => warn!(error = %e, reason = e.metric_label(), "running without eBPF"),
+        Err(e) => {
+            warn!(error = %e, reason = e.metric_label(), "running without eBPF");
+            None
+        }
     }
 }
 
@@ -372,72 +410,114 @@ async fn session(
     shared.ready.store(true, Ordering::SeqCst);
 
     let debounce = Duration::from_millis(cfg.refresh_debounce_ms).max(SUBSCRIBE_SETTLE);
+    let mut pending = Pending::new(debounce);
     // One confirming rescan after the first quiet period (see above), then one per RESYNC.
-    let mut dirty = true;
-    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    pending.touch(Instant::now());
+    let mut resync = tokio::time::interval_at(Instant::now() + RESYNC, RESYNC);
     loop {
-        let ev = if dirty {
-            match tokio::time::timeout(debounce, events.recv()).await {
-                Ok(ev) => ev,
-                Err(_) => {
-                    // Quiet for `debounce`: rebuild now.
-                    dirty = false;
-                    match refresh(&c, scanner).await {
-                        Ok((inv, containers)) => {
-                            debug!(
-                                images = inv.summary.images,
-                                containers, "inventory refreshed"
-                            );
-                            shared.publish(inv, containers);
-                            shared
-                                .metrics
-                                .inventory_refreshes
-                                .with_label_values(&["ok"])
-                                .inc();
-                        }
-                        Err(e) if e.is_disconnect() => return Err(e),
-                        Err(e) => {
-                            warn!(error = %e, "inventory refresh failed");
-                            shared
-                                .metrics
-                                .inventory_refreshes
-                                .with_label_values(&["error"])
-                                .inc();
-                        }
+        let due = pending.due();
+        tokio::select! {
+            ev = events.recv() => match ev {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(ev)) => {
+                    shared
+                        .metrics
+                        .containerd_events
+                        .with_label_values(&[metrics::topic_label(&ev.topic)])
+                        .inc();
+                    let (images, containers) = affects(&ev.topic);
+                    // Only events that change the inventory postpone the rebuild.
+                    if images || containers {
+                        pending.touch(Instant::now());
                     }
-                    continue;
                 }
-            }
-        } else {
-            tokio::select! {
-                ev = events.recv() => ev,
-                _ = resync.tick() => {
-                    dirty = true;
-                    continue;
-                }
-            }
-        };
-        match ev {
-            None => return Ok(()),
-            Some(Err(e)) => return Err(e),
-            Some(Ok(ev)) => {
-                shared
-                    .metrics
-                    .containerd_events
-                    .with_label_values(&[metrics::topic_label(&ev.topic)])
-                    .inc();
-                let (images, containers) = affects(&ev.topic);
-                if images || containers {
-                    dirty = true;
+            },
+            _ = resync.tick() => pending.touch(Instant::now()),
+            _ = sleep_until_opt(due) => {
+                pending.clear();
+                match refresh(&c, scanner).await {
+                    Ok((inv, containers)) => {
+                        debug!(images = inv.summary.images, containers, "inventory refreshed");
+                        shared.publish(inv, containers);
+                        shared.metrics.inventory_refreshes.with_label_values(&["ok"]).inc();
+                    }
+                    Err(e) if e.is_disconnect() => return Err(e),
+                    Err(e) => {
+                        // The last good inventory stays published; the next event or resync retries.
+                        warn!(error = %e, "inventory refresh failed");
+                        shared.metrics.inventory_refreshes.with_label_values(&["error"]).inc();
+                    }
                 }
             }
         }
     }
 }
 
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the next inventory rebuild is due: `debounce` after the last relevant event, but never
+/// later than `MAX_REFRESH_DELAY` after the first one (a node with constant events still gets
+/// rebuilds). Pure, tested below.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    debounce: Duration,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Pending {
+    fn new(debounce: Duration) -> Pending {
+        Pending {
+            debounce,
+            first: None,
+            last: None,
+        }
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.last = None;
+    }
+
+    fn due(&self) -> Option<Instant> {
+        let (first, last) = (self.first?, self.last?);
+        Some((last + self.debounce).min(first + MAX_REFRESH_DELAY.max(self.debounce)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rebuild_waits_for_quiet_but_not_forever() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Pending::new(ms(250));
+        assert_eq!(p.due(), None);
+        p.touch(t0);
+        assert_eq!(p.due(), Some(t0 + ms(250)));
+        p.touch(t0 + ms(200));
+        assert_eq!(p.due(), Some(t0 + ms(450)));
+        // Events every 200 ms for ever: still due MAX_REFRESH_DELAY after the first.
+        for i in 2..100 {
+            p.touch(t0 + ms(200 * i));
+        }
+        assert_eq!(p.due(), Some(t0 + MAX_REFRESH_DELAY));
+        p.clear();
+        assert_eq!(p.due(), None);
+    }
 
     #[test]
     fn image_and_container_topics_trigger_refresh() {

@@ -67,7 +67,12 @@ pub struct AgentArgs {
     #[arg(long, env = "RAGENT_CGROUP_ROOT", value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
     /// Do not load eBPF programs (cgroupfs and containerd metrics only)
-    #[arg(long, env = "RAGENT_NO_EBPF")]
+    #[arg(
+        long,
+        env = "RAGENT_NO_EBPF",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub no_ebpf: bool,
 }
 

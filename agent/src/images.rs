@@ -32,9 +32,10 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
-fn short(digest: &str) -> &str {
+fn short(digest: &str) -> String {
+    // Labels can hold anything: cut on characters, not bytes.
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
+    hex.chars().take(12).collect()
 }
 
 /// The table `ragent images` prints.
@@ -140,6 +141,13 @@ mod tests {
         inventory::{ResolvedImage, build},
         oci::{Descriptor, ImageConfig},
     };
+
+    #[test]
+    fn short_digests_cut_on_characters() {
+        assert_eq!(short("sha256:0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("ééééééééééééééé"), "éééééééééééé");
+        assert_eq!(short(""), "");
+    }
 
     #[test]
     fn sizes_read_well() {

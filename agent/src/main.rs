@@ -35,6 +35,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// Writes to stdout; a closed pipe (`ragent images | head`) is not an error.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Agent(args) => {
@@ -50,11 +60,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let common = config::common(&cli, &FileConfig::default())?;
             init_logging(common.log_format);
             let inv = images::inventory(&common.containerd, &common.namespace).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&inv)?);
+            let text = if args.json {
+                serde_json::to_string_pretty(&inv)? + "\n"
             } else {
-                print!("{}", images::render_table(&inv));
-            }
+                images::render_table(&inv)
+            };
+            write_stdout(&text)?;
         }
     }
     Ok(())

@@ -39,16 +39,18 @@ impl NetCounters {
     }
 }
 
-/// Slots of [`MAP_OVERFLOW`]: events that could not be recorded.
+/// Slots of [`MAP_OVERFLOW`]: packets and bytes of cgroups that found [`MAP_CGROUP_NET`] full,
+/// by direction, so that node totals stay exact even then.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overflow {
-    /// A packet of a cgroup that had no slot and the map was full (bytes in slot 1).
-    CgroupNetFull = 0,
-    CgroupNetFullBytes = 1,
+    IngressPackets = 0,
+    IngressBytes = 1,
+    EgressPackets = 2,
+    EgressBytes = 3,
 }
 
-pub const OVERFLOW_SLOTS: u32 = 2;
+pub const OVERFLOW_SLOTS: u32 = 4;
 
 #[cfg(feature = "user")]
 mod user {

@@ -77,9 +77,12 @@ mod prog {
                         (*c).tx_packets += 1;
                     }
                 }
+            } else if ingress {
+                bump_overflow(Overflow::IngressPackets, 1);
+                bump_overflow(Overflow::IngressBytes, len);
             } else {
-                bump_overflow(Overflow::CgroupNetFull, 1);
-                bump_overflow(Overflow::CgroupNetFullBytes, len);
+                bump_overflow(Overflow::EgressPackets, 1);
+                bump_overflow(Overflow::EgressBytes, len);
             }
         }
     }

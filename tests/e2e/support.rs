@@ -79,6 +79,14 @@ pub async fn content_size(node: &Node, digest: &str) -> u64 {
         .unwrap_or_else(|| panic!("{digest} is not in the content store"))
 }
 
+/// Like [`content_size`], but None when the blob is not there.
+pub async fn content_size_opt(node: &Node, digest: &str) -> Option<u64> {
+    let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connecting to containerd");
+    c.content_size(digest).await.expect("Content.Info")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

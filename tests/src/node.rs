@@ -412,21 +412,32 @@ impl Node {
         let mut done = Vec::new();
         let marker = dir.display().to_string();
         let node = Node::load(dir).ok();
+        // The node's own containers: only their cgroups are removed below.
+        let mut ids: Vec<String> = Vec::new();
         if let Some(node) = &node {
             // Tasks first, while containerd still runs.
             if node.pids.get("containerd").is_some_and(|p| pid_alive(*p)) {
                 for ns in ["k8s.io", "default"] {
-                    let out = node.ctr(ns).args(["tasks", "list", "-q"]).output();
-                    let ids = out
-                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-                        .unwrap_or_default();
-                    for id in ids.lines().filter(|l| !l.is_empty()) {
+                    let list = |what: &str| {
+                        node.ctr(ns)
+                            .args([what, "list", "-q"])
+                            .output()
+                            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                            .unwrap_or_default()
+                    };
+                    for id in list("tasks").lines().filter(|l| !l.is_empty()) {
                         let _ = node
                             .ctr(ns)
                             .args(["tasks", "kill", "-s", "SIGKILL", id])
                             .output();
                         done.push(format!("killed task {ns}/{id}"));
                     }
+                    ids.extend(
+                        list("containers")
+                            .lines()
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_string),
+                    );
                 }
             }
             for name in SERVICES.iter().rev() {
@@ -469,7 +480,7 @@ impl Node {
                 }
             }
         }
-        done.extend(remove_leftover_cgroups());
+        done.extend(remove_leftover_cgroups(&ids));
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
             done.push(format!("removed {}", dir.display()));
@@ -478,25 +489,22 @@ impl Node {
     }
 }
 
-/// containerd leaves `k8s.io/<id>` and `pod-<uid>` cgroup directories behind: remove the empty ones.
-fn remove_leftover_cgroups() -> Vec<String> {
+/// containerd leaves `<parent>/<container id>` cgroup directories behind: remove the empty
+/// ones of this node's containers (never anybody else's), on v1 controllers and on cgroup2.
+fn remove_leftover_cgroups(ids: &[String]) -> Vec<String> {
     let mut done = Vec::new();
-    let Ok(ctrls) = fs::read_dir("/sys/fs/cgroup") else {
+    if ids.is_empty() {
         return done;
-    };
-    for ctrl in ctrls.flatten() {
-        for parent in ["k8s.io", "ragent-pods"] {
-            let base = ctrl.path().join(parent);
-            let Ok(children) = fs::read_dir(&base) else {
-                continue;
-            };
-            for c in children.flatten() {
-                if c.path().is_dir() && fs::remove_dir(c.path()).is_ok() {
-                    done.push(format!("removed cgroup {}", c.path().display()));
-                }
-            }
-            if fs::remove_dir(&base).is_ok() {
-                done.push(format!("removed cgroup {}", base.display()));
+    }
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(ctrls) = fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(ctrls.flatten().map(|c| c.path()).filter(|p| p.is_dir()));
+    }
+    for root in roots {
+        for id in ids {
+            let p = root.join("k8s.io").join(id);
+            if p.is_dir() && fs::remove_dir(&p).is_ok() {
+                done.push(format!("removed cgroup {}", p.display()));
             }
         }
     }

@@ -372,7 +372,8 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     println!("== unit tests");
     run(cargo()
         .current_dir(root())
-        .args(["test", "--workspace", "--lib", "--bins"]))?;
+        .args(["test", "--workspace", "--lib", "--bins"])
+        .env("RAGENT_STRICT_TESTS", "1"))?;
     if unit_only {
         return Ok(());
     }
@@ -403,6 +404,7 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
             ])
             .args(e2e_args)
             .env("RAGENT_TEST_NODE", node.dir())
+            .env("RAGENT_STRICT_TESTS", "1")
             .env("RAGENT_BIN", &bin))
     });
     if keep {

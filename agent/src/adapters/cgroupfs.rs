@@ -161,6 +161,28 @@ pub fn resolve_root(given: Option<&Path>, layout: &CgroupLayout) -> Result<PathB
     }
 }
 
+/// The ids of every cgroup below (and including) a cgroup2 directory: the inode numbers that
+/// `bpf_skb_cgroup_id` reports.
+pub fn live_ids(root: &Path) -> std::collections::HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ids = std::collections::HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(m) = std::fs::metadata(&dir) {
+            ids.insert(m.ino());
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,9 @@ pub enum ContainerdError {
     Source { digest: String, reason: String },
     #[error("containerd rejected {digest}: {reason} (nothing was committed)")]
     Rejected { digest: String, reason: String },
-    #[error("invalid namespace {namespace:?}: {reason}")]
+    #[error(
+        "invalid namespace {namespace:?}: {reason}; set --namespace or RAGENT_NAMESPACE (kubelet's is k8s.io)"
+    )]
     Namespace { namespace: String, reason: String },
 }
 
@@ -336,11 +338,14 @@ fn validate_namespace(ns: &str) -> Result<(), ContainerdError> {
     if ns.is_empty() || ns.len() > 76 {
         return Err(bad("must be 1 to 76 characters"));
     }
-    if !ns
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    // Runs of letters and digits, joined by single '.', '_' or '-'.
+    let parts_ok = ns
+        .split(['.', '_', '-'])
+        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()));
+    if !parts_ok {
+        return Err(bad(
+            "use letters and digits, joined by single '.', '_' or '-' (no leading, trailing or doubled separators)",
+        ));
     }
     Ok(())
 }
@@ -391,5 +396,13 @@ mod tests {
         assert!(validate_namespace("").is_err());
         assert!(validate_namespace("a b").is_err());
         assert!(validate_namespace("ns\n").is_err());
+        assert!(validate_namespace("a..b").is_err());
+        assert!(validate_namespace("x-").is_err());
+        assert!(validate_namespace("team-a_1.prod").is_ok());
+        let msg = validate_namespace("a b").unwrap_err().to_string();
+        assert!(
+            msg.contains("--namespace") && msg.contains("RAGENT_NAMESPACE"),
+            "{msg}"
+        );
     }
 }

@@ -69,22 +69,26 @@ pub struct CgroupNet {
     net: PerCpuHashMap<MapData, u64, NetCounters>,
     overflow: PerCpuArray<MapData, u64>,
     programs: usize,
+    /// What cgroups that are gone had counted before their entries were deleted.
+    retired: NetCounters,
 }
 
 /// What a read of the maps gives.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetSnapshot {
     pub by_cgroup: BTreeMap<u64, NetCounters>,
-    /// Packets / bytes that found the map full.
-    pub overflow_packets: u64,
-    pub overflow_bytes: u64,
+    /// Traffic of cgroups that found the map full, by direction.
+    pub overflow: NetCounters,
+    /// Traffic of cgroups that are gone (their entries were retired).
+    pub retired: NetCounters,
 }
 
 impl NetSnapshot {
+    /// Everything the programs saw: live cgroups, retired ones and overflow.
     pub fn total(&self) -> NetCounters {
         self.by_cgroup
             .values()
-            .fold(NetCounters::default(), |acc, c| acc.add(c))
+            .fold(self.overflow.add(&self.retired), |acc, c| acc.add(c))
     }
 }
 
@@ -146,6 +150,7 @@ impl CgroupNet {
             net,
             overflow,
             programs,
+            retired: NetCounters::default(),
         })
     }
 
@@ -176,8 +181,44 @@ impl CgroupNet {
                 })?;
             Ok(v.iter().copied().fold(0u64, u64::saturating_add))
         };
-        snap.overflow_packets = slot(Overflow::CgroupNetFull)?;
-        snap.overflow_bytes = slot(Overflow::CgroupNetFullBytes)?;
+        snap.overflow = NetCounters {
+            rx_packets: slot(Overflow::IngressPackets)?,
+            rx_bytes: slot(Overflow::IngressBytes)?,
+            tx_packets: slot(Overflow::EgressPackets)?,
+            tx_bytes: slot(Overflow::EgressBytes)?,
+        };
+        snap.retired = self.retired;
         Ok(snap)
+    }
+
+    /// Deletes the entries of cgroups not in `live` (cgroup ids of existing cgroups), keeping
+    /// their counts in the retired total, so the map holds only what exists. Returns how many.
+    pub fn retire_dead(
+        &mut self,
+        live: &std::collections::HashSet<u64>,
+    ) -> Result<usize, KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: MAP_CGROUP_NET,
+            source,
+        };
+        let dead: Vec<u64> = self
+            .net
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in &dead {
+            if let Ok(per_cpu) = self.net.get(id, 0) {
+                let sum = per_cpu
+                    .iter()
+                    .fold(NetCounters::default(), |acc, c| acc.add(c));
+                self.retired = self.retired.add(&sum);
+            }
+            match self.net.remove(id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        Ok(dead.len())
     }
 }

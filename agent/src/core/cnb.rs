@@ -8,6 +8,7 @@ use super::oci::ImageConfig;
 
 pub const LABEL_LIFECYCLE: &str = "io.buildpacks.lifecycle.metadata";
 pub const LABEL_BUILD: &str = "io.buildpacks.build.metadata";
+pub const LABEL_BUILDER: &str = "io.buildpacks.builder.metadata";
 pub const LABEL_STACK_ID: &str = "io.buildpacks.stack.id";
 pub const LABEL_STACK_MIXINS: &str = "io.buildpacks.stack.mixins";
 pub const LABEL_REBASABLE: &str = "io.buildpacks.rebasable";
@@ -87,6 +88,11 @@ pub struct LifecycleMetadata {
     pub app: Vec<ShaRef>,
     #[serde(default)]
     pub buildpacks: Vec<BuildpackLayers>,
+    /// The lifecycle's own layers besides the config layer (reported with role `config`).
+    #[serde(default, rename = "process-types")]
+    pub process_types: Option<ShaRef>,
+    #[serde(default)]
+    pub sbom: Option<ShaRef>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -213,7 +219,10 @@ pub fn parse(config: &ImageConfig) -> Result<Option<CnbImage>, CnbError> {
         .filter(|s| !s.is_empty())
         .cloned();
     let distro_name = labels.get(LABEL_DISTRO_NAME).filter(|s| !s.is_empty());
-    let is_run_image = lifecycle.is_none() && (stack_id.is_some() || distro_name.is_some());
+    // Builder (and build) images carry stack labels too, but are not run images.
+    let is_run_image = lifecycle.is_none()
+        && !labels.contains_key(LABEL_BUILDER)
+        && (stack_id.is_some() || distro_name.is_some());
     if lifecycle.is_none() && !is_run_image {
         return Ok(None);
     }
@@ -318,7 +327,10 @@ pub fn classify_layers(diff_ids: &[String], cnb: Option<&CnbImage>) -> (Vec<Role
     if let Some(l) = &lc.launcher {
         by_sha.insert(l.sha.as_str(), Role::Launcher);
     }
-    if let Some(c) = &lc.config {
+    for c in [&lc.config, &lc.process_types, &lc.sbom]
+        .into_iter()
+        .flatten()
+    {
         by_sha.insert(c.sha.as_str(), Role::Config);
     }
     for a in &lc.app {
@@ -476,6 +488,35 @@ mod tests {
             classify_layers(&cfg.diff_ids, Some(&cnb)).0,
             vec![Role::RunImage; 2]
         );
+    }
+
+    #[test]
+    fn process_types_and_sbom_layers_are_config_and_builders_are_not_run_images() {
+        let lc = r#"{"runImage":{"topLayer":"sha256:r"},"config":{"sha":"sha256:c"},
+                     "process-types":{"sha":"sha256:p"},"sbom":{"sha":"sha256:s"},"app":[{"sha":"sha256:a"}]}"#;
+        let cfg = config(
+            &[(LABEL_LIFECYCLE, lc)],
+            &[],
+            &["sha256:r", "sha256:p", "sha256:s", "sha256:c", "sha256:a"],
+        );
+        let cnb = parse(&cfg).unwrap().unwrap();
+        let (roles, _) = classify_layers(&cfg.diff_ids, Some(&cnb));
+        assert_eq!(
+            roles,
+            vec![
+                Role::RunImage,
+                Role::Config,
+                Role::Config,
+                Role::Config,
+                Role::App
+            ]
+        );
+        let builder = config(
+            &[(LABEL_STACK_ID, "s"), (LABEL_BUILDER, "{}")],
+            &[],
+            &["sha256:1"],
+        );
+        assert!(parse(&builder).unwrap().is_none());
     }
 
     #[test]
