@@ -53,6 +53,29 @@ pub enum Command {
     Agent(AgentArgs),
     /// List the node's images with their layers, CNB roles and how much they share.
     Images(ImagesArgs),
+    /// Fetch images into containerd, each unique layer once, shared layers first.
+    Prepull(PrepullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrepullArgs {
+    /// Image references (registry/repository:tag or @digest)
+    #[arg(required = true, value_name = "REF")]
+    pub refs: Vec<String>,
+    /// A registry (HOST[:PORT]) to reach over plain HTTP; repeat for several
+    #[arg(
+        long = "insecure-registry",
+        env = "RAGENT_INSECURE_REGISTRY",
+        value_delimiter = ',',
+        value_name = "HOST[:PORT]"
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Blobs fetched at once [default: 4]
+    #[arg(long, env = "RAGENT_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: Option<u16>,
+    /// Print one JSON report instead of text
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -233,7 +256,7 @@ mod tests {
     fn agent_args(c: &Cli) -> &AgentArgs {
         match &c.command {
             Command::Agent(a) => a,
-            Command::Images(_) => panic!("not agent"),
+            _ => panic!("not agent"),
         }
     }
 

@@ -9,4 +9,5 @@ pub mod config;
 pub mod core;
 pub mod images;
 pub mod metrics;
+pub mod prepull;
 pub mod scan;

@@ -47,6 +47,31 @@ fn write_stdout(text: &str) -> std::io::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
+        Command::Prepull(args) => {
+            let common = config::common(&cli, &FileConfig::default())?;
+            init_logging(common.log_format);
+            let c = ragent::adapters::containerd::Containerd::connect(
+                &common.containerd,
+                &common.namespace,
+            )
+            .await?;
+            let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::new(
+                &args.insecure_registries,
+                oci_client::secrets::RegistryAuth::Anonymous,
+            ));
+            let opts = ragent::prepull::Options {
+                concurrency: args
+                    .concurrency
+                    .map_or(ragent::prepull::DEFAULT_CONCURRENCY, usize::from),
+            };
+            let report = ragent::prepull::run(&c, registry, &args.refs, &opts).await?;
+            let text = if args.json {
+                serde_json::to_string_pretty(&report)? + "\n"
+            } else {
+                ragent::prepull::render(&report)
+            };
+            write_stdout(&text)?;
+        }
         Command::Agent(args) => {
             let file = match &args.config {
                 Some(p) => config::load_file(p)?,

@@ -6,5 +6,6 @@
 mod agent;
 mod cli;
 mod images;
+mod prepull;
 mod store;
 mod support;

@@ -5,3 +5,4 @@ pub mod containerd;
 pub mod containerd_write;
 pub mod kernel;
 pub mod procfs;
+pub mod registry;

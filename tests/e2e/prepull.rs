@@ -1,0 +1,215 @@
+//! `ragent prepull` against the real registry and containerd: each missing blob crosses the
+//! wire once (checked against the registry's access log), a second run fetches nothing, and
+//! the images are listed by CRI and unpacked.
+use std::collections::BTreeSet;
+
+use containerd_client::tonic::Request;
+use k8s_cri::v1::{ImageSpec, ImageStatusRequest, image_service_client::ImageServiceClient};
+use ragent::adapters::containerd::Containerd;
+use serde_json::Value;
+
+use crate::support::*;
+
+const IMAGES: &[(&str, &str)] = &[
+    ("ragent/app-py-legacy", "v1"),
+    ("ragent/app-norebase", "v1"),
+    ("ragent/app-jvm-api", "v1"),
+    ("ragent/run", "v2"),
+];
+
+/// Bytes the registry served for blob GETs (status 200) in its access log after line `from`.
+fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut gets = 0;
+    for line in log.lines().skip(from) {
+        let Some(i) = line.find("\"GET /v2/") else {
+            continue;
+        };
+        let rest = &line[i..];
+        if !rest.contains("/blobs/sha256:") {
+            continue;
+        }
+        // "GET /v2/... HTTP/1.1" 200 12345 ...
+        let after = rest.splitn(3, '"').nth(2).unwrap_or("");
+        let mut f = after.split_whitespace();
+        if f.next() == Some("200") {
+            bytes += f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            gets += 1;
+        }
+    }
+    (bytes, gets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
+    let node = node();
+    let set = fixtures(&node);
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    // Start from a store without these images and without their own (unshared) blobs.
+    let records = c.list_images().await.expect("list");
+    for (repo, tag) in IMAGES {
+        let img = set.image(repo, tag).expect("fixture");
+        for r in records
+            .iter()
+            .filter(|r| r.target.digest == img.manifest_digest)
+        {
+            let _ = node.ctr("k8s.io").args(["images", "rm", &r.name]).output();
+        }
+        let own: Vec<&str> = img
+            .layers
+            .iter()
+            .filter(|l| l.role == "app" || l.role == "config")
+            .map(|l| l.digest.as_str())
+            .collect();
+        let _ = node
+            .ctr("k8s.io")
+            .args(["content", "rm", &img.config_digest])
+            .args(&own)
+            .output();
+    }
+    // What must cross the wire: the distinct blobs (configs and layers) not in the store now.
+    let mut needed = BTreeSet::new();
+    for (repo, tag) in IMAGES {
+        let img = set.image(repo, tag).expect("fixture");
+        needed.insert((
+            img.config_digest.clone(),
+            std::fs::metadata(
+                set.layout
+                    .join("blobs/sha256")
+                    .join(img.config_digest.trim_start_matches("sha256:")),
+            )
+            .expect("config blob")
+            .len(),
+        ));
+        for l in &img.layers {
+            needed.insert((l.digest.clone(), l.size));
+        }
+    }
+    let mut missing = 0;
+    for (d, size) in &needed {
+        if content_size_opt(&node, d).await.is_none() {
+            missing += size;
+        }
+    }
+    assert!(missing > 0, "the test must start with something to fetch");
+
+    let log_path = node.dir().join("registry.log");
+    let mark = std::fs::read_to_string(&log_path)
+        .expect("registry log")
+        .lines()
+        .count();
+    let refs: Vec<String> = IMAGES.iter().map(|(r, t)| set.reference(r, t)).collect();
+    let mut args = vec!["prepull", "--json", "--insecure-registry"];
+    let reg = node.registry();
+    args.push(&reg);
+    args.extend(refs.iter().map(String::as_str));
+    let out = ragent(&node, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    let (served, gets) = served_blob_bytes(&std::fs::read_to_string(&log_path).expect("log"), mark);
+    assert_eq!(
+        report["total"]["bytes_fetched"], missing,
+        "ragent fetched exactly what was missing"
+    );
+    assert_eq!(
+        served, missing,
+        "the registry served each missing blob once ({gets} blob GETs)"
+    );
+    let unique: u64 = needed.iter().map(|(_, s)| s).sum();
+    assert_eq!(report["total"]["unique_bytes_needed"], unique);
+
+    // Every image: the builder's digest, listed by CRI by its name, unpacked.
+    let channel = containerd_client::connect(node.socket())
+        .await
+        .expect("CRI");
+    let mut cri = ImageServiceClient::new(channel);
+    for ((repo, tag), r) in IMAGES.iter().zip(&refs) {
+        let img = set.image(repo, tag).expect("fixture");
+        let entry = report["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .find(|i| i["ref"] == *r)
+            .expect("reported");
+        assert_eq!(entry["digest"], img.manifest_digest);
+        let status = cri
+            .image_status(Request::new(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: r.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            }))
+            .await
+            .expect("ImageStatus")
+            .into_inner();
+        assert!(
+            status.image.is_some_and(|i| i.repo_tags.contains(r)),
+            "CRI does not list {r}"
+        );
+        let chains = ragent::core::chain::chain_ids(
+            &img.layers
+                .iter()
+                .map(|l| l.diff_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        let out = node
+            .ctr("k8s.io")
+            .args(["snapshots", "--snapshotter", "overlayfs", "info"])
+            .arg(chains.last().expect("top"))
+            .output()
+            .expect("ctr");
+        assert!(
+            out.status.success(),
+            "{r} is not unpacked: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A second run fetches nothing.
+    let mark = std::fs::read_to_string(&log_path)
+        .expect("log")
+        .lines()
+        .count();
+    let out = ragent(&node, &args);
+    assert!(out.status.success());
+    let again: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(again["total"]["bytes_fetched"], 0);
+    let (served, gets) = served_blob_bytes(&std::fs::read_to_string(&log_path).expect("log"), mark);
+    assert_eq!((served, gets), (0, 0));
+}
+
+#[test]
+fn prepull_errors_say_what_to_do() {
+    let node = node();
+    let set = fixtures(&node);
+    let out = ragent(
+        &node,
+        &[
+            "prepull",
+            "--insecure-registry",
+            &node.registry(),
+            &set.reference("ragent/no-such-image", "v1"),
+        ],
+    );
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("ragent/no-such-image") && text.contains("manifest unknown"),
+        "{text}"
+    );
+    // Plain-HTTP registry without --insecure-registry.
+    let out = ragent(&node, &["prepull", &set.reference("ragent/run", "v1")]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--insecure-registry"), "{text}");
+    // Nothing given.
+    let out = ragent(&node, &["prepull"]);
+    assert_eq!(out.status.code(), Some(2));
+}
