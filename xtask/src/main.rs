@@ -307,7 +307,7 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
          \x20 ragent images                 # the node's images, layer roles, what they share\n\
          \x20 ragent images --json | jq .summary\n\
          \x20 curl -s {metrics} | grep ^ragent_\n\
-         \x20 ctr -a {sock} -n k8s.io images pull --plain-http --hosts-dir {hosts} {more}   # watch ragent_images change\n\
+         \x20 ragent prepull --insecure-registry {reg} {more} {run2}   # each missing blob once; watch ragent_images change\n\
          \x20 Prometheus: http://{prom}/graph?g0.expr=ragent_node_layer_bytes\n\
          Stop the agent with Ctrl-C; `cargo xtask down` stops the node.\n",
         sock = node.socket().display(),
@@ -315,8 +315,9 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        hosts = node.hosts_dir().display(),
+        reg = node.registry(),
         more = set.reference("ragent/app-py-legacy", "v1"),
+        run2 = set.reference("ragent/run", "v2"),
         prom = node.prometheus_addr(),
     );
     if no_agent {
