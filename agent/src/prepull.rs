@@ -143,16 +143,25 @@ pub async fn run(
         resolved.push(registry.resolve(r).await?);
     }
     let needs = needs(&resolved);
-    let mut present = BTreeSet::new();
-    let all: BTreeSet<&str> = needs
-        .iter()
-        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
-        .collect();
-    for d in all {
-        if containerd.content_size(d).await?.is_some() {
-            present.insert(d.to_string());
+    // The lease comes first: a blob counts as present only once it is under the lease, so
+    // containerd's GC cannot take it between this check and the image record.
+    let lease = containerd
+        .create_lease(
+            &format!(
+                "ragent-prepull-{}-{}",
+                std::process::id(),
+                t0.elapsed().as_nanos()
+            ),
+            LEASE_EXPIRY,
+        )
+        .await?;
+    let present = match leased_present(containerd, &lease, &needs).await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = containerd.delete_lease(&lease).await;
+            return Err(e.into());
         }
-    }
+    };
     let plan = prepull::plan(&needs, &present);
     info!(
         images = needs.len(),
@@ -241,6 +250,29 @@ pub async fn run(
             seconds,
         },
     })
+}
+
+/// The needed blobs the store has, each put under `lease` before it counts as present.
+async fn leased_present(
+    containerd: &Containerd,
+    lease: &str,
+    needs: &[ImageNeed],
+) -> Result<BTreeSet<String>, ContainerdError> {
+    let all: BTreeSet<&str> = needs
+        .iter()
+        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
+        .collect();
+    let mut present = BTreeSet::new();
+    for d in all {
+        if containerd.content_size(d).await?.is_some() {
+            containerd.lease_content(lease, d).await?;
+            // Still there now that the lease holds it?
+            if containerd.content_size(d).await?.is_some() {
+                present.insert(d.to_string());
+            }
+        }
+    }
+    Ok(present)
 }
 
 /// Fetches the planned blobs (bounded concurrency, in plan order), then writes each image's

@@ -175,7 +175,7 @@ async fn agent_ebpf_counts_the_bytes_of_a_pull() {
     let layer = &v2.layers[1];
     let _ = node
         .ctr("k8s.io")
-        .args(["images", "rm"])
+        .args(["images", "rm", "--sync"])
         .arg(set.reference("ragent/run", "v2"))
         .output();
     let _ = node

@@ -55,7 +55,11 @@ async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
             .iter()
             .filter(|r| r.target.digest == img.manifest_digest)
         {
-            let _ = node.ctr("k8s.io").args(["images", "rm", &r.name]).output();
+            // --sync: wait for containerd's GC, so what is "missing" below stays missing.
+            let _ = node
+                .ctr("k8s.io")
+                .args(["images", "rm", "--sync", &r.name])
+                .output();
         }
         let own: Vec<&str> = img
             .layers
