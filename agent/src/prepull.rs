@@ -158,7 +158,7 @@ pub async fn run(
     let present = match leased_present(containerd, &lease, &needs).await {
         Ok(p) => p,
         Err(e) => {
-            let _ = containerd.delete_lease(&lease).await;
+            let _ = containerd.delete_lease(&lease, false).await;
             return Err(e.into());
         }
     };
@@ -177,16 +177,6 @@ pub async fn run(
             source.entry(b.digest.as_str()).or_insert(r.as_str());
         }
     }
-    let lease = containerd
-        .create_lease(
-            &format!(
-                "ragent-prepull-{}-{}",
-                std::process::id(),
-                t0.elapsed().as_nanos()
-            ),
-            LEASE_EXPIRY,
-        )
-        .await?;
     let result = fetch_and_commit(
         containerd,
         &registry,
@@ -199,7 +189,7 @@ pub async fn run(
     .await;
     // The lease goes whatever happened: committed content is referenced by image records;
     // the rest is garbage and containerd may collect it.
-    let dropped = containerd.delete_lease(&lease).await;
+    let dropped = containerd.delete_lease(&lease, false).await;
     let fetched = result?;
     dropped?;
 
@@ -213,7 +203,8 @@ pub async fn run(
                 .find(|n| n.manifest_digest == ip.manifest_digest);
             let (mut bf, mut lf) = (0, 0);
             if let Some(n) = need {
-                for b in &n.blobs {
+                let mut seen = BTreeSet::new();
+                for b in n.blobs.iter().filter(|b| seen.insert(b.digest.as_str())) {
                     if fetched.contains(&b.digest) {
                         bf += b.size;
                         lf += usize::from(b.kind == BlobKind::Layer);
@@ -228,9 +219,9 @@ pub async fn run(
                 reference: ip.reference.clone(),
                 digest: ip.manifest_digest.clone(),
                 layers_fetched: lf,
-                layers_reused: layers - lf,
+                layers_reused: layers.saturating_sub(lf),
                 bytes_fetched: bf,
-                bytes_reused: total_bytes - bf,
+                bytes_reused: total_bytes.saturating_sub(bf),
                 seconds,
             }
         })
@@ -342,13 +333,18 @@ async fn fetch_and_commit(
                 lease,
                 &format!("ragent-{}", r.manifest_desc.digest),
                 &r.manifest_desc,
-                labels,
+                labels.clone(),
                 |off| {
                     stream::iter([Ok::<_, std::io::Error>(
                         bytes[usize::try_from(off).unwrap_or(0).min(bytes.len())..].to_vec(),
                     )])
                 },
             )
+            .await?;
+        // If the manifest was already there (without our labels), label it now: the gc
+        // references must hold before the image record exists.
+        containerd
+            .label_content(&r.manifest_desc.digest, labels)
             .await?;
         containerd
             .put_image(

@@ -176,6 +176,15 @@ async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
         );
     }
 
+    // The run's lease is gone (nothing stays pinned by ragent).
+    let leases = node
+        .ctr("k8s.io")
+        .args(["leases", "ls"])
+        .output()
+        .expect("ctr");
+    let leases = String::from_utf8_lossy(&leases.stdout);
+    assert!(!leases.contains("ragent-prepull"), "{leases}");
+
     // A second run fetches nothing.
     let mark = std::fs::read_to_string(&log_path)
         .expect("log")

@@ -136,7 +136,7 @@ async fn store_writes_an_image_that_cri_lists_and_that_is_unpacked() {
     )
     .await
     .expect("image record");
-    c.delete_lease(&lease).await.expect("drop lease");
+    c.delete_lease(&lease, true).await.expect("drop lease");
 
     // The record points at complete content, even with the lease gone.
     for d in layers.iter().chain([&config_desc, &manifest_desc]) {
@@ -221,7 +221,7 @@ async fn store_rejects_bytes_that_do_not_match_and_commits_nothing() {
         None,
         "nothing committed"
     );
-    c.delete_lease(&lease).await.expect("drop lease");
+    c.delete_lease(&lease, true).await.expect("drop lease");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,5 +288,5 @@ async fn store_resumes_a_partial_ingest_where_it_stopped() {
         .await
         .expect("exists");
     assert_eq!(outcome, WriteOutcome::Existed);
-    c.delete_lease(&lease).await.expect("drop lease");
+    c.delete_lease(&lease, true).await.expect("drop lease");
 }

@@ -4,9 +4,9 @@ use std::{collections::HashMap, time::Duration};
 
 use containerd_client::{
     services::v1::{
-        AddResourceRequest, ApplyRequest, CreateImageRequest, DeleteRequest as DeleteLeaseRequest,
-        Image, Resource, StatusRequest, UpdateImageRequest, UpdateRequest, WriteAction,
-        WriteContentRequest,
+        AbortRequest, AddResourceRequest, ApplyRequest, CreateImageRequest,
+        DeleteRequest as DeleteLeaseRequest, Image, Resource, StatusRequest, UpdateImageRequest,
+        UpdateRequest, WriteAction, WriteContentRequest,
         content_client::ContentClient,
         diff_client::DiffClient,
         images_client::ImagesClient,
@@ -86,11 +86,12 @@ impl Containerd {
             .unwrap_or_else(|| id.into()))
     }
 
-    pub async fn delete_lease(&self, id: &str) -> Result<(), ContainerdError> {
+    /// Deletes a lease; with `sync`, containerd also runs its garbage collection before answering.
+    pub async fn delete_lease(&self, id: &str, sync: bool) -> Result<(), ContainerdError> {
         match LeasesClient::new(self.channel.clone())
             .delete(self.request(DeleteLeaseRequest {
                 id: id.into(),
-                sync: false,
+                sync,
             }))
             .await
         {
@@ -187,8 +188,11 @@ impl Containerd {
         };
         let resumed_from = u64::try_from(stat.offset).unwrap_or(0).min(desc.size);
         let mut offset = resumed_from;
+        // An ingest that already holds every byte (a writer killed before its commit, or
+        // content shared from another namespace) is committed without reading the source.
+        let needs_bytes = resumed_from < desc.size;
         let mut source = std::pin::pin!(open(resumed_from));
-        while let Some(chunk) = source.next().await {
+        while needs_bytes && let Some(chunk) = source.next().await {
             let chunk = chunk.map_err(|e| ContainerdError::Source {
                 digest: desc.digest.clone(),
                 reason: e.to_string(),
@@ -223,10 +227,18 @@ impl Containerd {
                 self.lease_content(lease, &desc.digest).await?;
                 Ok(WriteOutcome::Existed)
             }
-            Some(Err(s)) => Err(ContainerdError::Rejected {
-                digest: desc.digest.clone(),
-                reason: s.message().to_string(),
-            }),
+            Some(Err(s)) => {
+                // Drop the bad bytes, so a retry starts from zero instead of resuming them.
+                let _ = ContentClient::new(self.channel.clone())
+                    .abort(self.request(AbortRequest {
+                        r#ref: ingest_ref.into(),
+                    }))
+                    .await;
+                Err(ContainerdError::Rejected {
+                    digest: desc.digest.clone(),
+                    reason: s.message().to_string(),
+                })
+            }
             None => Err(stream_closed()),
         }
     }
@@ -304,6 +316,16 @@ impl Containerd {
         layers: &[Descriptor],
         diff_ids: &[String],
     ) -> Result<Option<String>, ContainerdError> {
+        if layers.len() != diff_ids.len() {
+            return Err(ContainerdError::Rejected {
+                digest: layers.first().map(|l| l.digest.clone()).unwrap_or_default(),
+                reason: format!(
+                    "the manifest has {} layers but the config lists {} diffIDs: the image is malformed",
+                    layers.len(),
+                    diff_ids.len()
+                ),
+            });
+        }
         let chains = chain_ids(diff_ids);
         let mut snaps = SnapshotsClient::new(self.channel.clone());
         let mut parent = String::new();
@@ -322,7 +344,12 @@ impl Containerd {
                 Err(s) if s.code() == Code::NotFound => {}
                 Err(s) => return Err(rpc("Snapshots.Stat")(s)),
             }
-            let key = format!("ragent-extract-{}-{chain}", std::process::id());
+            // Unique per attempt: a killed ragent's leftover key never blocks the next one.
+            let nonce = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let key = format!("ragent-extract-{}-{nonce}-{chain}", std::process::id());
             let mounts = snaps
                 .prepare(self.leased(
                     lease,
@@ -348,14 +375,34 @@ impl Containerd {
                     },
                 ))
                 .await;
-            if let Err(s) = applied {
+            let applied = match applied {
+                Ok(r) => r.into_inner().applied.map(|d| d.digest),
+                Err(s) => {
+                    let _ = snaps
+                        .remove(self.request(RemoveSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key: key.clone(),
+                        }))
+                        .await;
+                    return Err(rpc("Diff.Apply")(s));
+                }
+            };
+            // The uncompressed bytes must be what the config says, or the chain ID would lie.
+            let want = &diff_ids[chains.iter().position(|c| c == chain).unwrap_or(0)];
+            if applied.as_deref() != Some(want.as_str()) {
                 let _ = snaps
                     .remove(self.request(RemoveSnapshotRequest {
                         snapshotter: SNAPSHOTTER.into(),
                         key: key.clone(),
                     }))
                     .await;
-                return Err(rpc("Diff.Apply")(s));
+                return Err(ContainerdError::Rejected {
+                    digest: layer.digest.clone(),
+                    reason: format!(
+                        "its uncompressed digest is {}, but the image config says {want}",
+                        applied.unwrap_or_default()
+                    ),
+                });
             }
             match snaps
                 .commit(self.leased(
