@@ -192,26 +192,36 @@ impl Containerd {
         // content shared from another namespace) is committed without reading the source.
         let needs_bytes = resumed_from < desc.size;
         let mut source = std::pin::pin!(open(resumed_from));
-        while needs_bytes && let Some(chunk) = source.next().await {
-            let chunk = chunk.map_err(|e| ContainerdError::Source {
-                digest: desc.digest.clone(),
-                reason: e.to_string(),
-            })?;
-            for part in chunk.chunks(WRITE_CHUNK) {
-                let n = part.len() as u64;
-                if tx
-                    .send(msg(WriteAction::Write, offset, part.to_vec()))
-                    .await
-                    .is_err()
-                {
-                    break;
+        // HTTP hands over small pieces: send WRITE_CHUNK-sized messages (one round trip each).
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
+        let mut done = !needs_bytes;
+        loop {
+            if !done {
+                match source.next().await {
+                    Some(chunk) => {
+                        buf.extend_from_slice(&chunk.map_err(|e| ContainerdError::Source {
+                            digest: desc.digest.clone(),
+                            reason: e.to_string(),
+                        })?)
+                    }
+                    None => done = true,
                 }
+            }
+            while buf.len() >= WRITE_CHUNK || (done && !buf.is_empty()) {
+                let part: Vec<u8> = buf.drain(..buf.len().min(WRITE_CHUNK)).collect();
+                let n = part.len() as u64;
+                tx.send(msg(WriteAction::Write, offset, part))
+                    .await
+                    .map_err(|_| stream_closed())?;
                 offset += n;
                 match responses.next().await {
                     Some(Ok(_)) => {}
                     Some(Err(s)) => return Err(rpc("Content.Write")(s)),
                     None => return Err(stream_closed()),
                 }
+            }
+            if done {
+                break;
             }
         }
         let mut commit = msg(WriteAction::Commit, offset, Vec::new());
