@@ -123,7 +123,7 @@ async fn agent_is_not_ready_without_containerd_and_ready_once_it_comes() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let log = node.dir().join("agent-notready.log");
     let f = std::fs::File::create(&log).expect("log");
-    let mut child = Command::new(ragent_bin())
+    let child = Command::new(ragent_bin())
         .args([
             "agent",
             "--no-ebpf",
@@ -136,6 +136,8 @@ async fn agent_is_not_ready_without_containerd_and_ready_once_it_comes() {
         .stderr(f)
         .spawn()
         .expect("agent");
+    // Killed on drop, also when an assertion below fails.
+    let _child = KillOnDrop(child);
     let (status, body) = wait_for("/readyz to answer", Duration::from_secs(20), || {
         ragent_testkit::http::get(addr, "/readyz").ok()
     });
@@ -157,8 +159,15 @@ async fn agent_is_not_ready_without_containerd_and_ready_once_it_comes() {
                 .filter(|(s, _)| *s == 200)
         },
     );
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
