@@ -42,12 +42,24 @@ impl NodeConfig {
     }
 
     /// The node of `cargo xtask test` (other ports, so both can run at once).
+    ///
+    /// `RAGENT_TEST_SLOT=N` (1..=4) moves it to `/tmp/ragent-test-N` and every port up by N, so
+    /// several checkouts can run their end-to-end tests side by side.
     pub fn test() -> NodeConfig {
+        let slot: u16 = std::env::var("RAGENT_TEST_SLOT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|n| *n <= 4)
+            .unwrap_or(0);
         NodeConfig {
-            dir: PathBuf::from("/tmp/ragent-test"),
-            registry_port: 5055,
-            prometheus_port: 9095,
-            agent_port: 9469,
+            dir: if slot == 0 {
+                PathBuf::from("/tmp/ragent-test")
+            } else {
+                PathBuf::from(format!("/tmp/ragent-test-{slot}"))
+            },
+            registry_port: 5055 + slot,
+            prometheus_port: 9095 + slot,
+            agent_port: 9469 + slot,
         }
     }
 }
