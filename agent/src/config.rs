@@ -73,9 +73,47 @@ pub struct PrepullArgs {
     /// Blobs fetched at once [default: 4]
     #[arg(long, env = "RAGENT_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: Option<u16>,
+    /// Cap on the pull's bandwidth, bytes per second (suffixes k, M, G = 1000^n; Ki, Mi, Gi = 1024^n)
+    #[arg(long, env = "RAGENT_MAX_RATE", value_name = "BYTES_PER_S", value_parser = parse_rate)]
+    pub max_rate: Option<u64>,
     /// Print one JSON report instead of text
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a rate in bytes per second: `1000000`, `50M`, `20Mi`, `1.5G`.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a rate: use bytes per second, e.g. 25000000, 25M or 24Mi"
+            ));
+        }
+    };
+    let n: f64 = num.parse().map_err(|_| {
+        format!("{text:?} is not a rate: use bytes per second, e.g. 25000000, 25M or 24Mi")
+    })?;
+    let rate = n * mult;
+    if !(1024.0..=1e12).contains(&rate) {
+        return Err(format!(
+            "{text:?} is out of range: a rate is between 1Ki and 1000G bytes per second"
+        ));
+    }
+    Ok(rate as u64)
 }
 
 #[derive(Debug, Args)]
@@ -332,6 +370,20 @@ mod tests {
     fn bad_flag_is_a_clap_error() {
         assert!(Cli::try_parse_from(["ragent", "agent", "--no-such-flag"]).is_err());
         assert!(Cli::try_parse_from(["ragent", "images", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn rates_take_si_and_binary_suffixes() {
+        assert_eq!(parse_rate("25000000"), Ok(25_000_000));
+        assert_eq!(parse_rate("25M"), Ok(25_000_000));
+        assert_eq!(parse_rate("25MB/s"), Ok(25_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("24Mi"), Ok(24 * 1024 * 1024));
+        for bad in ["", "fast", "25X", "10", "-5M", "1.2.3M"] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("rate") || e.contains("range"), "{bad}: {e}");
+        }
+        assert!(Cli::try_parse_from(["ragent", "prepull", "r", "--max-rate", "lots"]).is_err());
     }
 
     #[test]

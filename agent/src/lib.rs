@@ -10,4 +10,5 @@ pub mod core;
 pub mod images;
 pub mod metrics;
 pub mod prepull;
+pub mod progress;
 pub mod scan;

@@ -35,6 +35,32 @@ async fn shutdown_signal() {
     }
 }
 
+/// Draws the progress frame on stderr every 200 ms, over the previous one.
+async fn draw_progress(p: std::sync::Arc<ragent::progress::Progress>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut first = true;
+    loop {
+        tick.tick().await;
+        redraw(&p.frame(), !first);
+        first = false;
+    }
+}
+
+static DRAWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn redraw(lines: &[String], over: bool) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let before = DRAWN.swap(lines.len(), std::sync::atomic::Ordering::SeqCst);
+    if over && before > 0 {
+        let _ = write!(err, "\x1b[{before}A");
+    }
+    for l in lines {
+        let _ = writeln!(err, "\x1b[2K{l}");
+    }
+    let _ = err.flush();
+}
+
 /// Writes to stdout; a closed pipe (`ragent images | head`) is not an error.
 fn write_stdout(text: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -63,8 +89,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency: args
                     .concurrency
                     .map_or(ragent::prepull::DEFAULT_CONCURRENCY, usize::from),
+                max_rate: args.max_rate,
             };
-            let report = ragent::prepull::run(&c, registry, &args.refs, &opts).await?;
+            // On a terminal (and not --json), draw the progress on stderr while pulling.
+            let progress = (!args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .then(|| std::sync::Arc::new(ragent::progress::Progress::default()));
+            let ticker = progress.clone().map(|p| tokio::spawn(draw_progress(p)));
+            let report =
+                ragent::prepull::run(&c, registry, &args.refs, &opts, progress.as_ref()).await;
+            if let (Some(t), Some(p)) = (ticker, &progress) {
+                t.abort();
+                let _ = t.await;
+                if report.is_ok() {
+                    redraw(&p.frame(), true);
+                }
+            }
+            let report = report?;
             let text = if args.json {
                 serde_json::to_string_pretty(&report)? + "\n"
             } else {

@@ -1,20 +1,26 @@
-//! `ragent prepull`: fetch the union of the requested images' blobs once, shared layers first,
-//! straight into containerd; then create the image records and unpack them.
+//! `ragent prepull` and the agent's pre-pull policy: fetch the union of the requested images'
+//! blobs once, shared layers first, straight into containerd; then unpack them and create the
+//! image records.
 //!
 //! Safety: everything is written under a lease that expires by itself; a manifest is written
 //! only after its config and layers are committed, and the image record only after the
 //! manifest, so no record ever points at missing content. Each blob goes through the ingest
-//! `ragent-<digest>`, so a second ragent waits for (or resumes) the first instead of fetching again.
+//! `ragent-<digest>`, so a second ragent waits for (or resumes) the first instead of fetching
+//! again; inside one process, overlapping pulls share one fetch per digest (single-flight).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, TryStreamExt, stream};
-use serde::Serialize;
+use futures::{
+    FutureExt, StreamExt, TryStreamExt,
+    future::{BoxFuture, Shared},
+    stream,
+};
 use tracing::{debug, info};
 
+pub use crate::core::prepull::{ImageReport, Report, Total};
 use crate::{
     adapters::{
         containerd::{Containerd, ContainerdError},
@@ -24,7 +30,10 @@ use crate::{
     core::{
         oci::{self, Descriptor},
         prepull::{self, Blob, BlobKind, ImageNeed},
+        rate::TokenBucket,
     },
+    metrics::PrepullMetrics,
+    progress::Progress,
 };
 
 /// Default number of blobs fetched at once: enough to fill a node's link, few enough not to
@@ -45,6 +54,11 @@ pub enum PrepullError {
     Oci(#[from] oci::OciError),
     #[error("no image given: name at least one image reference")]
     NothingToDo,
+    #[error("cannot set up the pre-pull metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The failure of a fetch that several pulls were waiting for.
+    #[error(transparent)]
+    Shared(Arc<PrepullError>),
 }
 
 impl PrepullError {
@@ -54,52 +68,56 @@ impl PrepullError {
             PrepullError::Containerd(e) => e.metric_label(),
             PrepullError::Oci(_) => "manifest",
             PrepullError::NothingToDo => "usage",
+            PrepullError::Metrics(_) => "internal",
+            PrepullError::Shared(e) => e.metric_label(),
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Blobs fetched at once.
     pub concurrency: usize,
+    /// Bytes per second over all of this puller's fetches; None: as fast as the link goes.
+    pub max_rate: Option<u64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             concurrency: DEFAULT_CONCURRENCY,
+            max_rate: None,
         }
     }
 }
 
-/// What `--json` prints.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
-    pub images: Vec<ImageReport>,
-    pub total: Total,
+/// How one blob got into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetched {
+    /// It was there (or another process committed it while this one waited).
+    Existed,
+    /// This process wrote it; `wire` bytes crossed the network (less than the size on resume).
+    Written { wire: u64 },
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ImageReport {
-    #[serde(rename = "ref")]
-    pub reference: String,
-    pub digest: String,
-    pub layers_fetched: usize,
-    pub layers_reused: usize,
-    /// Bytes of this image's blobs fetched in this run (a blob shared by several requested
-    /// images counts for each of them; `total.bytes_fetched` counts it once).
-    pub bytes_fetched: u64,
-    pub bytes_reused: u64,
-    pub seconds: f64,
+type Flight = Shared<BoxFuture<'static, Result<Fetched, Arc<PrepullError>>>>;
+
+/// Pulls images into one containerd namespace. Cheap to share (`Arc`): overlapping
+/// [`Puller::pull`] calls fetch each digest once.
+pub struct Puller {
+    containerd: Containerd,
+    registry: Arc<Registry>,
+    concurrency: usize,
+    limiter: Option<Arc<Mutex<TokenBucket>>>,
+    metrics: PrepullMetrics,
+    flights: Arc<Mutex<HashMap<String, Flight>>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Total {
-    /// Bytes that crossed the wire in this run (each blob once).
-    pub bytes_fetched: u64,
-    /// Bytes of needed blobs the node already had.
-    pub bytes_reused: u64,
-    pub unique_bytes_needed: u64,
-    pub seconds: f64,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 fn needs(resolved: &[ResolvedRef]) -> Vec<ImageNeed> {
@@ -127,177 +145,258 @@ fn needs(resolved: &[ResolvedRef]) -> Vec<ImageNeed> {
         .collect()
 }
 
-/// Pre-pulls `references` into containerd.
-pub async fn run(
-    containerd: &Containerd,
-    registry: Arc<Registry>,
-    references: &[String],
-    opts: &Options,
-) -> Result<Report, PrepullError> {
-    if references.is_empty() {
-        return Err(PrepullError::NothingToDo);
-    }
-    let t0 = Instant::now();
-    let mut resolved = Vec::with_capacity(references.len());
-    for r in references {
-        resolved.push(registry.resolve(r).await?);
-    }
-    let needs = needs(&resolved);
-    // The lease comes first: a blob counts as present only once it is under the lease, so
-    // containerd's GC cannot take it between this check and the image record.
-    let lease = containerd
-        .create_lease(
-            &format!(
-                "ragent-prepull-{}-{}",
-                std::process::id(),
-                t0.elapsed().as_nanos()
-            ),
-            LEASE_EXPIRY,
-        )
-        .await?;
-    let present = match leased_present(containerd, &lease, &needs).await {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = containerd.delete_lease(&lease, false).await;
-            return Err(e.into());
-        }
-    };
-    let plan = prepull::plan(&needs, &present);
-    info!(
-        images = needs.len(),
-        blobs_to_fetch = plan.fetch.len(),
-        bytes_to_fetch = plan.bytes_to_fetch,
-        bytes_present = plan.bytes_present,
-        "pre-pull plan"
-    );
-    // Which reference to fetch each blob from: the first requested image that needs it.
-    let mut source: BTreeMap<&str, &str> = BTreeMap::new();
-    for (n, r) in needs.iter().zip(references) {
-        for b in &n.blobs {
-            source.entry(b.digest.as_str()).or_insert(r.as_str());
-        }
-    }
-    let result = fetch_and_commit(
-        containerd,
-        &registry,
-        &resolved,
-        &plan.fetch,
-        &source,
-        &lease,
-        opts,
-    )
-    .await;
-    // The lease goes whatever happened: committed content is referenced by image records;
-    // the rest is garbage and containerd may collect it.
-    let dropped = containerd.delete_lease(&lease, false).await;
-    let fetched = result?;
-    dropped?;
+/// Takes the not-yet-arrived bytes of a fetch off the in-flight gauge, whatever way it ends.
+struct Inflight {
+    gauge: prometheus::IntGauge,
+    remaining: Arc<Mutex<u64>>,
+}
 
-    let seconds = t0.elapsed().as_secs_f64();
-    let images = plan
-        .images
-        .iter()
-        .map(|ip| {
-            let need = needs
-                .iter()
-                .find(|n| n.manifest_digest == ip.manifest_digest);
-            let (mut bf, mut lf) = (0, 0);
-            if let Some(n) = need {
-                let mut seen = BTreeSet::new();
-                for b in n.blobs.iter().filter(|b| seen.insert(b.digest.as_str())) {
-                    if fetched.contains(&b.digest) {
-                        bf += b.size;
-                        lf += usize::from(b.kind == BlobKind::Layer);
-                    }
+impl Inflight {
+    fn start(&self, bytes: u64) {
+        *lock(&self.remaining) = bytes;
+        self.gauge.add(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        let left = std::mem::take(&mut *lock(&self.remaining));
+        self.gauge.sub(i64::try_from(left).unwrap_or(i64::MAX));
+    }
+}
+
+impl Puller {
+    pub fn new(
+        containerd: Containerd,
+        registry: Arc<Registry>,
+        opts: &Options,
+        metrics: PrepullMetrics,
+    ) -> Puller {
+        Puller {
+            containerd,
+            registry,
+            concurrency: opts.concurrency.max(1),
+            limiter: opts
+                .max_rate
+                .map(|r| Arc::new(Mutex::new(TokenBucket::new(r, Instant::now())))),
+            metrics,
+            flights: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn containerd(&self) -> &Containerd {
+        &self.containerd
+    }
+
+    /// Resolves every reference (all or nothing), then pulls them.
+    pub async fn pull(
+        &self,
+        references: &[String],
+        progress: Option<&Arc<Progress>>,
+    ) -> Result<Report, PrepullError> {
+        if references.is_empty() {
+            return Err(PrepullError::NothingToDo);
+        }
+        let t0 = Instant::now();
+        let mut resolved = Vec::with_capacity(references.len());
+        for r in references {
+            match self.registry.resolve(r).await {
+                Ok(x) => resolved.push(x),
+                Err(e) => {
+                    let e = PrepullError::from(e);
+                    self.failed(&e, t0);
+                    return Err(e);
                 }
             }
-            let layers = need.map_or(0, |n| {
-                n.blobs.iter().filter(|b| b.kind == BlobKind::Layer).count()
-            });
-            let total_bytes = ip.bytes_missing + ip.bytes_present;
-            ImageReport {
-                reference: ip.reference.clone(),
-                digest: ip.manifest_digest.clone(),
-                layers_fetched: lf,
-                layers_reused: layers.saturating_sub(lf),
-                bytes_fetched: bf,
-                bytes_reused: total_bytes.saturating_sub(bf),
-                seconds,
-            }
-        })
-        .collect();
-    let fetched_bytes: u64 = plan
-        .fetch
-        .iter()
-        .filter(|b| fetched.contains(&b.digest))
-        .map(|b| b.size)
-        .sum();
-    Ok(Report {
-        images,
-        total: Total {
-            bytes_fetched: fetched_bytes,
-            bytes_reused: plan.unique_bytes_needed - fetched_bytes,
-            unique_bytes_needed: plan.unique_bytes_needed,
-            seconds,
-        },
-    })
-}
+        }
+        self.pull_resolved(&resolved, progress).await
+    }
 
-/// The needed blobs the store has, each put under `lease` before it counts as present.
-async fn leased_present(
-    containerd: &Containerd,
-    lease: &str,
-    needs: &[ImageNeed],
-) -> Result<BTreeSet<String>, ContainerdError> {
-    let all: BTreeSet<&str> = needs
-        .iter()
-        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
-        .collect();
-    let mut present = BTreeSet::new();
-    for d in all {
-        if containerd.content_size(d).await?.is_some() {
-            containerd.lease_content(lease, d).await?;
-            // Still there now that the lease holds it?
-            if containerd.content_size(d).await?.is_some() {
-                present.insert(d.to_string());
+    fn failed(&self, e: &PrepullError, t0: Instant) {
+        self.metrics
+            .failures
+            .with_label_values(&[e.metric_label()])
+            .inc();
+        self.metrics.duration.observe(t0.elapsed().as_secs_f64());
+    }
+
+    /// Pulls images already resolved to this node's manifests.
+    pub async fn pull_resolved(
+        &self,
+        resolved: &[ResolvedRef],
+        progress: Option<&Arc<Progress>>,
+    ) -> Result<Report, PrepullError> {
+        let t0 = Instant::now();
+        let r = self.pull_inner(resolved, progress, t0).await;
+        match &r {
+            Ok(_) => self.metrics.duration.observe(t0.elapsed().as_secs_f64()),
+            Err(e) => self.failed(e, t0),
+        }
+        r
+    }
+
+    async fn pull_inner(
+        &self,
+        resolved: &[ResolvedRef],
+        progress: Option<&Arc<Progress>>,
+        t0: Instant,
+    ) -> Result<Report, PrepullError> {
+        if resolved.is_empty() {
+            return Err(PrepullError::NothingToDo);
+        }
+        let needs = needs(resolved);
+        // The lease comes first: a blob counts as present only once it is under the lease, so
+        // containerd's GC cannot take it between this check and the image record.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let lease = self
+            .containerd
+            .create_lease(
+                &format!("ragent-prepull-{}-{nonce}", std::process::id()),
+                LEASE_EXPIRY,
+            )
+            .await?;
+        let result = self
+            .under_lease(resolved, &needs, &lease, progress, t0)
+            .await;
+        // The lease goes whatever happened: committed content is referenced by image records;
+        // the rest is garbage and containerd may collect it (a partial ingest stays, so the
+        // next run resumes it).
+        let dropped = self.containerd.delete_lease(&lease, false).await;
+        let report = result?;
+        dropped?;
+        Ok(report)
+    }
+
+    async fn under_lease(
+        &self,
+        resolved: &[ResolvedRef],
+        needs: &[ImageNeed],
+        lease: &str,
+        progress: Option<&Arc<Progress>>,
+        t0: Instant,
+    ) -> Result<Report, PrepullError> {
+        let present = leased_present(&self.containerd, lease, needs).await?;
+        let plan = prepull::plan(needs, &present);
+        info!(
+            images = needs.len(),
+            blobs_to_fetch = plan.fetch.len(),
+            bytes_to_fetch = plan.bytes_to_fetch,
+            bytes_present = plan.bytes_present,
+            "pre-pull plan"
+        );
+        self.metrics
+            .bytes
+            .with_label_values(&["reused"])
+            .inc_by(plan.bytes_present);
+        self.metrics
+            .layers
+            .with_label_values(&["reused"])
+            .inc_by(present.len() as u64);
+        if let Some(p) = progress {
+            let missing: BTreeSet<&str> = plan.fetch.iter().map(|b| b.digest.as_str()).collect();
+            p.plan(
+                &needs
+                    .iter()
+                    .map(|n| {
+                        let mut seen = BTreeSet::new();
+                        (
+                            n.reference.clone(),
+                            n.blobs
+                                .iter()
+                                .filter(|b| {
+                                    missing.contains(b.digest.as_str())
+                                        && seen.insert(b.digest.as_str())
+                                })
+                                .map(|b| (b.digest.clone(), b.size))
+                                .collect(),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        // Which reference to fetch each blob from: the first requested image that needs it.
+        let mut source: BTreeMap<&str, &str> = BTreeMap::new();
+        for (n, r) in needs.iter().zip(resolved) {
+            for b in &n.blobs {
+                source.entry(b.digest.as_str()).or_insert(r.name.as_str());
             }
         }
+        let fetched: Vec<(String, Fetched)> = stream::iter(plan.fetch.iter().map(|b| {
+            let reference = source
+                .get(b.digest.as_str())
+                .copied()
+                .unwrap_or_default()
+                .to_string();
+            let desc = Descriptor {
+                media_type: b.media_type.clone(),
+                digest: b.digest.clone(),
+                size: b.size,
+                platform: None,
+                annotations: Default::default(),
+            };
+            async move {
+                let f = self.fetch_shared(&reference, &desc, lease, progress).await;
+                if f.is_err() {
+                    self.metrics.layers.with_label_values(&["failed"]).inc();
+                }
+                f.map(|f| (desc.digest, f))
+            }
+        }))
+        .buffered(self.concurrency)
+        .try_collect()
+        .await?;
+        let mut written = BTreeSet::new();
+        for (digest, f) in fetched {
+            match f {
+                Fetched::Written { wire } => {
+                    self.metrics
+                        .bytes
+                        .with_label_values(&["fetched"])
+                        .inc_by(wire);
+                    self.metrics.layers.with_label_values(&["fetched"]).inc();
+                    written.insert(digest);
+                }
+                Fetched::Existed => {
+                    let size = plan
+                        .fetch
+                        .iter()
+                        .find(|b| b.digest == digest)
+                        .map_or(0, |b| b.size);
+                    self.metrics
+                        .bytes
+                        .with_label_values(&["reused"])
+                        .inc_by(size);
+                    self.metrics.layers.with_label_values(&["reused"]).inc();
+                }
+            }
+        }
+        let mut seconds = Vec::with_capacity(resolved.len());
+        for r in resolved {
+            self.commit_image(r, lease).await?;
+            if let Some(p) = progress {
+                p.image_done(&r.name);
+            }
+            seconds.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(prepull::report(
+            needs,
+            &plan,
+            &written,
+            &seconds,
+            t0.elapsed().as_secs_f64(),
+        ))
     }
-    Ok(present)
-}
 
-/// Fetches the planned blobs (bounded concurrency, in plan order), then writes each image's
-/// manifest, unpacks it and creates its record. Returns the digests this run wrote.
-async fn fetch_and_commit(
-    containerd: &Containerd,
-    registry: &Registry,
-    resolved: &[ResolvedRef],
-    fetch: &[prepull::PlannedBlob],
-    source: &BTreeMap<&str, &str>,
-    lease: &str,
-    opts: &Options,
-) -> Result<BTreeSet<String>, PrepullError> {
-    let written: Vec<Option<String>> = stream::iter(fetch.iter().map(|b| {
-        let reference = source
-            .get(b.digest.as_str())
-            .copied()
-            .unwrap_or_default()
-            .to_string();
-        let desc = Descriptor {
-            media_type: b.media_type.clone(),
-            digest: b.digest.clone(),
-            size: b.size,
-            platform: None,
-            annotations: Default::default(),
-        };
-        async move { fetch_blob(containerd, registry, &reference, &desc, lease).await }
-    }))
-    .buffered(opts.concurrency.max(1))
-    .try_collect()
-    .await?;
-    let written: BTreeSet<String> = written.into_iter().flatten().collect();
-
-    for r in resolved {
+    /// Unpacks an image whose blobs are all in the store, then writes its manifest and record.
+    async fn commit_image(&self, r: &ResolvedRef, lease: &str) -> Result<(), PrepullError> {
+        let containerd = &self.containerd;
         let config = containerd.read_blob(&r.manifest.config.digest).await?;
         let config = oci::parse_config(&r.manifest.config.digest, &config)?;
         let top = containerd
@@ -355,35 +454,202 @@ async fn fetch_and_commit(
             )
             .await?;
         debug!(image = %r.name, digest = %r.manifest_desc.digest, "image record written");
+        Ok(())
     }
-    Ok(written)
+
+    /// Fetches one blob, or waits for the fetch of it another pull of this process started;
+    /// either way the blob ends up under `lease`.
+    async fn fetch_shared(
+        &self,
+        reference: &str,
+        desc: &Descriptor,
+        lease: &str,
+        progress: Option<&Arc<Progress>>,
+    ) -> Result<Fetched, PrepullError> {
+        let (flight, leader) = {
+            let mut flights = lock(&self.flights);
+            match flights.get(&desc.digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = self.start_flight(reference, desc, lease, progress.cloned());
+                    flights.insert(desc.digest.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        let out = flight.await.map_err(PrepullError::Shared)?;
+        if leader {
+            return Ok(out);
+        }
+        // The leader wrote it under its own lease: put it under ours before counting on it.
+        self.containerd.lease_content(lease, &desc.digest).await?;
+        if self.containerd.content_size(&desc.digest).await?.is_some() {
+            if let Some(p) = progress {
+                p.blob_done(&desc.digest);
+            }
+            return Ok(Fetched::Existed);
+        }
+        // Gone in between (the leader's run failed and GC took it): fetch it ourselves.
+        fetch_blob(
+            &self.containerd,
+            &self.registry,
+            reference,
+            desc,
+            lease,
+            self.limiter.clone(),
+            &self.metrics,
+            progress.cloned(),
+        )
+        .await
+    }
+
+    fn start_flight(
+        &self,
+        reference: &str,
+        desc: &Descriptor,
+        lease: &str,
+        progress: Option<Arc<Progress>>,
+    ) -> Flight {
+        let containerd = self.containerd.clone();
+        let registry = self.registry.clone();
+        let limiter = self.limiter.clone();
+        let metrics = self.metrics.clone();
+        let flights = self.flights.clone();
+        let (reference, desc, lease) = (reference.to_string(), desc.clone(), lease.to_string());
+        async move {
+            let r = fetch_blob(
+                &containerd,
+                &registry,
+                &reference,
+                &desc,
+                &lease,
+                limiter,
+                &metrics,
+                progress,
+            )
+            .await
+            .map_err(Arc::new);
+            lock(&flights).remove(&desc.digest);
+            r
+        }
+        .boxed()
+        .shared()
+    }
 }
 
-/// Fetches one blob into containerd; Some(digest) when this run wrote it.
+/// Pre-pulls `references` into containerd (the one-shot CLI).
+pub async fn run(
+    containerd: &Containerd,
+    registry: Arc<Registry>,
+    references: &[String],
+    opts: &Options,
+    progress: Option<&Arc<Progress>>,
+) -> Result<Report, PrepullError> {
+    let metrics = PrepullMetrics::new(&prometheus::Registry::new())?;
+    Puller::new(containerd.clone(), registry, opts, metrics)
+        .pull(references, progress)
+        .await
+}
+
+/// The needed blobs the store has, each put under `lease` before it counts as present.
+async fn leased_present(
+    containerd: &Containerd,
+    lease: &str,
+    needs: &[ImageNeed],
+) -> Result<BTreeSet<String>, ContainerdError> {
+    let all: BTreeSet<&str> = needs
+        .iter()
+        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
+        .collect();
+    let mut present = BTreeSet::new();
+    for d in all {
+        if containerd.content_size(d).await?.is_some() {
+            containerd.lease_content(lease, d).await?;
+            // Still there now that the lease holds it?
+            if containerd.content_size(d).await?.is_some() {
+                present.insert(d.to_string());
+            }
+        }
+    }
+    Ok(present)
+}
+
+/// Fetches one blob into containerd through the ingest `ragent-<digest>`, paced by `limiter`.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
     containerd: &Containerd,
     registry: &Registry,
     reference: &str,
     desc: &Descriptor,
     lease: &str,
-) -> Result<Option<String>, PrepullError> {
+    limiter: Option<Arc<Mutex<TokenBucket>>>,
+    metrics: &PrepullMetrics,
+    progress: Option<Arc<Progress>>,
+) -> Result<Fetched, PrepullError> {
     let ingest = format!("ragent-{}", desc.digest);
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
-        let reference = reference.to_string();
-        let digest = desc.digest.clone();
-        let opened = containerd
-            .write_blob(lease, &ingest, desc, HashMap::new(), |offset| {
-                stream::once(async move { registry.blob(&reference, &digest, offset).await })
-                    .map_ok(|s| s.map_err(|e| e.to_string()))
-                    .map_err(|e| e.to_string())
-                    .try_flatten()
-            })
-            .await;
+        let inflight = Inflight {
+            gauge: metrics.inflight.clone(),
+            remaining: Arc::new(Mutex::new(0)),
+        };
+        let opened = {
+            let remaining = inflight.remaining.clone();
+            let gauge = inflight.gauge.clone();
+            let inflight = &inflight;
+            let (reference, digest) = (reference.to_string(), desc.digest.clone());
+            let (limiter, progress) = (limiter.clone(), progress.clone());
+            let size = desc.size;
+            containerd
+                .write_blob(lease, &ingest, desc, HashMap::new(), move |offset| {
+                    inflight.start(size.saturating_sub(offset));
+                    if let Some(p) = &progress {
+                        p.advance(&digest, offset);
+                    }
+                    let d = digest.clone();
+                    stream::once(async move { registry.blob(&reference, &d, offset).await })
+                        .map_ok(|s| s.map_err(|e| e.to_string()))
+                        .map_err(|e| e.to_string())
+                        .try_flatten()
+                        .and_then(move |chunk| {
+                            let limiter = limiter.clone();
+                            let (remaining, gauge) = (remaining.clone(), gauge.clone());
+                            let (progress, digest) = (progress.clone(), digest.clone());
+                            async move {
+                                let n = chunk.len() as u64;
+                                if let Some(l) = limiter {
+                                    let w = lock(&l).take(n, Instant::now());
+                                    if !w.is_zero() {
+                                        tokio::time::sleep(w).await;
+                                    }
+                                }
+                                let arrived = {
+                                    let mut r = lock(&remaining);
+                                    let a = n.min(*r);
+                                    *r -= a;
+                                    a
+                                };
+                                gauge.sub(i64::try_from(arrived).unwrap_or(i64::MAX));
+                                if let Some(p) = &progress {
+                                    p.advance(&digest, n);
+                                }
+                                Ok(chunk)
+                            }
+                        })
+                })
+                .await
+        };
         match opened {
-            Ok(WriteOutcome::Existed) => return Ok(None),
-            Ok(WriteOutcome::Written { .. }) => return Ok(Some(desc.digest.clone())),
+            Ok(WriteOutcome::Existed) => {
+                if let Some(p) = &progress {
+                    p.blob_done(&desc.digest);
+                }
+                return Ok(Fetched::Existed);
+            }
+            Ok(WriteOutcome::Written { bytes, .. }) => {
+                return Ok(Fetched::Written { wire: bytes });
+            }
             // Another writer holds the ingest: wait for it to finish (then the blob exists).
             Err(ContainerdError::Rpc { status, .. })
                 if status.message().contains("locked") && start.elapsed() < LOCK_WAIT =>
@@ -402,13 +668,14 @@ pub fn render(r: &Report) -> String {
     let mut out = String::new();
     for i in &r.images {
         out.push_str(&format!(
-            "{}  {}  {} layers fetched, {} reused; {} fetched, {} reused\n",
+            "{}  {}  {} layers fetched, {} reused; {} fetched, {} reused; ready after {:.2} s\n",
             i.reference,
             i.digest,
             i.layers_fetched,
             i.layers_reused,
             human_bytes(i.bytes_fetched),
-            human_bytes(i.bytes_reused)
+            human_bytes(i.bytes_reused),
+            i.seconds
         ));
     }
     out.push_str(&format!(

@@ -7,3 +7,4 @@ pub mod cnb;
 pub mod inventory;
 pub mod oci;
 pub mod prepull;
+pub mod rate;

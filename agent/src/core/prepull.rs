@@ -138,6 +138,92 @@ pub fn plan(images: &[ImageNeed], present: &BTreeSet<String>) -> Plan {
     plan
 }
 
+/// What `ragent prepull --json` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub images: Vec<ImageReport>,
+    pub total: Total,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ImageReport {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub digest: String,
+    pub layers_fetched: usize,
+    pub layers_reused: usize,
+    /// Bytes of this image's blobs this run fetched (a blob shared by several requested
+    /// images counts for each of them; `total.bytes_fetched` counts it once).
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Total {
+    /// Bytes of the blobs this run fetched, each blob once.
+    pub bytes_fetched: u64,
+    /// Bytes of needed blobs the node already had, or that a concurrent pull fetched.
+    pub bytes_reused: u64,
+    pub unique_bytes_needed: u64,
+    pub seconds: f64,
+}
+
+/// The report of a run: `fetched` holds the digests this run wrote into the store; every other
+/// needed blob counts as reused. `seconds[i]` is how long image `i` took to be ready.
+pub fn report(
+    images: &[ImageNeed],
+    plan: &Plan,
+    fetched: &BTreeSet<String>,
+    seconds: &[f64],
+    total_seconds: f64,
+) -> Report {
+    let per_image = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let mut r = ImageReport {
+                reference: img.reference.clone(),
+                digest: img.manifest_digest.clone(),
+                seconds: seconds.get(i).copied().unwrap_or(total_seconds),
+                ..Default::default()
+            };
+            let mut seen = BTreeSet::new();
+            for b in img.blobs.iter().filter(|b| seen.insert(b.digest.as_str())) {
+                let here = fetched.contains(&b.digest);
+                if here {
+                    r.bytes_fetched += b.size;
+                } else {
+                    r.bytes_reused += b.size;
+                }
+                if b.kind == BlobKind::Layer {
+                    if here {
+                        r.layers_fetched += 1;
+                    } else {
+                        r.layers_reused += 1;
+                    }
+                }
+            }
+            r
+        })
+        .collect();
+    let bytes_fetched: u64 = plan
+        .fetch
+        .iter()
+        .filter(|b| fetched.contains(&b.digest))
+        .map(|b| b.size)
+        .sum();
+    Report {
+        images: per_image,
+        total: Total {
+            bytes_fetched,
+            bytes_reused: plan.unique_bytes_needed.saturating_sub(bytes_fetched),
+            unique_bytes_needed: plan.unique_bytes_needed,
+            seconds: total_seconds,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +300,34 @@ mod tests {
         assert!(p.fetch.is_empty());
         assert_eq!(p.bytes_to_fetch, 0);
         assert_eq!(p.images[0].bytes_missing, 0);
+    }
+
+    #[test]
+    fn the_report_counts_shared_blobs_per_image_and_once_in_total() {
+        let images = [
+            app("a", &[("sha256:run", 100), ("sha256:app-a", 50)]),
+            app("b", &[("sha256:run", 100), ("sha256:app-b", 60)]),
+        ];
+        let present = BTreeSet::from(["sha256:app-b".to_string()]);
+        let p = plan(&images, &present);
+        // A concurrent pull fetched cfg-b; this run fetched the rest of what was missing.
+        let fetched: BTreeSet<String> = ["sha256:cfg-a", "sha256:run", "sha256:app-a"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let r = report(&images, &p, &fetched, &[1.0, 2.0], 3.0);
+        assert_eq!(r.images[0].layers_fetched, 2);
+        assert_eq!(r.images[0].bytes_fetched, 1 + 100 + 50);
+        assert_eq!(r.images[0].bytes_reused, 0);
+        assert_eq!(r.images[1].layers_fetched, 1);
+        assert_eq!(r.images[1].layers_reused, 1);
+        assert_eq!(r.images[1].bytes_fetched, 100);
+        assert_eq!(r.images[1].bytes_reused, 1 + 60);
+        assert_eq!(r.images[1].seconds, 2.0);
+        assert_eq!(r.total.bytes_fetched, 151);
+        assert_eq!(r.total.unique_bytes_needed, 1 + 1 + 100 + 50 + 60);
+        assert_eq!(r.total.bytes_reused, 61);
+        assert_eq!(r.total.seconds, 3.0);
     }
 
     proptest! {
