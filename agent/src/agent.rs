@@ -3,6 +3,7 @@
 //! Components, each started here and stopped by one shutdown signal:
 //! - the containerd watch: connect (with backoff), subscribe to events *then* list, keep the
 //!   inventory current; on a lost connection mark not-ready and reconnect;
+//! - the pre-pull policy of the config file's `[prepull]` (see [`crate::warm`]);
 //! - the eBPF programs at the cgroup2 root (optional: without them the agent says why and goes on);
 //! - the HTTP endpoint: /metrics, /healthz, /readyz.
 use std::{
@@ -235,6 +236,20 @@ pub async fn run(
             })
             .await
     });
+    let warm = (!cfg.prepull.images.is_empty()).then(|| {
+        let registry = Arc::new(crate::adapters::registry::Registry::new(
+            &cfg.prepull.insecure_registries,
+            oci_client::secrets::RegistryAuth::Anonymous,
+        ));
+        tokio::spawn(crate::warm::keep_warm(
+            cfg.common.containerd.clone(),
+            cfg.common.namespace.clone(),
+            cfg.prepull.clone(),
+            registry,
+            shared.metrics.prepull.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
 
     shutdown.await;
@@ -242,6 +257,11 @@ pub async fn run(
     let _ = stop_tx.send(true);
     if let Err(e) = watcher.await {
         warn!(error = %e, "the containerd watch ended abnormally");
+    }
+    if let Some(w) = warm
+        && let Err(e) = w.await
+    {
+        warn!(error = %e, "the pre-pull policy ended abnormally");
     }
     match server.await {
         Ok(Ok(())) => Ok(()),

@@ -153,6 +153,48 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     #[serde(default)]
     pub agent: AgentSection,
+    #[serde(default)]
+    pub prepull: PrepullSection,
+}
+
+/// `[prepull]`: the images the agent keeps on the node (see docs/config.md).
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrepullSection {
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    pub concurrency: Option<u16>,
+    /// Bytes per second: an integer or a string with a suffix ("50M", "20Mi").
+    pub max_rate: Option<RateValue>,
+    pub refresh_interval_s: Option<u64>,
+    pub retry_max_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RateValue {
+    Number(u64),
+    Text(String),
+}
+
+/// Default interval at which the agent re-resolves its pre-pull images (tags move).
+pub const DEFAULT_REFRESH_INTERVAL_S: u64 = 300;
+/// Default longest delay between retries of a failing pre-pull image.
+pub const DEFAULT_RETRY_MAX_S: u64 = 300;
+/// First retry delay of a failing pre-pull image (doubles per attempt).
+pub const RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The agent's validated pre-pull policy (no images: the policy is off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrepullPolicy {
+    /// Normalized references (registry/repository:tag or @digest).
+    pub images: Vec<String>,
+    pub insecure_registries: Vec<String>,
+    pub concurrency: usize,
+    pub max_rate: Option<u64>,
+    pub timing: crate::core::policy::Timing,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -184,6 +226,12 @@ pub enum ConfigError {
     Empty { what: &'static str },
     #[error("agent.refresh_debounce_ms = {0} is out of range (0..=60000)")]
     Debounce(u64),
+    #[error(
+        "prepull.images has {reference:?}, which is not an image reference ({reason}); write registry/repository:tag or registry/repository@sha256:..."
+    )]
+    Image { reference: String, reason: String },
+    #[error("prepull.{key} is invalid: {reason}")]
+    Prepull { key: &'static str, reason: String },
 }
 
 /// Settings shared by every subcommand.
@@ -202,6 +250,64 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     pub ebpf: bool,
     pub refresh_debounce_ms: u64,
+    pub prepull: PrepullPolicy,
+}
+
+/// Validates `[prepull]`.
+pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigError> {
+    let mut images = Vec::with_capacity(section.images.len());
+    for r in &section.images {
+        images.push(
+            crate::adapters::registry::normalize(r).map_err(|e| ConfigError::Image {
+                reference: r.clone(),
+                reason: match e {
+                    crate::adapters::registry::RegistryError::Reference { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+            })?,
+        );
+    }
+    let concurrency = match section.concurrency {
+        None => crate::prepull::DEFAULT_CONCURRENCY,
+        Some(n @ 1..=64) => usize::from(n),
+        Some(n) => {
+            return Err(ConfigError::Prepull {
+                key: "concurrency",
+                reason: format!("{n} is out of range (1..=64)"),
+            });
+        }
+    };
+    let max_rate = match &section.max_rate {
+        None => None,
+        Some(RateValue::Number(n)) => Some(parse_rate(&n.to_string())),
+        Some(RateValue::Text(t)) => Some(parse_rate(t)),
+    }
+    .transpose()
+    .map_err(|reason| ConfigError::Prepull {
+        key: "max_rate",
+        reason,
+    })?;
+    let refresh = section
+        .refresh_interval_s
+        .unwrap_or(DEFAULT_REFRESH_INTERVAL_S);
+    let retry_max = section.retry_max_s.unwrap_or(DEFAULT_RETRY_MAX_S);
+    if retry_max == 0 || retry_max > 86_400 {
+        return Err(ConfigError::Prepull {
+            key: "retry_max_s",
+            reason: format!("{retry_max} is out of range (1..=86400)"),
+        });
+    }
+    Ok(PrepullPolicy {
+        images,
+        insecure_registries: section.insecure_registries.clone(),
+        concurrency,
+        max_rate,
+        timing: crate::core::policy::Timing {
+            refresh: (refresh > 0).then(|| std::time::Duration::from_secs(refresh)),
+            retry_min: RETRY_MIN.min(std::time::Duration::from_secs(retry_max)),
+            retry_max: std::time::Duration::from_secs(retry_max),
+        },
+    })
 }
 
 /// Reads and parses a config file.
@@ -280,6 +386,7 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
             .or_else(|| file.agent.cgroup_root.clone()),
         ebpf: !args.no_ebpf && file.agent.ebpf.unwrap_or(true),
         refresh_debounce_ms,
+        prepull: prepull_policy(&file.prepull)?,
     })
 }
 
@@ -384,6 +491,61 @@ mod tests {
             assert!(e.contains("rate") || e.contains("range"), "{bad}: {e}");
         }
         assert!(Cli::try_parse_from(["ragent", "prepull", "r", "--max-rate", "lots"]).is_err());
+    }
+
+    #[test]
+    fn the_prepull_policy_is_validated_once() {
+        let file = parse_file(
+            Path::new("t.toml"),
+            r#"
+            [prepull]
+            images = ["127.0.0.1:5000/ragent/app:v1", "busybox"]
+            insecure_registries = ["127.0.0.1:5000"]
+            max_rate = "50M"
+            refresh_interval_s = 0
+            "#,
+        )
+        .unwrap();
+        let p = prepull_policy(&file.prepull).unwrap();
+        assert_eq!(
+            p.images,
+            [
+                "127.0.0.1:5000/ragent/app:v1",
+                "docker.io/library/busybox:latest"
+            ]
+        );
+        assert_eq!(p.max_rate, Some(50_000_000));
+        assert_eq!(p.timing.refresh, None);
+        assert_eq!(p.concurrency, crate::prepull::DEFAULT_CONCURRENCY);
+        let defaults = prepull_policy(&PrepullSection::default()).unwrap();
+        assert!(defaults.images.is_empty());
+        assert_eq!(
+            defaults.timing.refresh,
+            Some(std::time::Duration::from_secs(DEFAULT_REFRESH_INTERVAL_S))
+        );
+        let numeric = parse_file(Path::new("t"), "[prepull]\nmax_rate = 1048576\n").unwrap();
+        assert_eq!(
+            prepull_policy(&numeric.prepull).unwrap().max_rate,
+            Some(1 << 20)
+        );
+    }
+
+    #[test]
+    fn a_bad_prepull_policy_names_the_key_and_the_fix() {
+        for (text, want) in [
+            (
+                "[prepull]\nimages = [\"Not A Ref!\"]\n",
+                "registry/repository:tag",
+            ),
+            ("[prepull]\nconcurrency = 0\n", "prepull.concurrency"),
+            ("[prepull]\nmax_rate = \"fast\"\n", "prepull.max_rate"),
+            ("[prepull]\nretry_max_s = 0\n", "prepull.retry_max_s"),
+        ] {
+            let file = parse_file(Path::new("t"), text).unwrap();
+            let e = prepull_policy(&file.prepull).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        assert!(parse_file(Path::new("t"), "[prepull]\nimage = []\n").is_err());
     }
 
     #[test]

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod prepull;
 pub mod progress;
 pub mod scan;
+pub mod warm;

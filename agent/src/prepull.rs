@@ -328,30 +328,39 @@ impl Puller {
                 source.entry(b.digest.as_str()).or_insert(r.name.as_str());
             }
         }
-        let fetched: Vec<(String, Fetched)> = stream::iter(plan.fetch.iter().map(|b| {
-            let reference = source
-                .get(b.digest.as_str())
-                .copied()
-                .unwrap_or_default()
-                .to_string();
-            let desc = Descriptor {
-                media_type: b.media_type.clone(),
-                digest: b.digest.clone(),
-                size: b.size,
-                platform: None,
-                annotations: Default::default(),
-            };
-            async move {
-                let f = self.fetch_shared(&reference, &desc, lease, progress).await;
-                if f.is_err() {
-                    self.metrics.layers.with_label_values(&["failed"]).inc();
+        // Boxed up front: the stream then holds no closure borrowing this frame, which keeps
+        // the future Send for any lifetime (tokio::spawn needs that).
+        let fetches: Vec<BoxFuture<'_, Result<(String, Fetched), PrepullError>>> = plan
+            .fetch
+            .iter()
+            .map(|b| {
+                let reference = source
+                    .get(b.digest.as_str())
+                    .copied()
+                    .unwrap_or_default()
+                    .to_string();
+                let desc = Descriptor {
+                    media_type: b.media_type.clone(),
+                    digest: b.digest.clone(),
+                    size: b.size,
+                    platform: None,
+                    annotations: Default::default(),
+                };
+                let fut: BoxFuture<'_, Result<(String, Fetched), PrepullError>> = async move {
+                    let f = self.fetch_shared(&reference, &desc, lease, progress).await;
+                    if f.is_err() {
+                        self.metrics.layers.with_label_values(&["failed"]).inc();
+                    }
+                    f.map(|f| (desc.digest, f))
                 }
-                f.map(|f| (desc.digest, f))
-            }
-        }))
-        .buffered(self.concurrency)
-        .try_collect()
-        .await?;
+                .boxed();
+                fut
+            })
+            .collect();
+        let fetched: Vec<(String, Fetched)> = stream::iter(fetches)
+            .buffered(self.concurrency)
+            .try_collect()
+            .await?;
         let mut written = BTreeSet::new();
         for (digest, f) in fetched {
             match f {

@@ -9,3 +9,4 @@ mod images;
 mod prepull;
 mod store;
 mod support;
+mod warm;

@@ -17,29 +17,6 @@ const IMAGES: &[(&str, &str)] = &[
     ("ragent/run", "v2"),
 ];
 
-/// Bytes the registry served for blob GETs (status 200) in its access log after line `from`.
-fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
-    let mut bytes = 0;
-    let mut gets = 0;
-    for line in log.lines().skip(from) {
-        let Some(i) = line.find("\"GET /v2/") else {
-            continue;
-        };
-        let rest = &line[i..];
-        if !rest.contains("/blobs/sha256:") {
-            continue;
-        }
-        // "GET /v2/... HTTP/1.1" 200 12345 ...
-        let after = rest.splitn(3, '"').nth(2).unwrap_or("");
-        let mut f = after.split_whitespace();
-        if f.next() == Some("200") {
-            bytes += f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-            gets += 1;
-        }
-    }
-    (bytes, gets)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
     let node = node();
@@ -225,4 +202,122 @@ fn prepull_errors_say_what_to_do() {
     // Nothing given.
     let out = ragent(&node, &["prepull"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+const SET_A: &[(&str, &str)] = &[("ragent/app-py-web", "v1"), ("ragent/app-py-worker", "v1")];
+const SET_B: &[(&str, &str)] = &[
+    ("ragent/app-py-worker", "v1"),
+    ("ragent/app-jvm-batch", "v1"),
+];
+
+fn refs_of(set: &ragent_testkit::fixtures::FixtureSet, images: &[(&str, &str)]) -> Vec<String> {
+    images.iter().map(|(r, t)| set.reference(r, t)).collect()
+}
+
+/// Both sets together: what must cross the wire once the store holds no image content.
+async fn union_missing(node: &ragent_testkit::node::Node) -> u64 {
+    let set = fixtures(node);
+    let union: Vec<(&str, &str)> = SET_A.iter().chain(SET_B).copied().collect();
+    let missing = missing_bytes(node, &set, &union).await;
+    let all: u64 = blobs_of(&set, &union).iter().map(|(_, s)| s).sum();
+    assert_eq!(
+        missing, all,
+        "the test must start with none of the blobs (run-image and buildpack layers included)"
+    );
+    missing
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_overlapping_prepull_processes_fetch_each_blob_once() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let missing = union_missing(&node).await;
+    let mark = registry_log_mark(&node);
+    let reg = node.registry();
+    let spawn = |images: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(ragent_bin());
+        c.env("RAGENT_CONTAINERD", node.socket())
+            .args([
+                "prepull",
+                "--json",
+                "--concurrency",
+                "2",
+                "--insecure-registry",
+                &reg,
+            ])
+            .args(refs_of(&set, images))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("ragent prepull")
+    };
+    let (a, b) = (spawn(SET_A), spawn(SET_B));
+    let mut fetched = 0;
+    for child in [a, b] {
+        let out = child.wait_with_output().expect("ragent prepull");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        fetched += r["total"]["bytes_fetched"].as_u64().expect("bytes_fetched");
+    }
+    let (served, gets) = served_since(&node, mark);
+    assert_eq!(
+        served, missing,
+        "the registry served each blob once although both processes needed the shared ones ({gets} GETs)"
+    );
+    assert_eq!(fetched, missing, "the two reports add up to the wire bytes");
+    for (repo, tag) in SET_A.iter().chain(SET_B) {
+        assert!(
+            unpacked(&node, &set, repo, tag),
+            "{repo}:{tag} not unpacked"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_pulls_in_one_process_share_each_fetch() {
+    use std::sync::Arc;
+
+    use ragent::{
+        adapters::registry::Registry,
+        metrics::PrepullMetrics,
+        prepull::{Options, Puller},
+    };
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let missing = union_missing(&node).await;
+    let mark = registry_log_mark(&node);
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    let registry = Arc::new(Registry::new(
+        &[node.registry()],
+        oci_client::secrets::RegistryAuth::Anonymous,
+    ));
+    let prom = prometheus::Registry::new();
+    let metrics = PrepullMetrics::new(&prom).expect("metrics");
+    let puller = Puller::new(c, registry, &Options::default(), metrics.clone());
+    let (a, b) = (refs_of(&set, SET_A), refs_of(&set, SET_B));
+    let (ra, rb) = tokio::join!(puller.pull(&a, None), puller.pull(&b, None));
+    let (ra, rb) = (ra.expect("pull A"), rb.expect("pull B"));
+    let (served, gets) = served_since(&node, mark);
+    assert_eq!(served, missing, "one fetch per blob ({gets} GETs)");
+    assert_eq!(ra.total.bytes_fetched + rb.total.bytes_fetched, missing);
+    assert_eq!(
+        metrics.bytes.with_label_values(&["fetched"]).get(),
+        missing,
+        "ragent_prepull_bytes_total{{result=\"fetched\"}}"
+    );
+    assert_eq!(metrics.inflight.get(), 0, "nothing stays in flight");
+    assert_eq!(metrics.duration.get_sample_count(), 2);
+    for (repo, tag) in SET_A.iter().chain(SET_B) {
+        assert!(
+            unpacked(&node, &set, repo, tag),
+            "{repo}:{tag} not unpacked"
+        );
+    }
 }

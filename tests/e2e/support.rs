@@ -207,3 +207,132 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Bytes the registry served for blob GETs (status 200) in its access log after line `from`,
+/// and how many such GETs there were.
+pub fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut gets = 0;
+    for line in log.lines().skip(from) {
+        let Some(i) = line.find("\"GET /v2/") else {
+            continue;
+        };
+        let rest = &line[i..];
+        if !rest.contains("/blobs/sha256:") {
+            continue;
+        }
+        // "GET /v2/... HTTP/1.1" 200 12345 ...
+        let after = rest.splitn(3, '"').nth(2).unwrap_or("");
+        let mut f = after.split_whitespace();
+        if f.next() == Some("200") {
+            bytes += f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            gets += 1;
+        }
+    }
+    (bytes, gets)
+}
+
+/// The registry's access log so far, as a mark for [`served_since`].
+pub fn registry_log_mark(node: &Node) -> usize {
+    std::fs::read_to_string(node.dir().join("registry.log"))
+        .expect("registry log")
+        .lines()
+        .count()
+}
+
+/// Blob bytes (and GETs) the registry served since `mark`.
+pub fn served_since(node: &Node, mark: usize) -> (u64, usize) {
+    served_blob_bytes(
+        &std::fs::read_to_string(node.dir().join("registry.log")).expect("registry log"),
+        mark,
+    )
+}
+
+/// Removes every image record of `k8s.io` and waits for containerd's GC (`--sync`), so the
+/// next pull starts from a store that holds no image content.
+pub fn remove_all_images(node: &Node) {
+    let out = node
+        .ctr("k8s.io")
+        .args(["images", "ls", "-q"])
+        .output()
+        .expect("ctr images ls");
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if !names.is_empty() {
+        let out = node
+            .ctr("k8s.io")
+            .args(["images", "rm", "--sync"])
+            .args(&names)
+            .output()
+            .expect("ctr images rm");
+        assert!(
+            out.status.success(),
+            "ctr images rm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The distinct blobs (config and layers) of fixture images: (digest, size).
+pub fn blobs_of(
+    set: &FixtureSet,
+    images: &[(&str, &str)],
+) -> std::collections::BTreeSet<(String, u64)> {
+    let mut needed = std::collections::BTreeSet::new();
+    for (repo, tag) in images {
+        let img = set.image(repo, tag).expect("fixture");
+        let config = std::fs::metadata(
+            set.layout
+                .join("blobs/sha256")
+                .join(img.config_digest.trim_start_matches("sha256:")),
+        )
+        .expect("config blob")
+        .len();
+        needed.insert((img.config_digest.clone(), config));
+        for l in &img.layers {
+            needed.insert((l.digest.clone(), l.size));
+        }
+    }
+    needed
+}
+
+/// Bytes of those blobs that the content store does not hold now.
+pub async fn missing_bytes(node: &Node, set: &FixtureSet, images: &[(&str, &str)]) -> u64 {
+    let mut missing = 0;
+    for (d, size) in blobs_of(set, images) {
+        if content_size_opt(node, &d).await.is_none() {
+            missing += size;
+        }
+    }
+    missing
+}
+
+/// Whether the image's top layer is unpacked into containerd's overlayfs snapshotter.
+pub fn unpacked(node: &Node, set: &FixtureSet, repo: &str, tag: &str) -> bool {
+    let img = set.image(repo, tag).expect("fixture");
+    let chains = ragent::core::chain::chain_ids(
+        &img.layers
+            .iter()
+            .map(|l| l.diff_id.clone())
+            .collect::<Vec<_>>(),
+    );
+    node.ctr("k8s.io")
+        .args(["snapshots", "--snapshotter", "overlayfs", "info"])
+        .arg(chains.last().expect("a top layer"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The manifest digest an image record points at, if the record exists.
+pub async fn record_target(node: &Node, name: &str) -> Option<String> {
+    let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connecting to containerd");
+    c.get_image(name)
+        .await
+        .expect("Images.Get")
+        .map(|r| r.target.digest)
+}

@@ -182,7 +182,11 @@ impl Node {
     }
 
     fn spawn(&self, name: &str, cmd: &mut Command) -> Result<u32> {
-        let log = fs::File::create(self.config.dir.join(format!("{name}.log")))?;
+        // Appended: a service restarted by a test keeps its earlier lines (tests mark and read on).
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.config.dir.join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -255,7 +259,8 @@ impl Node {
         Ok(())
     }
 
-    fn start_registry(&mut self) -> Result<()> {
+    /// Starts the registry and waits until `/v2/` answers.
+    pub fn start_registry(&mut self) -> Result<()> {
         let cfg = self.config.dir.join("registry.yml");
         let pid = self.spawn(
             "registry",
@@ -268,6 +273,18 @@ impl Node {
             matches!(http::get(addr, "/v2/"), Ok((200, _)))
         })
         .with_context(|| self.log_tail("registry"))
+    }
+
+    /// Stops the registry (SIGTERM, then SIGKILL after 5 s): "the registry is unreachable".
+    pub fn stop_registry(&mut self) -> Result<()> {
+        if let Some(pid) = self.pids.remove("registry") {
+            stop_pid(
+                pid,
+                &self.config.dir.display().to_string(),
+                Duration::from_secs(5),
+            );
+        }
+        self.save()
     }
 
     /// Starts containerd and waits until its socket answers.

@@ -6,5 +6,6 @@ pub mod chain;
 pub mod cnb;
 pub mod inventory;
 pub mod oci;
+pub mod policy;
 pub mod prepull;
 pub mod rate;
