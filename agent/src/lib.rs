@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod agent;
 pub mod config;
 pub mod core;
+pub mod flight;
 pub mod images;
 pub mod metrics;
 pub mod prepull;

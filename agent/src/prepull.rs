@@ -13,11 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{
-    FutureExt, StreamExt, TryStreamExt,
-    future::{BoxFuture, Shared},
-    stream,
-};
+use futures::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use tracing::{debug, info};
 
 pub use crate::core::prepull::{ImageReport, Report, Total};
@@ -32,6 +28,7 @@ use crate::{
         prepull::{self, Blob, BlobKind, ImageNeed},
         rate::TokenBucket,
     },
+    flight::SingleFlight,
     metrics::PrepullMetrics,
     progress::Progress,
 };
@@ -100,8 +97,6 @@ enum Fetched {
     Written { wire: u64 },
 }
 
-type Flight = Shared<BoxFuture<'static, Result<Fetched, Arc<PrepullError>>>>;
-
 /// Pulls images into one containerd namespace. Cheap to share (`Arc`): overlapping
 /// [`Puller::pull`] calls fetch each digest once.
 pub struct Puller {
@@ -110,7 +105,7 @@ pub struct Puller {
     concurrency: usize,
     limiter: Option<Arc<Mutex<TokenBucket>>>,
     metrics: PrepullMetrics,
-    flights: Arc<Mutex<HashMap<String, Flight>>>,
+    flights: SingleFlight<Result<Fetched, Arc<PrepullError>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -180,7 +175,7 @@ impl Puller {
                 .max_rate
                 .map(|r| Arc::new(Mutex::new(TokenBucket::new(r, Instant::now())))),
             metrics,
-            flights: Arc::new(Mutex::new(HashMap::new())),
+            flights: SingleFlight::default(),
         }
     }
 
@@ -475,18 +470,13 @@ impl Puller {
         lease: &str,
         progress: Option<&Arc<Progress>>,
     ) -> Result<Fetched, PrepullError> {
-        let (flight, leader) = {
-            let mut flights = lock(&self.flights);
-            match flights.get(&desc.digest) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = self.start_flight(reference, desc, lease, progress.cloned());
-                    flights.insert(desc.digest.clone(), f.clone());
-                    (f, true)
-                }
-            }
-        };
-        let out = flight.await.map_err(PrepullError::Shared)?;
+        let (out, leader) = self
+            .flights
+            .run(&desc.digest, || {
+                self.flight(reference, desc, lease, progress.cloned())
+            })
+            .await;
+        let out = out.map_err(PrepullError::Shared)?;
         if leader {
             return Ok(out);
         }
@@ -512,21 +502,22 @@ impl Puller {
         .await
     }
 
-    fn start_flight(
+    /// The fetch of one blob, owning everything it needs (it may outlive this pull).
+    fn flight(
         &self,
         reference: &str,
         desc: &Descriptor,
         lease: &str,
         progress: Option<Arc<Progress>>,
-    ) -> Flight {
+    ) -> impl std::future::Future<Output = Result<Fetched, Arc<PrepullError>>> + Send + 'static
+    {
         let containerd = self.containerd.clone();
         let registry = self.registry.clone();
         let limiter = self.limiter.clone();
         let metrics = self.metrics.clone();
-        let flights = self.flights.clone();
         let (reference, desc, lease) = (reference.to_string(), desc.clone(), lease.to_string());
         async move {
-            let r = fetch_blob(
+            fetch_blob(
                 &containerd,
                 &registry,
                 &reference,
@@ -537,12 +528,8 @@ impl Puller {
                 progress,
             )
             .await
-            .map_err(Arc::new);
-            lock(&flights).remove(&desc.digest);
-            r
+            .map_err(Arc::new)
         }
-        .boxed()
-        .shared()
     }
 }
 
