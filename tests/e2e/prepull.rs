@@ -321,3 +321,45 @@ async fn overlapping_pulls_in_one_process_share_each_fetch() {
         );
     }
 }
+
+/// On a terminal (a pty from `script`), ragent draws per-image and total progress with rate and
+/// ETA on stderr; with a pipe it does not.
+#[test]
+fn prepull_shows_progress_on_a_terminal_only() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let reference = set.reference("ragent/app-jvm-api", "v1");
+    let cmd = format!(
+        "RAGENT_CONTAINERD={} {} prepull --insecure-registry {} {reference}",
+        node.socket().display(),
+        ragent_bin().display(),
+        node.registry()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{reference}  ")) && text.contains(" ready"),
+        "a line per image, ready at the end: {text}"
+    );
+    assert!(
+        text.contains("total  ") && text.contains("/s  ETA "),
+        "a total line with rate and ETA: {text}"
+    );
+    // Through a pipe: only the report.
+    let piped = ragent(
+        &node,
+        &[
+            "prepull",
+            "--insecure-registry",
+            &node.registry(),
+            &reference,
+        ],
+    );
+    assert!(piped.status.success());
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("ETA"));
+}
