@@ -6,6 +6,7 @@
 mod agent;
 mod cli;
 mod images;
+mod pod;
 mod prepull;
 mod store;
 mod support;
