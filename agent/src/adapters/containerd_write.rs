@@ -116,6 +116,21 @@ impl Containerd {
         Ok(())
     }
 
+    /// Puts a committed snapshot under a lease (an image being unpacked on top of it keeps it).
+    pub async fn lease_snapshot(&self, lease: &str, key: &str) -> Result<(), ContainerdError> {
+        LeasesClient::new(self.channel.clone())
+            .add_resource(self.request(AddResourceRequest {
+                id: lease.into(),
+                resource: Some(Resource {
+                    id: key.into(),
+                    r#type: format!("snapshots/{SNAPSHOTTER}"),
+                }),
+            }))
+            .await
+            .map_err(rpc("Leases.AddResource"))?;
+        Ok(())
+    }
+
     /// Bytes already in the ingest `ingest_ref` (a partial write to resume), or 0.
     pub async fn ingest_offset(&self, ingest_ref: &str) -> Result<u64, ContainerdError> {
         match ContentClient::new(self.channel.clone())
@@ -340,16 +355,25 @@ impl Containerd {
         let mut snaps = SnapshotsClient::new(self.channel.clone());
         let mut parent = String::new();
         for (layer, chain) in layers.iter().zip(&chains) {
-            let exists = snaps
-                .stat(self.request(StatSnapshotRequest {
+            let stat = || {
+                self.request(StatSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),
                     key: chain.clone(),
-                }))
-                .await;
-            match exists {
+                })
+            };
+            match snaps.stat(stat()).await {
                 Ok(_) => {
-                    parent = chain.clone();
-                    continue;
+                    // Under the lease before it counts: GC must not take it while the image
+                    // above it is assembled. Still there once leased?
+                    self.lease_snapshot(lease, chain).await?;
+                    match snaps.stat(stat()).await {
+                        Ok(_) => {
+                            parent = chain.clone();
+                            continue;
+                        }
+                        Err(s) if s.code() == Code::NotFound => {}
+                        Err(s) => return Err(rpc("Snapshots.Stat")(s)),
+                    }
                 }
                 Err(s) if s.code() == Code::NotFound => {}
                 Err(s) => return Err(rpc("Snapshots.Stat")(s)),
