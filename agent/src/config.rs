@@ -11,6 +11,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::core::credentials::{Credentials, CredentialsError};
+
 /// Default containerd socket.
 pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 /// Default containerd namespace (the one kubelet's CRI uses).
@@ -70,6 +72,10 @@ pub struct PrepullArgs {
         value_name = "HOST[:PORT]"
     )]
     pub insecure_registries: Vec<String>,
+    /// Registry credentials: a docker config.json, or a kubernetes.io/dockerconfigjson secret
+    /// (`kubectl get secret NAME -o json`, or the mounted `.dockerconfigjson` file)
+    #[arg(long, env = "RAGENT_AUTH", value_name = "FILE")]
+    pub auth: Option<PathBuf>,
     /// Blobs fetched at once [default: 4]
     #[arg(long, env = "RAGENT_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: Option<u16>,
@@ -180,6 +186,16 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         message: e.to_string(),
     })
+}
+
+/// Reads an auth file (`--auth`): a docker config.json or a Kubernetes secret of type
+/// `kubernetes.io/dockerconfigjson`; see [`Credentials::parse`] for what is accepted.
+pub fn load_credentials(path: &Path) -> Result<Credentials, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Credentials::parse(path, &text)
 }
 
 /// Merges flags/env over the file over the defaults.
@@ -332,6 +348,26 @@ mod tests {
     fn bad_flag_is_a_clap_error() {
         assert!(Cli::try_parse_from(["ragent", "agent", "--no-such-flag"]).is_err());
         assert!(Cli::try_parse_from(["ragent", "images", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn prepull_takes_an_auth_file() {
+        let c = cli(&["prepull", "--auth", "/etc/ragent/config.json", "r/x:1"]);
+        match &c.command {
+            Command::Prepull(p) => {
+                assert_eq!(
+                    p.auth.as_deref(),
+                    Some(Path::new("/etc/ragent/config.json"))
+                )
+            }
+            _ => panic!("not prepull"),
+        }
+        let e = load_credentials(Path::new("/nonexistent/ragent-auth.json")).unwrap_err();
+        assert_eq!(e.metric_label(), "auth_file_read");
+        assert!(
+            e.to_string().contains("/nonexistent/ragent-auth.json"),
+            "{e}"
+        );
     }
 
     #[test]

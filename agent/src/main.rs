@@ -55,9 +55,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &common.namespace,
             )
             .await?;
+            let credentials = match &args.auth {
+                Some(path) => config::load_credentials(path)?,
+                None => ragent::core::credentials::Credentials::anonymous(),
+            };
             let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::new(
                 &args.insecure_registries,
-                oci_client::secrets::RegistryAuth::Anonymous,
+                credentials,
             ));
             let opts = ragent::prepull::Options {
                 concurrency: args
