@@ -18,7 +18,7 @@ const IMAGES: &[(&str, &str)] = &[
 ];
 
 /// Bytes the registry served for blob GETs (status 200) in its access log after line `from`.
-fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
+pub(crate) fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
     let mut bytes = 0;
     let mut gets = 0;
     for line in log.lines().skip(from) {
