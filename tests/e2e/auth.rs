@@ -293,3 +293,79 @@ fn auth_file_errors_say_what_to_do() {
     let text = run(&yaml.display().to_string());
     assert!(text.contains("is not JSON"), "{text}");
 }
+
+/// Blob requests carry the credentials even when no manifest of that registry was fetched
+/// first (the registry adapter stores them before the first blob request), for both kinds of
+/// auth, from the start and from an offset; without or with wrong credentials a blob request
+/// fails with the same clear errors as a manifest request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_blob_requests_carry_the_credentials() {
+    use futures::TryStreamExt;
+    use ragent::{adapters::registry::Registry, config::load_credentials};
+    use sha2::{Digest, Sha256};
+
+    let node = node();
+    let set = fixtures(&node);
+    let img = set.image("ragent/run", "v1").expect("fixture");
+    let layer = &img.layers[0];
+    for kind in [AuthKind::Htpasswd, AuthKind::Token] {
+        let reg = AuthRegistry::start(&node, kind, USER, PASSWORD).expect("registry");
+        let good = auth::write_file(
+            &reg.dir,
+            "config.json",
+            &auth::docker_config(&reg.host(), USER, PASSWORD),
+        )
+        .expect("write");
+        let wrong = auth::write_file(
+            &reg.dir,
+            "wrong.json",
+            &auth::docker_config(&reg.host(), USER, "nope"),
+        )
+        .expect("write");
+        let reference = reg.reference("ragent/run", "v1");
+        let insecure = [reg.host()];
+
+        let registry = Registry::new(&insecure, load_credentials(&good).expect("credentials"));
+        let bytes: Vec<u8> = registry
+            .blob(&reference, &layer.digest, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"))
+            .try_concat()
+            .await
+            .expect("blob bytes");
+        assert_eq!(bytes.len() as u64, layer.size, "{kind:?}");
+        assert_eq!(format!("sha256:{:x}", Sha256::digest(&bytes)), layer.digest);
+        let tail: Vec<u8> = registry
+            .blob(&reference, &layer.digest, 1000)
+            .await
+            .expect("ranged blob")
+            .try_concat()
+            .await
+            .expect("ranged bytes");
+        assert_eq!(tail, bytes[1000..], "{kind:?}: resumed from an offset");
+
+        for (registry, label) in [
+            (
+                Registry::new(
+                    &insecure,
+                    ragent::core::credentials::Credentials::anonymous(),
+                ),
+                "auth_required",
+            ),
+            (
+                Registry::new(&insecure, load_credentials(&wrong).expect("credentials")),
+                "auth_refused",
+            ),
+        ] {
+            let e = match registry.blob(&reference, &layer.digest, 0).await {
+                Ok(s) => match s.try_concat().await {
+                    Ok(_) => panic!("{kind:?}: a blob without valid credentials was served"),
+                    Err(e) => panic!("{kind:?}: expected a 401 before the body, got {e}"),
+                },
+                Err(e) => e,
+            };
+            assert_eq!(e.metric_label(), label, "{kind:?}: {e}");
+            assert!(e.to_string().contains("ragent/run"), "{e}");
+        }
+    }
+}
