@@ -205,7 +205,7 @@ async fn auth_basic_htpasswd_registry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_bearer_token_registry_with_config_json_and_k8s_secret() {
+async fn auth_bearer_token_registry_with_config_json_and_k8s_secret_json_and_yaml() {
     let node = node();
     let reg = AuthRegistry::start(&node, AuthKind::Token, USER, PASSWORD).expect("registry");
     let issuer = reg.issuer.as_ref().expect("token issuer");
@@ -227,7 +227,14 @@ async fn auth_bearer_token_registry_with_config_json_and_k8s_secret() {
         ),
     )
     .expect("write");
-    let [good, secret, wrong] = [good, secret, wrong].map(|p| p.display().to_string());
+    let secret_yaml = auth::write_file(
+        &dir,
+        "pull-secret.yaml",
+        &auth::pull_secret_yaml("pull", &config),
+    )
+    .expect("write");
+    let [good, secret, wrong, secret_yaml] =
+        [good, secret, wrong, secret_yaml].map(|p| p.display().to_string());
     let repo = "ragent/app-jvm-batch";
     let host = reg.host();
 
@@ -248,7 +255,10 @@ async fn auth_bearer_token_registry_with_config_json_and_k8s_secret() {
         "ragent pulled with a bearer token from the issuer"
     );
     succeeds(&node, &reg, &good, repo, "v1").await;
-    assert!(issuer.issued.load(std::sync::atomic::Ordering::Relaxed) > issued);
+    let issued_json = issuer.issued.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(issued_json > issued);
+    succeeds(&node, &reg, &secret_yaml, repo, "v1").await;
+    assert!(issuer.issued.load(std::sync::atomic::Ordering::Relaxed) > issued_json);
 }
 
 #[test]
@@ -289,9 +299,9 @@ fn auth_file_errors_say_what_to_do() {
         text.contains("type \"Opaque\"") && text.contains("kubectl create secret docker-registry"),
         "{text}"
     );
-    let yaml = auth::write_file(&dir, "auth.yaml", "auths:\n  x: {}\n").expect("write");
+    let yaml = auth::write_file(&dir, "auth.yaml", "auths: [unclosed\n").expect("write");
     let text = run(&yaml.display().to_string());
-    assert!(text.contains("is not JSON"), "{text}");
+    assert!(text.contains("is neither JSON nor YAML"), "{text}");
 }
 
 /// Blob requests carry the credentials even when no manifest of that registry was fetched

@@ -425,6 +425,15 @@ pub fn pull_secret(name: &str, config_json: &str) -> String {
     .unwrap_or_default()
 }
 
+/// The same secret as `kubectl get secret NAME -o yaml` prints it.
+pub fn pull_secret_yaml(name: &str, config_json: &str) -> String {
+    format!(
+        "apiVersion: v1\ndata:\n  .dockerconfigjson: {}\nkind: Secret\nmetadata:\n  name: {name}\n  \
+         namespace: default\ntype: kubernetes.io/dockerconfigjson\n",
+        STANDARD.encode(config_json)
+    )
+}
+
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let p = dir.join(name);

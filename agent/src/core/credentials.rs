@@ -1,6 +1,6 @@
 //! Registry credentials from the files a node already has: a docker `config.json` (also what a
 //! `kubernetes.io/dockerconfigjson` secret holds when mounted as a volume), a Kubernetes Secret
-//! of that type as `kubectl get secret NAME -o json` prints it, or the legacy
+//! of that type as `kubectl get secret NAME -o json` (or `-o yaml`) prints it, or the legacy
 //! `kubernetes.io/dockercfg` form.
 //!
 //! Pure: callers hand in the file's text; the lookup is by registry host, with `docker.io`,
@@ -75,10 +75,10 @@ pub enum CredentialsError {
         source: std::io::Error,
     },
     #[error(
-        "the auth file {path} is not JSON ({reason}); --auth takes a docker config.json or a \
-         secret as printed by `kubectl get secret NAME -o json`"
+        "the auth file {path} is neither JSON nor YAML ({reason}); --auth takes a docker \
+         config.json or a secret as printed by `kubectl get secret NAME -o json` (or -o yaml)"
     )]
-    NotJson { path: PathBuf, reason: String },
+    Syntax { path: PathBuf, reason: String },
     #[error(
         "the auth file {path} is a Kubernetes secret of type {found:?}, which holds no registry \
          credentials; use a secret of type {SECRET_TYPE} (`kubectl create secret docker-registry`)"
@@ -105,7 +105,7 @@ impl CredentialsError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             CredentialsError::Read { .. } => "auth_file_read",
-            CredentialsError::NotJson { .. } => "auth_file_json",
+            CredentialsError::Syntax { .. } => "auth_file_syntax",
             CredentialsError::SecretType { .. } | CredentialsError::SecretKey { .. } => {
                 "auth_file_secret"
             }
@@ -142,17 +142,15 @@ impl Credentials {
         Credentials::default()
     }
 
-    /// Parses the text of an auth file; `path` only names it in errors.
+    /// Parses the text of an auth file (JSON, or YAML for a secret from `kubectl -o yaml`);
+    /// `path` only names it in errors.
     ///
     /// Accepted: a docker config.json (`{"auths": {...}}`), a Secret of type
     /// `kubernetes.io/dockerconfigjson` (`data[".dockerconfigjson"]` base64, or
     /// `stringData[".dockerconfigjson"]` as text) or `kubernetes.io/dockercfg`.
     pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Credentials, CredentialsError> {
         let path = path.as_ref();
-        let doc: Value = serde_json::from_str(text).map_err(|e| CredentialsError::NotJson {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
+        let doc = document(path, text)?;
         let obj = doc.as_object().ok_or_else(|| CredentialsError::Shape {
             path: path.into(),
             reason: "the top level is not an object".into(),
@@ -185,6 +183,27 @@ impl Credentials {
     /// Adds (or replaces) the credential of one host.
     pub fn insert(&mut self, host: &str, credential: Credential) {
         self.by_host.insert(normalize_host(host), credential);
+    }
+}
+
+/// The file as a JSON value: JSON first; a file that is not JSON may be YAML (a mapping).
+fn document(path: &Path, text: &str) -> Result<Value, CredentialsError> {
+    let json_err = match serde_json::from_str::<Value>(text) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let syntax = |reason: String| CredentialsError::Syntax {
+        path: path.into(),
+        reason,
+    };
+    // Something that starts like JSON gets the JSON parser's message.
+    if text.trim_start().starts_with(['{', '[']) {
+        return Err(syntax(json_err.to_string()));
+    }
+    match serde_yaml_ng::from_str::<Value>(text) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(syntax("not a JSON object or a YAML mapping".into())),
+        Err(e) => Err(syntax(e.to_string())),
     }
 }
 
@@ -233,7 +252,7 @@ fn from_secret(
             key: format!("data[{key:?}]"),
         });
     };
-    let inner: Value = serde_json::from_str(&text).map_err(|e| CredentialsError::NotJson {
+    let inner: Value = serde_json::from_str(&text).map_err(|e| CredentialsError::Syntax {
         path: path.into(),
         reason: format!("data[{key:?}]: {e}"),
     })?;
@@ -422,10 +441,36 @@ mod tests {
     }
 
     #[test]
+    fn kubectl_secret_yaml() {
+        let config = format!(
+            r#"{{"auths":{{"reg.example:5000":{{"auth":"{}"}}}}}}"#,
+            b64("a:b")
+        );
+        let yaml = format!(
+            "apiVersion: v1\ndata:\n  .dockerconfigjson: {}\nkind: Secret\nmetadata:\n  \
+             name: pull\n  namespace: default\ntype: kubernetes.io/dockerconfigjson\n",
+            b64(&config)
+        );
+        let c = Credentials::parse("s.yaml", &yaml).unwrap();
+        assert_eq!(c.for_host("reg.example:5000"), Some(&basic("a", "b")));
+        // A config.json written as YAML works too.
+        let c = Credentials::parse(
+            "c.yaml",
+            "auths:\n  r.example:\n    username: u\n    password: p\n",
+        )
+        .unwrap();
+        assert_eq!(c.for_host("r.example"), Some(&basic("u", "p")));
+    }
+
+    #[test]
     fn errors_name_the_file_and_say_what_to_do() {
-        let e = Credentials::parse("/a/f", "auths: {}").unwrap_err();
-        assert!(matches!(e, CredentialsError::NotJson { .. }), "{e}");
+        let e = Credentials::parse("/a/f", "{\"auths\": {").unwrap_err();
+        assert!(matches!(e, CredentialsError::Syntax { .. }), "{e}");
         assert!(e.to_string().contains("/a/f") && e.to_string().contains("kubectl get secret"));
+        let e = Credentials::parse("/a/f", "auths: [unclosed").unwrap_err();
+        assert!(matches!(e, CredentialsError::Syntax { .. }), "{e}");
+        let e = Credentials::parse("/a/f", "just text").unwrap_err();
+        assert!(matches!(e, CredentialsError::Syntax { .. }), "{e}");
 
         let e = Credentials::parse("/a/f", r#"{"kind":"Secret","type":"Opaque","data":{}}"#)
             .unwrap_err();
