@@ -202,6 +202,31 @@ async fn auth_basic_htpasswd_registry() {
     let refused = format!("registry {host} refused the credentials for {repo} (401 Unauthorized)");
     fails(&node, &reg, Some(&wrong), repo, &[&refused, &wrong]).await;
     succeeds(&node, &reg, &good, repo, "v1").await;
+
+    // Credentials never cross plain HTTP to a registry that is not named insecure: ragent
+    // speaks TLS to it, fails before any HTTP request reaches it, and says what to do.
+    let mark = log_lines(&reg);
+    let out = ragent(
+        &node,
+        &["prepull", "--auth", &good, &reg.reference(repo, "v1")],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("pass --insecure-registry HOST:PORT"),
+        "{text}"
+    );
+    let requests: Vec<String> = reg
+        .log_text()
+        .lines()
+        .skip(mark)
+        .filter(|l| l.contains(" /v2/"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        requests.is_empty(),
+        "plain HTTP requests reached the registry: {requests:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
