@@ -51,13 +51,14 @@ pub enum RegistryError {
     )]
     TooLarge { reference: String, size: usize },
     #[error(
-        "registry {registry} needs credentials to pull {repository} (401 Unauthorized): pass \
-         --auth FILE, a docker config.json or kubernetes.io/dockerconfigjson secret with an \
-         entry for {registry}"
+        "registry {registry} needs credentials to pull {repository} (401 Unauthorized): {}",
+        needs_credentials_hint(registry, file.as_deref())
     )]
     NeedsCredentials {
         registry: String,
         repository: String,
+        /// The auth file given, which has no entry for this registry.
+        file: Option<PathBuf>,
     },
     #[error(
         "registry {registry} refused the credentials for {repository} (401 Unauthorized): check \
@@ -76,6 +77,20 @@ pub enum RegistryError {
     UnsupportedCredential { registry: String, file: PathBuf },
     #[error(transparent)]
     Oci(#[from] oci::OciError),
+}
+
+/// What to do about a 401 without credentials for the registry.
+fn needs_credentials_hint(registry: &str, file: Option<&std::path::Path>) -> String {
+    match file {
+        Some(f) => format!(
+            "{} has no entry for {registry}; add one (\"auths\": {{\"{registry}\": ...}})",
+            f.display()
+        ),
+        None => format!(
+            "pass --auth FILE, a docker config.json or kubernetes.io/dockerconfigjson secret with \
+             an entry for {registry}"
+        ),
+    }
 }
 
 /// A plain-HTTP registry reached over HTTPS fails with a transport error: say what to do.
@@ -214,9 +229,15 @@ impl Registry {
                 repository,
                 file: file.clone(),
             },
-            _ => RegistryError::NeedsCredentials {
+            (None, file) => RegistryError::NeedsCredentials {
                 registry,
                 repository,
+                file: file.clone(),
+            },
+            (Some(_), None) => RegistryError::NeedsCredentials {
+                registry,
+                repository,
+                file: None,
             },
         }
     }
@@ -398,6 +419,22 @@ mod tests {
             e.to_string()
                 .contains("refused the credentials for ragent/run")
                 && e.to_string().contains("/etc/auth.json"),
+            "{e}"
+        );
+        // An auth file without an entry for the registry says so.
+        let other = Registry::new(
+            &[],
+            Credentials::parse(
+                "/etc/other.json",
+                r#"{"auths":{"ghcr.io":{"auth":"dTpw"}}}"#,
+            )
+            .unwrap(),
+        );
+        let e = other.request_error(&r, r.whole(), unauthorized());
+        assert_eq!(e.metric_label(), "auth_required");
+        assert!(
+            e.to_string()
+                .contains("/etc/other.json has no entry for 127.0.0.1:5000"),
             "{e}"
         );
         // Other errors stay request errors.
