@@ -239,7 +239,7 @@ pub async fn run(
     let warm = (!cfg.prepull.images.is_empty()).then(|| {
         let registry = Arc::new(crate::adapters::registry::Registry::new(
             &cfg.prepull.insecure_registries,
-            oci_client::secrets::RegistryAuth::Anonymous,
+            cfg.prepull.credentials.clone(),
         ));
         tokio::spawn(crate::warm::keep_warm(
             cfg.common.containerd.clone(),

@@ -11,6 +11,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::core::credentials::{Credentials, CredentialsError};
+
 /// Default containerd socket.
 pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 /// Default containerd namespace (the one kubelet's CRI uses).
@@ -70,6 +72,10 @@ pub struct PrepullArgs {
         value_name = "HOST[:PORT]"
     )]
     pub insecure_registries: Vec<String>,
+    /// Registry credentials: a docker config.json, or a kubernetes.io/dockerconfigjson secret
+    /// (`kubectl get secret NAME -o json`, or the mounted `.dockerconfigjson` file)
+    #[arg(long, env = "RAGENT_AUTH", value_name = "FILE")]
+    pub auth: Option<PathBuf>,
     /// Blobs fetched at once [default: 4]
     #[arg(long, env = "RAGENT_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: Option<u16>,
@@ -170,6 +176,8 @@ pub struct PrepullSection {
     pub max_rate: Option<RateValue>,
     pub refresh_interval_s: Option<u64>,
     pub retry_max_s: Option<u64>,
+    /// Registry credentials: a docker config.json or a kubernetes.io/dockerconfigjson secret.
+    pub auth: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -195,6 +203,8 @@ pub struct PrepullPolicy {
     pub concurrency: usize,
     pub max_rate: Option<u64>,
     pub timing: crate::core::policy::Timing,
+    /// From `auth` (read once at start); anonymous without it.
+    pub credentials: Credentials,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -232,6 +242,8 @@ pub enum ConfigError {
     Image { reference: String, reason: String },
     #[error("prepull.{key} is invalid: {reason}")]
     Prepull { key: &'static str, reason: String },
+    #[error("prepull.auth: {0}")]
+    Credentials(#[from] CredentialsError),
 }
 
 /// Settings shared by every subcommand.
@@ -297,7 +309,12 @@ pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigE
             reason: format!("{retry_max} is out of range (1..=86400)"),
         });
     }
+    let credentials = match &section.auth {
+        Some(path) => load_credentials(path)?,
+        None => Credentials::anonymous(),
+    };
     Ok(PrepullPolicy {
+        credentials,
         images,
         insecure_registries: section.insecure_registries.clone(),
         concurrency,
@@ -324,6 +341,16 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         message: e.to_string(),
     })
+}
+
+/// Reads an auth file (`--auth`): a docker config.json or a Kubernetes secret of type
+/// `kubernetes.io/dockerconfigjson`; see [`Credentials::parse`] for what is accepted.
+pub fn load_credentials(path: &Path) -> Result<Credentials, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Credentials::parse(path, &text)
 }
 
 /// Merges flags/env over the file over the defaults.
@@ -531,6 +558,26 @@ mod tests {
     }
 
     #[test]
+    fn prepull_takes_an_auth_file() {
+        let c = cli(&["prepull", "--auth", "/etc/ragent/config.json", "r/x:1"]);
+        match &c.command {
+            Command::Prepull(p) => {
+                assert_eq!(
+                    p.auth.as_deref(),
+                    Some(Path::new("/etc/ragent/config.json"))
+                )
+            }
+            _ => panic!("not prepull"),
+        }
+        let e = load_credentials(Path::new("/nonexistent/ragent-auth.json")).unwrap_err();
+        assert_eq!(e.metric_label(), "auth_file_read");
+        assert!(
+            e.to_string().contains("/nonexistent/ragent-auth.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_bad_prepull_policy_names_the_key_and_the_fix() {
         for (text, want) in [
             (
@@ -546,6 +593,16 @@ mod tests {
             assert!(e.contains(want), "{text}: {e}");
         }
         assert!(parse_file(Path::new("t"), "[prepull]\nimage = []\n").is_err());
+        let file = parse_file(
+            Path::new("t"),
+            "[prepull]\nauth = \"/nonexistent/ragent-auth.json\"\n",
+        )
+        .unwrap();
+        let e = prepull_policy(&file.prepull).unwrap_err().to_string();
+        assert!(
+            e.starts_with("prepull.auth: ") && e.contains("/nonexistent/ragent-auth.json"),
+            "{e}"
+        );
     }
 
     #[test]

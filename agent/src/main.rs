@@ -76,6 +76,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prepull(args) => {
             let common = config::common(&cli, &FileConfig::default())?;
             init_logging(common.log_format);
+            // A bad auth file is reported before anything else happens.
+            let credentials = match &args.auth {
+                Some(path) => config::load_credentials(path)?,
+                None => ragent::core::credentials::Credentials::anonymous(),
+            };
             let c = ragent::adapters::containerd::Containerd::connect(
                 &common.containerd,
                 &common.namespace,
@@ -83,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::new(
                 &args.insecure_registries,
-                oci_client::secrets::RegistryAuth::Anonymous,
+                credentials,
             ));
             let opts = ragent::prepull::Options {
                 concurrency: args

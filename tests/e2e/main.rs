@@ -4,6 +4,7 @@
 //! One binary, run serially (`--test-threads=1`): each test relinks nothing and shares the node.
 //! The node is found through `RAGENT_TEST_NODE` and the binary under test through `RAGENT_BIN`.
 mod agent;
+mod auth;
 mod cli;
 mod images;
 mod pod;

@@ -296,7 +296,7 @@ async fn overlapping_pulls_in_one_process_share_each_fetch() {
         .expect("connect");
     let registry = Arc::new(Registry::new(
         &[node.registry()],
-        oci_client::secrets::RegistryAuth::Anonymous,
+        ragent::core::credentials::Credentials::anonymous(),
     ));
     let prom = prometheus::Registry::new();
     let metrics = PrepullMetrics::new(&prom).expect("metrics");

@@ -184,3 +184,54 @@ async fn agent_retries_an_unreachable_registry_until_it_returns() {
     assert_eq!(record_target(&node, &web).await.as_ref(), Some(digest));
     assert!(unpacked(&node, &set, "ragent/app-py-web", "v1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_pulls_through_a_token_auth_registry_with_a_pull_secret() {
+    use ragent_testkit::auth::{self, AuthKind, AuthRegistry};
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let reg = AuthRegistry::start(&node, AuthKind::Token, "warm-user", "warm:pass")
+        .expect("token-auth registry");
+    let secret = auth::write_file(
+        &reg.dir,
+        "pull-secret.json",
+        &auth::pull_secret(
+            "warm",
+            &auth::docker_config(&reg.host(), "warm-user", "warm:pass"),
+        ),
+    )
+    .expect("secret file");
+    let image = reg.reference("ragent/app-py-web", "v1");
+    let cfg = node.dir().join("warm-auth.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[prepull]\nimages = [{image:?}]\ninsecure_registries = [{:?}]\nauth = {:?}\n",
+            reg.host(),
+            secret.display().to_string()
+        ),
+    )
+    .expect("config");
+    let agent = Agent::start(
+        &node,
+        free_port(),
+        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
+    );
+    wait_for(
+        "the image through token auth",
+        Duration::from_secs(60),
+        || (agent.value("ragent_prepull_images{state=\"ready\"}") == Some(1.0)).then_some(()),
+    );
+    let digest = &set
+        .image("ragent/app-py-web", "v1")
+        .expect("fixture")
+        .manifest_digest;
+    assert_eq!(record_target(&node, &image).await.as_ref(), Some(digest));
+    assert!(unpacked(&node, &set, "ragent/app-py-web", "v1"));
+    assert_eq!(
+        sum_of(&agent.metrics(), "ragent_prepull_failures_total{"),
+        0.0,
+        "no attempt failed"
+    );
+}

@@ -1,6 +1,9 @@
 //! An OCI distribution registry, through the `oci-client` crate: manifests (with an index
 //! resolved to this node's platform) and blobs as streams, resumable from an offset.
-use std::{sync::Once, time::Duration};
+//!
+//! Each registry host gets its own credentials (from [`Credentials`]); `oci-client` answers the
+//! registry's challenge: HTTP basic, or basic to the token service named by a bearer challenge.
+use std::{path::PathBuf, sync::Once, time::Duration};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use oci_client::{
@@ -13,7 +16,10 @@ use tracing::instrument;
 
 use crate::{
     adapters::containerd::MAX_METADATA_BLOB,
-    core::oci::{self, Descriptor, Manifest, Platform, Target},
+    core::{
+        credentials::{Credential, Credentials},
+        oci::{self, Descriptor, Manifest, Platform, Target},
+    },
 };
 
 const ACCEPT: &[&str] = &[
@@ -44,8 +50,47 @@ pub enum RegistryError {
         "the manifest of {reference} is {size} bytes, more than the {MAX_METADATA_BLOB} ragent accepts"
     )]
     TooLarge { reference: String, size: usize },
+    #[error(
+        "registry {registry} needs credentials to pull {repository} (401 Unauthorized): {}",
+        needs_credentials_hint(registry, file.as_deref())
+    )]
+    NeedsCredentials {
+        registry: String,
+        repository: String,
+        /// The auth file given, which has no entry for this registry.
+        file: Option<PathBuf>,
+    },
+    #[error(
+        "registry {registry} refused the credentials for {repository} (401 Unauthorized): check \
+         the entry for {registry} in {}", file.display()
+    )]
+    CredentialsRefused {
+        registry: String,
+        repository: String,
+        file: PathBuf,
+    },
+    #[error(
+        "the entry for {registry} in {} is an identity token (OAuth refresh token), which ragent \
+         cannot use yet: give a username and password (or \"auth\") for {registry} instead",
+        file.display()
+    )]
+    UnsupportedCredential { registry: String, file: PathBuf },
     #[error(transparent)]
     Oci(#[from] oci::OciError),
+}
+
+/// What to do about a 401 without credentials for the registry.
+fn needs_credentials_hint(registry: &str, file: Option<&std::path::Path>) -> String {
+    match file {
+        Some(f) => format!(
+            "{} has no entry for {registry}; add one (\"auths\": {{\"{registry}\": ...}})",
+            f.display()
+        ),
+        None => format!(
+            "pass --auth FILE, a docker config.json or kubernetes.io/dockerconfigjson secret with \
+             an entry for {registry}"
+        ),
+    }
 }
 
 /// A plain-HTTP registry reached over HTTPS fails with a transport error: say what to do.
@@ -64,6 +109,9 @@ impl RegistryError {
             RegistryError::Request { .. } => "request",
             RegistryError::DigestMismatch { .. } => "digest",
             RegistryError::TooLarge { .. } => "too_large",
+            RegistryError::NeedsCredentials { .. } => "auth_required",
+            RegistryError::CredentialsRefused { .. } => "auth_refused",
+            RegistryError::UnsupportedCredential { .. } => "auth_unsupported",
             RegistryError::Oci(_) => "manifest",
         }
     }
@@ -79,11 +127,22 @@ pub struct ResolvedRef {
     pub manifest_bytes: Vec<u8>,
 }
 
-/// A registry client for the given insecure (plain HTTP) hosts.
+/// A registry client for the given insecure (plain HTTP) hosts and credentials.
 pub struct Registry {
     client: Client,
-    auth: RegistryAuth,
+    credentials: Credentials,
     platform: Platform,
+}
+
+/// Whether the registry answered 401 (on a manifest, or on a blob).
+fn is_unauthorized(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::UnauthorizedError { .. } => true,
+        E::ServerError { code, .. } => *code == 401,
+        E::RequestError(r) => r.status().is_some_and(|s| s.as_u16() == 401),
+        _ => false,
+    }
 }
 
 static TLS_PROVIDER: Once = Once::new();
@@ -108,8 +167,10 @@ pub fn normalize(reference: &str) -> Result<String, RegistryError> {
 }
 
 impl Registry {
-    /// `insecure`: registries (host[:port]) reached over plain HTTP; every other one uses TLS.
-    pub fn new(insecure: &[String], auth: RegistryAuth) -> Registry {
+    /// `insecure`: registries (host[:port]) reached over plain HTTP; every other one uses TLS
+    /// (so credentials cross plain HTTP only to a registry named here).
+    /// `credentials`: per registry host; a host without an entry is asked anonymously.
+    pub fn new(insecure: &[String], credentials: Credentials) -> Registry {
         TLS_PROVIDER.call_once(|| {
             // Fails only if another provider was installed first, which is as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -122,8 +183,62 @@ impl Registry {
         };
         Registry {
             client: Client::new(config),
-            auth,
+            credentials,
             platform: Platform::this_node(),
+        }
+    }
+
+    /// What to present to the registry of `r`.
+    fn auth_for(&self, r: &Reference) -> Result<RegistryAuth, RegistryError> {
+        let file = || self.credentials.source.clone().unwrap_or_default();
+        Ok(match self.credentials.for_host(r.registry()) {
+            None => RegistryAuth::Anonymous,
+            Some(Credential::Basic { username, password }) => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
+            Some(Credential::RegistryToken { token }) => RegistryAuth::Bearer(token.clone()),
+            Some(Credential::IdentityToken { .. }) => {
+                return Err(RegistryError::UnsupportedCredential {
+                    registry: r.registry().into(),
+                    file: file(),
+                });
+            }
+        })
+    }
+
+    /// An `oci-client` error as ours: a 401 says whether credentials were missing or refused.
+    fn request_error(
+        &self,
+        r: &Reference,
+        what: String,
+        e: oci_client::errors::OciDistributionError,
+    ) -> RegistryError {
+        if !is_unauthorized(&e) {
+            return RegistryError::Request {
+                reference: what,
+                reason: e.to_string(),
+            };
+        }
+        let (registry, repository) = (r.registry().to_string(), r.repository().to_string());
+        match (
+            self.credentials.for_host(&registry),
+            &self.credentials.source,
+        ) {
+            (Some(_), Some(file)) => RegistryError::CredentialsRefused {
+                registry,
+                repository,
+                file: file.clone(),
+            },
+            (None, file) => RegistryError::NeedsCredentials {
+                registry,
+                repository,
+                file: file.clone(),
+            },
+            (Some(_), None) => RegistryError::NeedsCredentials {
+                registry,
+                repository,
+                file: None,
+            },
         }
     }
 
@@ -132,14 +247,12 @@ impl Registry {
         r: &Reference,
         want: Option<&str>,
     ) -> Result<(Vec<u8>, String), RegistryError> {
+        let auth = self.auth_for(r)?;
         let (bytes, digest) = self
             .client
-            .pull_manifest_raw(r, &self.auth, ACCEPT)
+            .pull_manifest_raw(r, &auth, ACCEPT)
             .await
-            .map_err(|e| RegistryError::Request {
-                reference: r.whole(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| self.request_error(r, r.whole(), e))?;
         if bytes.len() as u64 > MAX_METADATA_BLOB {
             return Err(RegistryError::TooLarge {
                 reference: r.whole(),
@@ -206,13 +319,14 @@ impl Registry {
         offset: u64,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, std::io::Error>> + use<>, RegistryError> {
         let r = parse(reference)?;
-        let err = |e: oci_client::errors::OciDistributionError| RegistryError::Request {
-            reference: format!("{}@{digest}", r.whole()),
-            reason: e.to_string(),
+        let err = |e: oci_client::errors::OciDistributionError| {
+            self.request_error(&r, format!("{}@{digest}", r.whole()), e)
         };
-        // Authenticate (anonymously if so configured) before the first blob request.
+        // The registry's credentials (anonymous without an entry) before the first blob
+        // request: a blob may be fetched before any manifest of its registry.
+        let auth = self.auth_for(&r)?;
         self.client
-            .store_auth_if_needed(r.resolve_registry(), &self.auth)
+            .store_auth_if_needed(r.resolve_registry(), &auth)
             .await;
         let sized = if offset == 0 {
             self.client
@@ -279,6 +393,66 @@ mod tests {
         assert_eq!(normalize("ghcr.io/x/y").unwrap(), "ghcr.io/x/y:latest");
         assert!(normalize("not a reference").is_err());
         assert!(normalize("reg/repo:bad tag!").is_err());
+    }
+
+    #[test]
+    fn a_401_says_whether_credentials_were_missing_or_refused() {
+        use oci_client::errors::OciDistributionError as E;
+        let r = parse("127.0.0.1:5000/ragent/run:v1").unwrap();
+        let unauthorized = || E::UnauthorizedError {
+            url: "http://127.0.0.1:5000/v2/ragent/run/manifests/v1".into(),
+        };
+        let anonymous = Registry::new(&[], Credentials::anonymous());
+        let e = anonymous.request_error(&r, r.whole(), unauthorized());
+        assert_eq!(e.metric_label(), "auth_required");
+        assert!(e.to_string().contains("pass --auth FILE"), "{e}");
+
+        let creds = Credentials::parse(
+            "/etc/auth.json",
+            r#"{"auths":{"127.0.0.1:5000":{"username":"u","password":"p"},"ghcr.io":{"identitytoken":"t"}}}"#,
+        )
+        .unwrap();
+        let with = Registry::new(&[], creds);
+        let e = with.request_error(&r, r.whole(), unauthorized());
+        assert_eq!(e.metric_label(), "auth_refused");
+        assert!(
+            e.to_string()
+                .contains("refused the credentials for ragent/run")
+                && e.to_string().contains("/etc/auth.json"),
+            "{e}"
+        );
+        // An auth file without an entry for the registry says so.
+        let other = Registry::new(
+            &[],
+            Credentials::parse(
+                "/etc/other.json",
+                r#"{"auths":{"ghcr.io":{"auth":"dTpw"}}}"#,
+            )
+            .unwrap(),
+        );
+        let e = other.request_error(&r, r.whole(), unauthorized());
+        assert_eq!(e.metric_label(), "auth_required");
+        assert!(
+            e.to_string()
+                .contains("/etc/other.json has no entry for 127.0.0.1:5000"),
+            "{e}"
+        );
+        // Other errors stay request errors.
+        let e = with.request_error(&r, r.whole(), E::GenericError(None));
+        assert_eq!(e.metric_label(), "request");
+        assert!(matches!(
+            with.auth_for(&r),
+            Ok(RegistryAuth::Basic(u, p)) if u == "u" && p == "p"
+        ));
+        let ghcr = parse("ghcr.io/x/y:1").unwrap();
+        assert_eq!(
+            with.auth_for(&ghcr).unwrap_err().metric_label(),
+            "auth_unsupported"
+        );
+        assert!(matches!(
+            with.auth_for(&parse("quay.io/x/y").unwrap()),
+            Ok(RegistryAuth::Anonymous)
+        ));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The pure core: image and layer model, CNB metadata, the node inventory.
+//! The pure core: image and layer model, CNB metadata, the node inventory, registry
+//! credentials.
 //!
 //! Nothing here talks to containerd, the kernel or a socket; adapters feed it bytes and records
 //! and it decides. Everything here is tested directly.
 pub mod chain;
 pub mod cnb;
+pub mod credentials;
 pub mod inventory;
 pub mod oci;
 pub mod policy;
