@@ -73,6 +73,10 @@ pub struct PrepullArgs {
     /// Blobs fetched at once [default: 4]
     #[arg(long, env = "RAGENT_CONCURRENCY", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: Option<u16>,
+    /// Seconds a registry may stay silent (connecting, or between two reads of an answer)
+    /// before the pull fails [default: 30]
+    #[arg(long, env = "RAGENT_REGISTRY_TIMEOUT", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub registry_timeout: Option<u64>,
     /// Print one JSON report instead of text
     #[arg(long)]
     pub json: bool,

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use containerd_client::tonic::Code;
 use futures::{StreamExt, TryStreamExt, stream};
 use serde::Serialize;
 use tracing::{debug, info};
@@ -45,6 +46,10 @@ pub enum PrepullError {
     Oci(#[from] oci::OciError),
     #[error("no image given: name at least one image reference")]
     NothingToDo,
+    #[error(
+        "lost containerd in the middle of the pre-pull ({reason}): once containerd is back, run the same prepull again; it resumes where this run stopped"
+    )]
+    ContainerdLost { reason: String },
 }
 
 impl PrepullError {
@@ -54,6 +59,7 @@ impl PrepullError {
             PrepullError::Containerd(e) => e.metric_label(),
             PrepullError::Oci(_) => "manifest",
             PrepullError::NothingToDo => "usage",
+            PrepullError::ContainerdLost { .. } => "containerd_lost",
         }
     }
 }
@@ -129,6 +135,27 @@ fn needs(resolved: &[ResolvedRef]) -> Vec<ImageNeed> {
 
 /// Pre-pulls `references` into containerd.
 pub async fn run(
+    containerd: &Containerd,
+    registry: Arc<Registry>,
+    references: &[String],
+    opts: &Options,
+) -> Result<Report, PrepullError> {
+    run_once(containerd, registry, references, opts)
+        .await
+        .map_err(|e| match e {
+            // containerd went away (restarted, crashed): say so, and that a rerun resumes.
+            PrepullError::Containerd(ContainerdError::Rpc { op, status })
+                if matches!(status.code(), Code::Unavailable | Code::Cancelled) =>
+            {
+                PrepullError::ContainerdLost {
+                    reason: ContainerdError::Rpc { op, status }.to_string(),
+                }
+            }
+            e => e,
+        })
+}
+
+async fn run_once(
     containerd: &Containerd,
     registry: Arc<Registry>,
     references: &[String],
@@ -370,18 +397,48 @@ async fn fetch_blob(
     let ingest = format!("ragent-{}", desc.digest);
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
+    let mut retried = false;
     loop {
         let reference = reference.to_string();
         let digest = desc.digest.clone();
+        let size = desc.size;
+        let mut resumed_from = 0;
         let opened = containerd
             .write_blob(lease, &ingest, desc, HashMap::new(), |offset| {
-                stream::once(async move { registry.blob(&reference, &digest, offset).await })
-                    .map_ok(|s| s.map_err(|e| e.to_string()))
-                    .map_err(|e| e.to_string())
-                    .try_flatten()
+                resumed_from = offset;
+                stream::once(async move {
+                    registry
+                        .blob(&reference, &digest, size, offset)
+                        .await
+                        .map_err(std::io::Error::other)
+                })
+                .try_flatten()
             })
             .await;
         match opened {
+            // The registry's side failed: its error says what happened and what to do.
+            Err(ContainerdError::Source { digest, error }) => {
+                let kind = error.kind();
+                return Err(
+                    match error.into_inner().map(|e| e.downcast::<RegistryError>()) {
+                        Some(Ok(e)) => PrepullError::Registry(*e),
+                        Some(Err(other)) => PrepullError::Containerd(ContainerdError::Source {
+                            digest,
+                            error: std::io::Error::new(kind, other),
+                        }),
+                        None => PrepullError::Containerd(ContainerdError::Source {
+                            digest,
+                            error: std::io::Error::from(kind),
+                        }),
+                    },
+                );
+            }
+            // A partial ingest an earlier run left (cut off while the bytes were still
+            // unverified) did not add up: containerd dropped it; fetch the blob once from zero.
+            Err(ContainerdError::Rejected { .. }) if resumed_from > 0 && !retried => {
+                retried = true;
+                debug!(digest = %desc.digest, resumed_from, "resumed ingest rejected; fetching it whole");
+            }
             Ok(WriteOutcome::Existed) => return Ok(None),
             Ok(WriteOutcome::Written { .. }) => return Ok(Some(desc.digest.clone())),
             // Another writer holds the ingest: wait for it to finish (then the blob exists).

@@ -137,7 +137,11 @@ impl Containerd {
     /// Writes one blob under `lease` through the ingest `ingest_ref`, resuming a partial ingest.
     /// `open(offset)` gives the bytes from `offset` on. containerd checks size and digest at
     /// commit: a blob whose bytes do not match is rejected and nothing is committed.
-    pub async fn write_blob<S, E>(
+    ///
+    /// When the source fails, the bytes that arrived are written first (so the next writer
+    /// resumes after them), except when the error's kind is `InvalidData`: the bytes are wrong,
+    /// and the ingest is aborted. A source that ends short of `desc.size` fails likewise.
+    pub async fn write_blob<S>(
         &self,
         lease: &str,
         ingest_ref: &str,
@@ -146,8 +150,7 @@ impl Containerd {
         open: impl FnOnce(u64) -> S,
     ) -> Result<WriteOutcome, ContainerdError>
     where
-        S: Stream<Item = Result<Vec<u8>, E>>,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Vec<u8>, std::io::Error>>,
     {
         if self.content_size(&desc.digest).await?.is_some() {
             self.lease_content(lease, &desc.digest).await?;
@@ -195,14 +198,25 @@ impl Containerd {
         // HTTP hands over small pieces: send WRITE_CHUNK-sized messages (one round trip each).
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
         let mut done = !needs_bytes;
+        let mut failed: Option<std::io::Error> = None;
         loop {
             if !done {
                 match source.next().await {
-                    Some(chunk) => {
-                        buf.extend_from_slice(&chunk.map_err(|e| ContainerdError::Source {
-                            digest: desc.digest.clone(),
-                            reason: e.to_string(),
-                        })?)
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        done = true;
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            // Wrong bytes: none of them may be resumed from. Close the
+                            // write first (containerd unlocks the ingest), then drop it.
+                            drop(tx);
+                            while responses.next().await.is_some() {}
+                            self.abort_ingest(ingest_ref).await?;
+                            return Err(ContainerdError::Source {
+                                digest: desc.digest.clone(),
+                                error: e,
+                            });
+                        }
+                        failed = Some(e);
                     }
                     None => done = true,
                 }
@@ -224,6 +238,22 @@ impl Containerd {
                 break;
             }
         }
+        // What arrived is in the ingest now; the next writer resumes after it.
+        if let Some(error) = failed {
+            return Err(ContainerdError::Source {
+                digest: desc.digest.clone(),
+                error,
+            });
+        }
+        if offset < desc.size {
+            return Err(ContainerdError::Source {
+                digest: desc.digest.clone(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the source ended after {offset} of {} bytes", desc.size),
+                ),
+            });
+        }
         let mut commit = msg(WriteAction::Commit, offset, Vec::new());
         commit.labels = labels;
         let _ = tx.send(commit).await;
@@ -239,17 +269,27 @@ impl Containerd {
             }
             Some(Err(s)) => {
                 // Drop the bad bytes, so a retry starts from zero instead of resuming them.
-                let _ = ContentClient::new(self.channel.clone())
-                    .abort(self.request(AbortRequest {
-                        r#ref: ingest_ref.into(),
-                    }))
-                    .await;
+                let _ = self.abort_ingest(ingest_ref).await;
                 Err(ContainerdError::Rejected {
                     digest: desc.digest.clone(),
                     reason: s.message().to_string(),
                 })
             }
             None => Err(stream_closed()),
+        }
+    }
+
+    /// Drops a partial ingest and its bytes (none left is fine).
+    pub async fn abort_ingest(&self, ingest_ref: &str) -> Result<(), ContainerdError> {
+        match ContentClient::new(self.channel.clone())
+            .abort(self.request(AbortRequest {
+                r#ref: ingest_ref.into(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc("Content.Abort")(s)),
         }
     }
 
