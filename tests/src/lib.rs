@@ -3,3 +3,4 @@
 pub mod fixtures;
 pub mod http;
 pub mod node;
+pub mod proxy;
