@@ -33,6 +33,10 @@ use crate::{
 pub const DEFAULT_CONCURRENCY: usize = 4;
 /// How long the run's lease lives if ragent dies before deleting it.
 pub const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+/// How long the partial downloads of a failed run are kept for the next run to resume.
+pub const RESUME_EXPIRY: Duration = Duration::from_secs(3600);
+/// Prefix of the lease that keeps a failed run's partial downloads.
+pub const RESUME_LEASE_PREFIX: &str = "ragent-resume-";
 /// How long a blob another process is ingesting is waited for, in total.
 pub const LOCK_WAIT: Duration = Duration::from_secs(600);
 
@@ -50,6 +54,10 @@ pub enum PrepullError {
         "lost containerd in the middle of the pre-pull ({reason}): once containerd is back, run the same prepull again; it resumes where this run stopped"
     )]
     ContainerdLost { reason: String },
+    #[error(
+        "containerd's disk is full ({reason}): free space where containerd keeps its content (its root directory), then run the same prepull again"
+    )]
+    DiskFull { reason: String },
 }
 
 impl PrepullError {
@@ -60,6 +68,7 @@ impl PrepullError {
             PrepullError::Oci(_) => "manifest",
             PrepullError::NothingToDo => "usage",
             PrepullError::ContainerdLost { .. } => "containerd_lost",
+            PrepullError::DiskFull { .. } => "disk_full",
         }
     }
 }
@@ -151,6 +160,11 @@ pub async fn run(
                     reason: ContainerdError::Rpc { op, status }.to_string(),
                 }
             }
+            PrepullError::Containerd(c) if c.to_string().contains("no space left on device") => {
+                PrepullError::DiskFull {
+                    reason: c.to_string(),
+                }
+            }
             e => e,
         })
 }
@@ -214,11 +228,21 @@ async fn run_once(
         opts,
     )
     .await;
-    // The lease goes whatever happened: committed content is referenced by image records;
-    // the rest is garbage and containerd may collect it.
+    if result.is_err() {
+        keep_partial_downloads(containerd, &plan.fetch).await;
+    }
+    // The run's lease goes whatever happened: committed content is referenced by image
+    // records; partial downloads are held by a resume lease; the rest is garbage.
     let dropped = containerd.delete_lease(&lease, false).await;
     let fetched = result?;
     dropped?;
+    // Every blob is committed now: earlier runs' partial downloads are not needed any more.
+    // (Best effort: they expire by themselves.)
+    if let Ok(ids) = containerd.lease_ids(RESUME_LEASE_PREFIX).await {
+        for id in ids {
+            let _ = containerd.delete_lease(&id, false).await;
+        }
+    }
 
     let seconds = t0.elapsed().as_secs_f64();
     let images = plan
@@ -268,6 +292,40 @@ async fn run_once(
             seconds,
         },
     })
+}
+
+/// After a failed run: puts the partial ingests of the planned blobs under a resume lease that
+/// expires by itself, so deleting the run's lease does not let GC take the bytes that already
+/// crossed the wire. Best effort: without it the next run fetches those bytes again.
+async fn keep_partial_downloads(containerd: &Containerd, fetch: &[prepull::PlannedBlob]) {
+    let mut partial = Vec::new();
+    for b in fetch {
+        let ingest = format!("ragent-{}", b.digest);
+        if containerd.ingest_offset(&ingest).await.is_ok_and(|o| o > 0) {
+            partial.push(ingest);
+        }
+    }
+    if partial.is_empty() {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let id = format!("{RESUME_LEASE_PREFIX}{}-{nanos}", std::process::id());
+    let Ok(lease) = containerd.create_lease(&id, RESUME_EXPIRY).await else {
+        return;
+    };
+    for ingest in &partial {
+        if let Err(e) = containerd.lease_ingest(&lease, ingest).await {
+            debug!(%ingest, error = %e, "cannot keep a partial download");
+        }
+    }
+    info!(
+        partial = partial.len(),
+        lease = %lease,
+        "kept the partial downloads for the next run"
+    );
 }
 
 /// The needed blobs the store has, each put under `lease` before it counts as present.

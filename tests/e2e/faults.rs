@@ -12,7 +12,7 @@ use std::{
 use ragent::adapters::containerd::Containerd;
 use ragent_testkit::{
     fixtures::{FixtureSet, Image},
-    node::Node,
+    node::{Node, TmpfsContainerd},
     proxy::{Fault, Proxy, Target},
 };
 
@@ -157,13 +157,29 @@ impl Case {
             .collect()
     }
 
-    /// Removes the record this test made through the proxy (later tests count records).
-    fn forget(&self, img: &Image) {
-        let _ = self
-            .node
-            .ctr("k8s.io")
-            .args(["images", "rm", &self.reference(img)])
-            .output();
+    /// Puts the store back as later tests expect it: `imgs` recorded under their usual names
+    /// (a healthy pre-pull straight from the registry), and no record through the proxy.
+    fn restore(&self, imgs: &[&Image]) {
+        let reg = self.node.registry();
+        let refs: Vec<String> = imgs
+            .iter()
+            .map(|i| self.set.reference(&i.repo, &i.tag))
+            .collect();
+        let mut args = vec!["prepull", "--insecure-registry", &reg];
+        args.extend(refs.iter().map(String::as_str));
+        let out = ragent(&self.node, &args);
+        assert!(
+            out.status.success(),
+            "restoring {refs:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for img in imgs {
+            let _ = self
+                .node
+                .ctr("k8s.io")
+                .args(["images", "rm", &self.reference(img)])
+                .output();
+        }
     }
 }
 
@@ -172,6 +188,39 @@ fn all_blobs(img: &Image) -> Vec<&String> {
     let mut v = vec![&img.config_digest];
     v.extend(img.layers.iter().map(|l| &l.digest));
     v
+}
+
+/// Runs containerd's garbage collection now (deleting a lease with --sync does).
+fn force_gc(node: &Node) {
+    let id = "ragent-e2e-force-gc";
+    let _ = node
+        .ctr("k8s.io")
+        .args(["leases", "create", "--id", id])
+        .output();
+    let out = node
+        .ctr("k8s.io")
+        .args(["leases", "rm", "--sync", id])
+        .output()
+        .expect("ctr leases rm --sync");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The leases that keep failed runs' partial downloads.
+fn resume_leases(node: &Node) -> Vec<String> {
+    let out = node
+        .ctr("k8s.io")
+        .args(["leases", "ls", "-q"])
+        .output()
+        .expect("ctr leases ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("ragent-resume-"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The leases ragent's pre-pulls hold.
@@ -245,7 +294,7 @@ async fn faults_wrong_blob_bytes_are_refused_and_nothing_is_committed() {
     for d in &own {
         assert!(content_size_opt(&t.node, d).await.is_some(), "{d} missing");
     }
-    t.forget(&img);
+    t.restore(&[&img]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,6 +304,7 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
     let img = t.image(IMAGE);
     let own = Case::own_blobs(&img);
     t.make_missing(&[&img], &own).await;
+    let resume_before = resume_leases(&t.node);
     let out = t.prepull(&[], &t.reference(&img));
     let line = assert_error(
         &out,
@@ -263,7 +313,16 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
             "run the same prepull again to resume where it stopped",
         ],
     );
-    t.assert_clean(&img, &own).await;
+    // Blobs smaller than the cut arrived whole and may be committed (GC takes them with no
+    // record); none that was cut is.
+    let cut: Vec<String> = img
+        .layers
+        .iter()
+        .filter(|l| l.size > CUT && own.contains(&l.digest))
+        .map(|l| l.digest.clone())
+        .collect();
+    assert!(!cut.is_empty());
+    t.assert_clean(&img, &cut).await;
     // Every layer cut short keeps what reached ragent in its ingest, for the rerun; the one
     // the error names says how much.
     let mut kept = Vec::new();
@@ -291,6 +350,23 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
         }
     }
     assert!(!kept.is_empty(), "no partial ingest kept");
+    // They are held by a resume lease (the run's own lease is gone), so GC leaves them.
+    let resume: Vec<String> = resume_leases(&t.node)
+        .into_iter()
+        .filter(|l| !resume_before.contains(l))
+        .collect();
+    assert_eq!(resume.len(), 1, "{resume:?}");
+    force_gc(&t.node);
+    for (l, offset) in &kept {
+        assert_eq!(
+            t.c.ingest_offset(&format!("ragent-{}", l.digest))
+                .await
+                .expect("status"),
+            *offset,
+            "{}: GC took the partial download",
+            l.name
+        );
+    }
     t.proxy.set_fault(Fault::None);
     t.proxy.reset();
     let out = t.prepull(&[], &t.reference(&img));
@@ -298,6 +374,11 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        resume_leases(&t.node),
+        Vec::<String>::new(),
+        "the successful run drops the resume lease"
     );
     let seen = t.proxy.seen();
     for (l, offset) in &kept {
@@ -316,7 +397,7 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
         assert_eq!(content_size_opt(&t.node, &l.digest).await, Some(l.size));
     }
     assert_complete(&t.node, &t.c, &img, &t.reference(&img)).await;
-    t.forget(&img);
+    t.restore(&[&img]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +434,8 @@ async fn faults_manifest_status_codes_say_what_to_do() {
         assert!(line.contains(&r), "{status}: {line}");
         t.assert_clean(&img, &own).await;
     }
+    t.proxy.set_fault(Fault::None);
+    t.restore(&[&img]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,6 +470,8 @@ async fn faults_blob_status_codes_say_what_to_do() {
         );
         t.assert_clean(&img, &own).await;
     }
+    t.proxy.set_fault(Fault::None);
+    t.restore(&[&img]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,6 +507,8 @@ async fn faults_bad_manifests_are_refused() {
         // Nothing was fetched for an image ragent refused.
         assert_eq!(t.proxy.blob_bytes(), 0, "{fault:?}");
     }
+    t.proxy.set_fault(Fault::None);
+    t.restore(&[&img]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +537,8 @@ async fn faults_a_silent_registry_times_out() {
         assert!(took < Duration::from_secs(20), "{on:?}: took {took:?}");
         t.assert_clean(&img, &own).await;
     }
+    t.proxy.set_fault(Fault::None);
+    t.restore(&[&img]);
 }
 
 /// Spawns `ragent prepull` in the background.
@@ -602,7 +691,7 @@ async fn faults_sigkill_mid_pull_then_rerun_fetches_only_what_is_missing() {
     for l in left {
         let _ = t.node.ctr("k8s.io").args(["leases", "rm", &l]).output();
     }
-    t.forget(&j.batch);
+    t.restore(&[&j.batch, &j.api]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -661,5 +750,53 @@ async fn faults_containerd_restart_mid_pull_then_rerun_completes() {
         let _ = t.node.ctr("k8s.io").args(["leases", "rm", &l]).output();
     }
     t.c = c;
-    t.forget(&j.batch);
+    t.restore(&[&j.batch, &j.api]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_disk_full_fails_clearly_and_commits_nothing_partial() {
+    if !is_root() {
+        eprintln!("skipping: a tmpfs for containerd's root needs root (mount(2))");
+        return;
+    }
+    let node = node();
+    let set = fixtures(&node);
+    // ~10 MB of blobs into a 6 MiB content store.
+    let img = set.image("ragent/app-jvm-batch", "v1").expect("fixture");
+    let small = TmpfsContainerd::start(&node.dir().join("df"), 6).expect("tmpfs containerd");
+    let reg = node.registry();
+    let reference = set.reference(&img.repo, &img.tag);
+    let out = Command::new(ragent_bin())
+        .env("RAGENT_CONTAINERD", small.socket())
+        .args(["prepull", "--insecure-registry", &reg, &reference])
+        .output()
+        .expect("ragent");
+    assert_error(
+        &out,
+        &[
+            "containerd's disk is full",
+            "no space left on device",
+            "free space where containerd keeps its content",
+        ],
+    );
+    let c = Containerd::connect(&small.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    assert!(
+        c.list_images().await.expect("list").is_empty(),
+        "an image record exists after the failed pull"
+    );
+    let leases = small
+        .ctr("k8s.io")
+        .args(["leases", "ls", "-q"])
+        .output()
+        .expect("ctr");
+    let leases = String::from_utf8_lossy(&leases.stdout).to_string();
+    assert!(!leases.contains("ragent-prepull"), "{leases}");
+    // Whatever was committed is whole (containerd checked it); nothing partial counts as content.
+    for l in &img.layers {
+        if let Some(size) = c.content_size(&l.digest).await.expect("info") {
+            assert_eq!(size, l.size, "{}", l.name);
+        }
+    }
 }

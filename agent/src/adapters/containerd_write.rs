@@ -116,6 +116,37 @@ impl Containerd {
         Ok(())
     }
 
+    /// Puts a partial ingest under a lease (so GC keeps its bytes for a later resume).
+    pub async fn lease_ingest(&self, lease: &str, ingest_ref: &str) -> Result<(), ContainerdError> {
+        LeasesClient::new(self.channel.clone())
+            .add_resource(self.request(AddResourceRequest {
+                id: lease.into(),
+                resource: Some(Resource {
+                    id: ingest_ref.into(),
+                    r#type: "ingests".into(),
+                }),
+            }))
+            .await
+            .map_err(rpc("Leases.AddResource"))?;
+        Ok(())
+    }
+
+    /// The IDs of the namespace's leases that start with `prefix`.
+    pub async fn lease_ids(&self, prefix: &str) -> Result<Vec<String>, ContainerdError> {
+        let r = LeasesClient::new(self.channel.clone())
+            .list(self.request(containerd_client::services::v1::ListRequest {
+                filters: Vec::new(),
+            }))
+            .await
+            .map_err(rpc("Leases.List"))?;
+        Ok(r.into_inner()
+            .leases
+            .into_iter()
+            .map(|l| l.id)
+            .filter(|id| id.starts_with(prefix))
+            .collect())
+    }
+
     /// Bytes already in the ingest `ingest_ref` (a partial write to resume), or 0.
     pub async fn ingest_offset(&self, ingest_ref: &str) -> Result<u64, ContainerdError> {
         match ContentClient::new(self.channel.clone())
