@@ -583,13 +583,66 @@ fn jvm(t: &Case) -> Jvm {
     Jvm { batch, api, jre }
 }
 
-/// Waits until the proxy has handed out `n` bytes of `digest` (or panics after 60 s).
-fn wait_bytes(p: &Proxy, digest: &str, n: u64) {
-    wait_for(
-        &format!("{n} bytes of {digest} through the proxy"),
-        Duration::from_secs(60),
-        || (p.bytes_for(digest) >= n).then_some(()),
-    );
+/// Polls the image records while a pull runs: whenever `name` exists, every blob of `img`
+/// must be in the store.
+struct Watcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u32, bool, Vec<String>)>,
+}
+
+impl Watcher {
+    /// (checks made, whether the record was seen, blobs found missing under a record)
+    async fn stop(self) -> (u32, bool, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("watcher")
+    }
+}
+
+async fn watch_record(node: &Node, name: &str, img: &Image) -> Watcher {
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut blobs = vec![img.manifest_digest.clone(), img.config_digest.clone()];
+    blobs.extend(img.layers.iter().map(|l| l.digest.clone()));
+    let (name, flag) = (name.to_string(), stop.clone());
+    let task = tokio::spawn(async move {
+        let (mut checks, mut seen, mut broken) = (0, false, Vec::new());
+        // One last check after the stop, so a record made at the very end is seen too.
+        loop {
+            let last = flag.load(std::sync::atomic::Ordering::SeqCst);
+            if let Ok(records) = c.list_images().await
+                && records.iter().any(|r| r.name == name)
+            {
+                seen = true;
+                for d in &blobs {
+                    if c.content_size(d).await.ok().flatten().is_none() {
+                        broken.push(d.clone());
+                    }
+                }
+            }
+            checks += 1;
+            if last {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (checks, seen, broken)
+    });
+    Watcher { stop, task }
+}
+
+/// Waits until containerd's ingest of `digest` holds `n` bytes (or panics after 60 s).
+async fn wait_ingest(c: &Containerd, digest: &str, n: u64) {
+    let start = Instant::now();
+    let ingest = format!("ragent-{digest}");
+    while c.ingest_offset(&ingest).await.unwrap_or(0) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "containerd's ingest of {digest} did not reach {n} bytes within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The image is complete: every blob in the store with its size, the top snapshot unpacked.
@@ -638,8 +691,12 @@ async fn faults_sigkill_mid_pull_then_rerun_fetches_only_what_is_missing() {
     let r = t.reference(&j.batch);
 
     let mut child = spawn_prepull(&t.node, &t.proxy.host(), &r);
-    // Past the first 1 MiB write message, so containerd holds part of the layer.
-    wait_bytes(&t.proxy, &j.jre.digest, (3 << 20) / 2);
+    // Until containerd holds part of the layer (the first 1 MiB write message).
+    wait_ingest(&t.c, &j.jre.digest, 1 << 20).await;
+    assert!(
+        t.proxy.bytes_for(&j.jre.digest) < j.jre.size,
+        "the layer went through already"
+    );
     // No record may exist while the layer is incomplete.
     let records = t.c.list_images().await.expect("list");
     assert!(!records.iter().any(|x| x.name == r));
@@ -663,10 +720,21 @@ async fn faults_sigkill_mid_pull_then_rerun_fetches_only_what_is_missing() {
         j.jre.size
     );
 
-    // Run again on a healthy link: only the rest of the layer crosses the wire.
+    // Run again on a healthy link: only the rest of the layer crosses the wire; meanwhile a
+    // watcher checks that whenever the record exists, everything it points at does too.
     t.proxy.set_fault(Fault::None);
     t.proxy.reset();
+    let watcher = watch_record(&t.node, &r, &j.batch).await;
     let out = t.prepull(&["--json"], &r);
+    let (checks, seen_record, broken) = watcher.stop().await;
+    assert!(
+        broken.is_empty(),
+        "the record pointed at missing content: {broken:?}"
+    );
+    assert!(
+        seen_record && checks > 1,
+        "{checks} checks, record seen: {seen_record}"
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -708,7 +776,7 @@ async fn faults_containerd_restart_mid_pull_then_rerun_completes() {
     let r = t.reference(&j.batch);
 
     let child = spawn_prepull(&t.node, &t.proxy.host(), &r);
-    wait_bytes(&t.proxy, &j.jre.digest, (3 << 20) / 2);
+    wait_ingest(&t.c, &j.jre.digest, 1 << 20).await;
     t.node.restart_containerd().expect("restarting containerd");
     let out = child.wait_with_output().expect("ragent exits");
     eprintln!(
