@@ -868,3 +868,73 @@ async fn faults_disk_full_fails_clearly_and_commits_nothing_partial() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_a_partial_download_with_wrong_bytes_is_fetched_again_whole() {
+    let t = Case::new(Fault::None).await;
+    let img = t.image(IMAGE);
+    let own = Case::own_blobs(&img);
+    t.make_missing(&[&img], &own).await;
+    let app = img
+        .layers
+        .iter()
+        .find(|l| l.role == "app")
+        .expect("app layer")
+        .clone();
+    // An earlier download, cut off before its bytes could be checked, got wrong bytes.
+    let lease =
+        t.c.create_lease("ragent-e2e-bad-partial", Duration::from_secs(600))
+            .await
+            .expect("lease");
+    let desc = ragent::core::oci::Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        digest: app.digest.clone(),
+        size: app.size,
+        platform: None,
+        annotations: Default::default(),
+    };
+    const WRONG: u64 = 64 << 10;
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(vec![0x5a; WRONG as usize]),
+        Err(std::io::Error::other("cut off")),
+    ];
+    let ingest = format!("ragent-{}", app.digest);
+    t.c.write_blob(
+        &lease,
+        &ingest,
+        &desc,
+        std::collections::HashMap::new(),
+        |_| futures::stream::iter(pieces),
+    )
+    .await
+    .expect_err("the source was cut off");
+    assert_eq!(t.c.ingest_offset(&ingest).await.expect("status"), WRONG);
+
+    // The next run resumes, containerd refuses the result, ragent fetches the layer whole.
+    let out = t.prepull(&[], &t.reference(&img));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<_> = t
+        .proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.contains(&app.digest))
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0].range.as_deref(),
+        Some(&format!("bytes={WRONG}-")[..])
+    );
+    assert_eq!(seen[1].range, None);
+    assert_eq!(
+        t.proxy.bytes_for(&app.digest),
+        (app.size - WRONG) + app.size
+    );
+    assert_eq!(content_size_opt(&t.node, &app.digest).await, Some(app.size));
+    assert_complete(&t.node, &t.c, &img, &t.reference(&img)).await;
+    t.c.delete_lease(&lease, false).await.expect("drop lease");
+    t.restore(&[&img]);
+}
