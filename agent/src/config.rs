@@ -82,6 +82,10 @@ pub struct PrepullArgs {
     /// Cap on the pull's bandwidth, bytes per second (suffixes k, M, G = 1000^n; Ki, Mi, Gi = 1024^n)
     #[arg(long, env = "RAGENT_MAX_RATE", value_name = "BYTES_PER_S", value_parser = parse_rate)]
     pub max_rate: Option<u64>,
+    /// Seconds a registry may stay silent (connecting, or between two reads of an answer)
+    /// before the pull fails [default: 30]
+    #[arg(long, env = "RAGENT_REGISTRY_TIMEOUT", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub registry_timeout: Option<u64>,
     /// Print one JSON report instead of text
     #[arg(long)]
     pub json: bool,

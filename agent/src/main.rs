@@ -86,9 +86,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &common.namespace,
             )
             .await?;
-            let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::new(
+            let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::with_timeout(
                 &args.insecure_registries,
                 credentials,
+                args.registry_timeout.map_or(
+                    ragent::adapters::registry::DEFAULT_TIMEOUT,
+                    std::time::Duration::from_secs,
+                ),
             ));
             let opts = ragent::prepull::Options {
                 concurrency: args

@@ -9,10 +9,14 @@
 //! again; inside one process, overlapping pulls share one fetch per digest (single-flight).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use containerd_client::tonic::Code;
 use futures::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use tracing::{debug, info};
 
@@ -38,6 +42,10 @@ use crate::{
 pub const DEFAULT_CONCURRENCY: usize = 4;
 /// How long the run's lease lives if ragent dies before deleting it.
 pub const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+/// How long the partial downloads of a failed run are kept for the next run to resume.
+pub const RESUME_EXPIRY: Duration = Duration::from_secs(3600);
+/// Prefix of the lease that keeps a failed run's partial downloads.
+pub const RESUME_LEASE_PREFIX: &str = "ragent-resume-";
 /// How long a blob another process is ingesting is waited for, in total.
 pub const LOCK_WAIT: Duration = Duration::from_secs(600);
 
@@ -51,6 +59,14 @@ pub enum PrepullError {
     Oci(#[from] oci::OciError),
     #[error("no image given: name at least one image reference")]
     NothingToDo,
+    #[error(
+        "lost containerd in the middle of the pre-pull ({reason}): once containerd is back, run the same prepull again; it resumes where this run stopped"
+    )]
+    ContainerdLost { reason: String },
+    #[error(
+        "containerd's disk is full ({reason}): free space where containerd keeps its content (its root directory), then run the same prepull again"
+    )]
+    DiskFull { reason: String },
     #[error("cannot set up the pre-pull metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// The failure of a fetch that several pulls were waiting for.
@@ -59,12 +75,44 @@ pub enum PrepullError {
 }
 
 impl PrepullError {
+    /// The containerd error under this one, if any (also through a shared fetch's failure).
+    fn containerd_cause(&self) -> Option<&ContainerdError> {
+        match self {
+            PrepullError::Containerd(c) => Some(c),
+            PrepullError::Shared(e) => e.containerd_cause(),
+            _ => None,
+        }
+    }
+
+    /// Says what a containerd failure means for the run: containerd gone (a rerun resumes),
+    /// or its disk full.
+    fn classified(self) -> PrepullError {
+        let Some(c) = self.containerd_cause() else {
+            return self;
+        };
+        if let ContainerdError::Rpc { status, .. } = c
+            && matches!(status.code(), Code::Unavailable | Code::Cancelled)
+        {
+            return PrepullError::ContainerdLost {
+                reason: c.to_string(),
+            };
+        }
+        if c.to_string().contains("no space left on device") {
+            return PrepullError::DiskFull {
+                reason: c.to_string(),
+            };
+        }
+        self
+    }
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             PrepullError::Registry(e) => e.metric_label(),
             PrepullError::Containerd(e) => e.metric_label(),
             PrepullError::Oci(_) => "manifest",
             PrepullError::NothingToDo => "usage",
+            PrepullError::ContainerdLost { .. } => "containerd_lost",
+            PrepullError::DiskFull { .. } => "disk_full",
             PrepullError::Metrics(_) => "internal",
             PrepullError::Shared(e) => e.metric_label(),
         }
@@ -226,7 +274,10 @@ impl Puller {
         progress: Option<&Arc<Progress>>,
     ) -> Result<Report, PrepullError> {
         let t0 = Instant::now();
-        let r = self.pull_inner(resolved, progress, t0).await;
+        let r = self
+            .pull_inner(resolved, progress, t0)
+            .await
+            .map_err(PrepullError::classified);
         match &r {
             Ok(_) => self.metrics.duration.observe(t0.elapsed().as_secs_f64()),
             Err(e) => self.failed(e, t0),
@@ -260,12 +311,21 @@ impl Puller {
         let result = self
             .under_lease(resolved, &needs, &lease, progress, t0)
             .await;
-        // The lease goes whatever happened: committed content is referenced by image records;
-        // the rest is garbage and containerd may collect it (a partial ingest stays, so the
-        // next run resumes it).
+        if result.is_err() {
+            keep_partial_downloads(&self.containerd, &needs).await;
+        }
+        // The run's lease goes whatever happened: committed content is referenced by image
+        // records; partial downloads are held by a resume lease; the rest is garbage.
         let dropped = self.containerd.delete_lease(&lease, false).await;
         let report = result?;
         dropped?;
+        // Every blob is committed now: earlier runs' partial downloads are not needed any
+        // more. (Best effort: they expire by themselves.)
+        if let Ok(ids) = self.containerd.lease_ids(RESUME_LEASE_PREFIX).await {
+            for id in ids {
+                let _ = self.containerd.delete_lease(&id, false).await;
+            }
+        }
         Ok(report)
     }
 
@@ -547,6 +607,44 @@ pub async fn run(
         .await
 }
 
+/// After a failed run: puts the partial ingests of the needed blobs under a resume lease that
+/// expires by itself, so deleting the run's lease does not let GC take the bytes that already
+/// crossed the wire. Best effort: without it the next run fetches those bytes again.
+async fn keep_partial_downloads(containerd: &Containerd, needs: &[ImageNeed]) {
+    let digests: BTreeSet<&str> = needs
+        .iter()
+        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
+        .collect();
+    let mut partial = Vec::new();
+    for d in digests {
+        let ingest = format!("ragent-{d}");
+        if containerd.ingest_offset(&ingest).await.is_ok_and(|o| o > 0) {
+            partial.push(ingest);
+        }
+    }
+    if partial.is_empty() {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let id = format!("{RESUME_LEASE_PREFIX}{}-{nanos}", std::process::id());
+    let Ok(lease) = containerd.create_lease(&id, RESUME_EXPIRY).await else {
+        return;
+    };
+    for ingest in &partial {
+        if let Err(e) = containerd.lease_ingest(&lease, ingest).await {
+            debug!(%ingest, error = %e, "cannot keep a partial download");
+        }
+    }
+    info!(
+        partial = partial.len(),
+        lease = %lease,
+        "kept the partial downloads for the next run"
+    );
+}
+
 /// The needed blobs the store has, each put under `lease` before it counts as present.
 async fn leased_present(
     containerd: &Containerd,
@@ -585,54 +683,61 @@ async fn fetch_blob(
     let ingest = format!("ragent-{}", desc.digest);
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
+    let mut retried = false;
     loop {
         let inflight = Inflight {
             gauge: metrics.inflight.clone(),
             remaining: Arc::new(Mutex::new(0)),
         };
+        // Where containerd's partial ingest let this attempt start.
+        let resumed_from = AtomicU64::new(0);
         let opened = {
             let remaining = inflight.remaining.clone();
             let gauge = inflight.gauge.clone();
-            let inflight = &inflight;
+            let (inflight, resumed) = (&inflight, &resumed_from);
             let (reference, digest) = (reference.to_string(), desc.digest.clone());
             let (limiter, progress) = (limiter.clone(), progress.clone());
             let size = desc.size;
             containerd
                 .write_blob(lease, &ingest, desc, HashMap::new(), move |offset| {
+                    resumed.store(offset, Ordering::SeqCst);
                     inflight.start(size.saturating_sub(offset));
                     if let Some(p) = &progress {
                         p.advance(&digest, offset);
                     }
                     let d = digest.clone();
-                    stream::once(async move { registry.blob(&reference, &d, offset).await })
-                        .map_ok(|s| s.map_err(|e| e.to_string()))
-                        .map_err(|e| e.to_string())
-                        .try_flatten()
-                        .and_then(move |chunk| {
-                            let limiter = limiter.clone();
-                            let (remaining, gauge) = (remaining.clone(), gauge.clone());
-                            let (progress, digest) = (progress.clone(), digest.clone());
-                            async move {
-                                let n = chunk.len() as u64;
-                                if let Some(l) = limiter {
-                                    let w = lock(&l).take(n, Instant::now());
-                                    if !w.is_zero() {
-                                        tokio::time::sleep(w).await;
-                                    }
+                    stream::once(async move {
+                        registry
+                            .blob(&reference, &d, size, offset)
+                            .await
+                            .map_err(std::io::Error::other)
+                    })
+                    .try_flatten()
+                    .and_then(move |chunk| {
+                        let limiter = limiter.clone();
+                        let (remaining, gauge) = (remaining.clone(), gauge.clone());
+                        let (progress, digest) = (progress.clone(), digest.clone());
+                        async move {
+                            let n = chunk.len() as u64;
+                            if let Some(l) = limiter {
+                                let w = lock(&l).take(n, Instant::now());
+                                if !w.is_zero() {
+                                    tokio::time::sleep(w).await;
                                 }
-                                let arrived = {
-                                    let mut r = lock(&remaining);
-                                    let a = n.min(*r);
-                                    *r -= a;
-                                    a
-                                };
-                                gauge.sub(i64::try_from(arrived).unwrap_or(i64::MAX));
-                                if let Some(p) = &progress {
-                                    p.advance(&digest, n);
-                                }
-                                Ok(chunk)
                             }
-                        })
+                            let arrived = {
+                                let mut r = lock(&remaining);
+                                let a = n.min(*r);
+                                *r -= a;
+                                a
+                            };
+                            gauge.sub(i64::try_from(arrived).unwrap_or(i64::MAX));
+                            if let Some(p) = &progress {
+                                p.advance(&digest, n);
+                            }
+                            Ok(chunk)
+                        }
+                    })
                 })
                 .await
         };
@@ -645,6 +750,31 @@ async fn fetch_blob(
             }
             Ok(WriteOutcome::Written { bytes, .. }) => {
                 return Ok(Fetched::Written { wire: bytes });
+            }
+            // The registry's side failed: its error says what happened and what to do.
+            Err(ContainerdError::Source { digest, error }) => {
+                let kind = error.kind();
+                return Err(
+                    match error.into_inner().map(|e| e.downcast::<RegistryError>()) {
+                        Some(Ok(e)) => PrepullError::Registry(*e),
+                        Some(Err(other)) => PrepullError::Containerd(ContainerdError::Source {
+                            digest,
+                            error: std::io::Error::new(kind, other),
+                        }),
+                        None => PrepullError::Containerd(ContainerdError::Source {
+                            digest,
+                            error: std::io::Error::from(kind),
+                        }),
+                    },
+                );
+            }
+            // A partial ingest an earlier run left (cut off while the bytes were still
+            // unverified) did not add up: containerd dropped it; fetch the blob once from zero.
+            Err(ContainerdError::Rejected { .. })
+                if resumed_from.load(Ordering::SeqCst) > 0 && !retried =>
+            {
+                retried = true;
+                debug!(digest = %desc.digest, "resumed ingest rejected; fetching it whole");
             }
             // Another writer holds the ingest: wait for it to finish (then the blob exists).
             Err(ContainerdError::Rpc { status, .. })

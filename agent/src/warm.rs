@@ -147,7 +147,8 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
             }
         }
         Err(e) => {
-            lost |= matches!(&e, PrepullError::Containerd(c) if c.is_disconnect());
+            lost |= matches!(&e, PrepullError::ContainerdLost { .. })
+                || matches!(&e, PrepullError::Containerd(c) if c.is_disconnect());
             for r in &to_pull {
                 fail(state, &r.name, &e);
             }

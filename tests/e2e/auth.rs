@@ -197,9 +197,10 @@ async fn auth_basic_htpasswd_registry() {
     let repo = "ragent/app-py-worker";
     let host = reg.host();
 
-    let needs = format!("registry {host} needs credentials to pull {repo} (401 Unauthorized)");
+    let needs = format!("registry {host} needs credentials to pull {repo} (401 Unauthorized on ");
     fails(&node, &reg, None, repo, &[&needs, "--auth FILE"]).await;
-    let refused = format!("registry {host} refused the credentials for {repo} (401 Unauthorized)");
+    let refused =
+        format!("registry {host} refused the credentials for {repo} (401 Unauthorized on ");
     fails(&node, &reg, Some(&wrong), repo, &[&refused, &wrong]).await;
     succeeds(&node, &reg, &good, repo, "v1").await;
 
@@ -263,10 +264,11 @@ async fn auth_bearer_token_registry_with_config_json_and_k8s_secret_json_and_yam
     let repo = "ragent/app-jvm-batch";
     let host = reg.host();
 
-    let needs = format!("registry {host} needs credentials to pull {repo} (401 Unauthorized)");
+    let needs = format!("registry {host} needs credentials to pull {repo} (401 Unauthorized on ");
     fails(&node, &reg, None, repo, &[&needs, "--auth FILE"]).await;
     let refused_before = issuer.refused.load(std::sync::atomic::Ordering::Relaxed);
-    let refused = format!("registry {host} refused the credentials for {repo} (401 Unauthorized)");
+    let refused =
+        format!("registry {host} refused the credentials for {repo} (401 Unauthorized on ");
     fails(&node, &reg, Some(&wrong), repo, &[&refused, &wrong]).await;
     assert!(
         issuer.refused.load(std::sync::atomic::Ordering::Relaxed) > refused_before,
@@ -362,7 +364,7 @@ async fn auth_blob_requests_carry_the_credentials() {
 
         let registry = Registry::new(&insecure, load_credentials(&good).expect("credentials"));
         let bytes: Vec<u8> = registry
-            .blob(&reference, &layer.digest, 0)
+            .blob(&reference, &layer.digest, layer.size, 0)
             .await
             .unwrap_or_else(|e| panic!("{kind:?}: {e}"))
             .try_concat()
@@ -371,7 +373,7 @@ async fn auth_blob_requests_carry_the_credentials() {
         assert_eq!(bytes.len() as u64, layer.size, "{kind:?}");
         assert_eq!(format!("sha256:{:x}", Sha256::digest(&bytes)), layer.digest);
         let tail: Vec<u8> = registry
-            .blob(&reference, &layer.digest, 1000)
+            .blob(&reference, &layer.digest, layer.size, 1000)
             .await
             .expect("ranged blob")
             .try_concat()
@@ -392,7 +394,10 @@ async fn auth_blob_requests_carry_the_credentials() {
                 "auth_refused",
             ),
         ] {
-            let e = match registry.blob(&reference, &layer.digest, 0).await {
+            let e = match registry
+                .blob(&reference, &layer.digest, layer.size, 0)
+                .await
+            {
                 Ok(s) => match s.try_concat().await {
                     Ok(_) => panic!("{kind:?}: a blob without valid credentials was served"),
                     Err(e) => panic!("{kind:?}: expected a 401 before the body, got {e}"),

@@ -6,6 +6,7 @@
 mod agent;
 mod auth;
 mod cli;
+mod faults;
 mod images;
 mod pod;
 mod prepull;

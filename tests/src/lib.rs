@@ -5,3 +5,4 @@ pub mod auth;
 pub mod fixtures;
 pub mod http;
 pub mod node;
+pub mod proxy;

@@ -539,3 +539,124 @@ fn remove_leftover_cgroups(ids: &[String]) -> Vec<String> {
     }
     done
 }
+
+/// A containerd of its own whose root (content store, metadata, snapshots) is a small tmpfs:
+/// what a node with a full disk looks like to ragent. Stopped (by PID) and unmounted on drop.
+pub struct TmpfsContainerd {
+    dir: PathBuf,
+    pid: u32,
+}
+
+impl TmpfsContainerd {
+    /// Starts containerd under `dir` (created; keep it short, sockets live there) with its
+    /// root on a tmpfs of `size_mib` MiB. Needs root (mount(2)).
+    pub fn start(dir: &Path, size_mib: u32) -> Result<TmpfsContainerd> {
+        if dir.as_os_str().len() + "/containerd.sock.ttrpc".len() >= 108 {
+            bail!("{} is too long for unix socket paths", dir.display());
+        }
+        let root = dir.join("root");
+        fs::create_dir_all(&root)?;
+        fs::create_dir_all(dir.join("state"))?;
+        fs::create_dir_all(dir.join("opt"))?;
+        let c_root = std::ffi::CString::new(root.display().to_string())?;
+        let opts = std::ffi::CString::new(format!("size={size_mib}m,mode=0700"))?;
+        // SAFETY: mount(2) with valid C strings; the guard unmounts it.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c_root.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mounting a tmpfs on {}: {}",
+                root.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        let d = dir.display();
+        fs::write(
+            dir.join("containerd.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\noom_score = 0\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
+            ),
+        )?;
+        let log = fs::File::create(dir.join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("containerd.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting containerd")?;
+        let me = TmpfsContainerd {
+            dir: dir.to_path_buf(),
+            pid: child.id(),
+        };
+        let sock = me.socket();
+        wait_until("the tmpfs containerd", Duration::from_secs(30), || {
+            sock.exists()
+                && Command::new("ctr")
+                    .arg("--address")
+                    .arg(&sock)
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        })?;
+        Ok(me)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// A `ctr` command against this containerd.
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(namespace);
+        c
+    }
+}
+
+impl Drop for TmpfsContainerd {
+    fn drop(&mut self) {
+        stop_pid(
+            self.pid,
+            &self.dir.display().to_string(),
+            Duration::from_secs(10),
+        );
+        // Reap it (it is our child).
+        // SAFETY: waitpid on our own child's PID, non-blocking.
+        unsafe {
+            libc::waitpid(self.pid as i32, std::ptr::null_mut(), libc::WNOHANG);
+        }
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: umount2 with a valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

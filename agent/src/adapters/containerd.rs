@@ -41,8 +41,13 @@ pub enum ContainerdError {
         "content {digest} is {size} bytes, more than the {MAX_METADATA_BLOB} bytes ragent reads as metadata"
     )]
     TooLarge { digest: String, size: u64 },
-    #[error("reading the bytes of {digest} failed: {reason}")]
-    Source { digest: String, reason: String },
+    /// The source of a blob's bytes failed; what arrived stays in the ingest (to resume from),
+    /// unless the error says the bytes are wrong (kind `InvalidData`).
+    #[error("reading the bytes of {digest} failed: {error}")]
+    Source {
+        digest: String,
+        error: std::io::Error,
+    },
     #[error("containerd rejected {digest}: {reason} (nothing was committed)")]
     Rejected { digest: String, reason: String },
     #[error(

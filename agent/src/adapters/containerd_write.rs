@@ -103,12 +103,27 @@ impl Containerd {
 
     /// Puts an existing blob under a lease (so GC cannot take it while an image is assembled).
     pub async fn lease_content(&self, lease: &str, digest: &str) -> Result<(), ContainerdError> {
+        self.add_to_lease(lease, digest, "content").await
+    }
+
+    /// Puts a committed snapshot under a lease (an image being unpacked on top of it keeps it).
+    pub async fn lease_snapshot(&self, lease: &str, key: &str) -> Result<(), ContainerdError> {
+        self.add_to_lease(lease, key, &format!("snapshots/{SNAPSHOTTER}"))
+            .await
+    }
+
+    /// Puts a partial ingest under a lease (so GC keeps its bytes for a later resume).
+    pub async fn lease_ingest(&self, lease: &str, ingest_ref: &str) -> Result<(), ContainerdError> {
+        self.add_to_lease(lease, ingest_ref, "ingests").await
+    }
+
+    async fn add_to_lease(&self, lease: &str, id: &str, kind: &str) -> Result<(), ContainerdError> {
         LeasesClient::new(self.channel.clone())
             .add_resource(self.request(AddResourceRequest {
                 id: lease.into(),
                 resource: Some(Resource {
-                    id: digest.into(),
-                    r#type: "content".into(),
+                    id: id.into(),
+                    r#type: kind.into(),
                 }),
             }))
             .await
@@ -116,19 +131,20 @@ impl Containerd {
         Ok(())
     }
 
-    /// Puts a committed snapshot under a lease (an image being unpacked on top of it keeps it).
-    pub async fn lease_snapshot(&self, lease: &str, key: &str) -> Result<(), ContainerdError> {
-        LeasesClient::new(self.channel.clone())
-            .add_resource(self.request(AddResourceRequest {
-                id: lease.into(),
-                resource: Some(Resource {
-                    id: key.into(),
-                    r#type: format!("snapshots/{SNAPSHOTTER}"),
-                }),
+    /// The IDs of the namespace's leases that start with `prefix`.
+    pub async fn lease_ids(&self, prefix: &str) -> Result<Vec<String>, ContainerdError> {
+        let r = LeasesClient::new(self.channel.clone())
+            .list(self.request(containerd_client::services::v1::ListRequest {
+                filters: Vec::new(),
             }))
             .await
-            .map_err(rpc("Leases.AddResource"))?;
-        Ok(())
+            .map_err(rpc("Leases.List"))?;
+        Ok(r.into_inner()
+            .leases
+            .into_iter()
+            .map(|l| l.id)
+            .filter(|id| id.starts_with(prefix))
+            .collect())
     }
 
     /// Bytes already in the ingest `ingest_ref` (a partial write to resume), or 0.
@@ -152,7 +168,11 @@ impl Containerd {
     /// Writes one blob under `lease` through the ingest `ingest_ref`, resuming a partial ingest.
     /// `open(offset)` gives the bytes from `offset` on. containerd checks size and digest at
     /// commit: a blob whose bytes do not match is rejected and nothing is committed.
-    pub async fn write_blob<S, E>(
+    ///
+    /// When the source fails, the bytes that arrived are written first (so the next writer
+    /// resumes after them), except when the error's kind is `InvalidData`: the bytes are wrong,
+    /// and the ingest is aborted. A source that ends short of `desc.size` fails likewise.
+    pub async fn write_blob<S>(
         &self,
         lease: &str,
         ingest_ref: &str,
@@ -161,8 +181,7 @@ impl Containerd {
         open: impl FnOnce(u64) -> S,
     ) -> Result<WriteOutcome, ContainerdError>
     where
-        S: Stream<Item = Result<Vec<u8>, E>>,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Vec<u8>, std::io::Error>>,
     {
         if self.content_size(&desc.digest).await?.is_some() {
             self.lease_content(lease, &desc.digest).await?;
@@ -210,14 +229,25 @@ impl Containerd {
         // HTTP hands over small pieces: send WRITE_CHUNK-sized messages (one round trip each).
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
         let mut done = !needs_bytes;
+        let mut failed: Option<std::io::Error> = None;
         loop {
             if !done {
                 match source.next().await {
-                    Some(chunk) => {
-                        buf.extend_from_slice(&chunk.map_err(|e| ContainerdError::Source {
-                            digest: desc.digest.clone(),
-                            reason: e.to_string(),
-                        })?)
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        done = true;
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            // Wrong bytes: none of them may be resumed from. Close the
+                            // write first (containerd unlocks the ingest), then drop it.
+                            drop(tx);
+                            while responses.next().await.is_some() {}
+                            self.abort_ingest(ingest_ref).await?;
+                            return Err(ContainerdError::Source {
+                                digest: desc.digest.clone(),
+                                error: e,
+                            });
+                        }
+                        failed = Some(e);
                     }
                     None => done = true,
                 }
@@ -239,6 +269,22 @@ impl Containerd {
                 break;
             }
         }
+        // What arrived is in the ingest now; the next writer resumes after it.
+        if let Some(error) = failed {
+            return Err(ContainerdError::Source {
+                digest: desc.digest.clone(),
+                error,
+            });
+        }
+        if offset < desc.size {
+            return Err(ContainerdError::Source {
+                digest: desc.digest.clone(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the source ended after {offset} of {} bytes", desc.size),
+                ),
+            });
+        }
         let mut commit = msg(WriteAction::Commit, offset, Vec::new());
         commit.labels = labels;
         let _ = tx.send(commit).await;
@@ -254,17 +300,27 @@ impl Containerd {
             }
             Some(Err(s)) => {
                 // Drop the bad bytes, so a retry starts from zero instead of resuming them.
-                let _ = ContentClient::new(self.channel.clone())
-                    .abort(self.request(AbortRequest {
-                        r#ref: ingest_ref.into(),
-                    }))
-                    .await;
+                let _ = self.abort_ingest(ingest_ref).await;
                 Err(ContainerdError::Rejected {
                     digest: desc.digest.clone(),
                     reason: s.message().to_string(),
                 })
             }
             None => Err(stream_closed()),
+        }
+    }
+
+    /// Drops a partial ingest and its bytes (none left is fine).
+    pub async fn abort_ingest(&self, ingest_ref: &str) -> Result<(), ContainerdError> {
+        match ContentClient::new(self.channel.clone())
+            .abort(self.request(AbortRequest {
+                r#ref: ingest_ref.into(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc("Content.Abort")(s)),
         }
     }
 

@@ -9,6 +9,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use oci_client::{
     Client, Reference,
     client::{BlobResponse, ClientConfig, ClientProtocol},
+    errors::{DigestError, OciDistributionError},
     secrets::RegistryAuth,
 };
 use sha2::{Digest, Sha256};
@@ -29,10 +30,36 @@ const ACCEPT: &[&str] = &[
     oci::MEDIA_DOCKER_LIST,
 ];
 
+/// Default of `--registry-timeout`: how long a registry may stay silent (connecting, or
+/// between two reads of an answer) before ragent gives up on it.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting never waits longer than this, whatever the timeout.
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("{reference:?} is not an image reference: {reason}")]
     Reference { reference: String, reason: String },
+    #[error(
+        "{what} was not found in the registry ({detail}): check the repository name, the tag or the digest"
+    )]
+    NotFound { what: String, detail: String },
+    #[error(
+        "the registry denied {what} (403 Forbidden): check that the repository exists and that this node may pull from it"
+    )]
+    Denied { what: String },
+    #[error(
+        "the registry is rate limiting (429) requests for {what}: retry later or lower --concurrency"
+    )]
+    RateLimited { what: String },
+    #[error(
+        "the registry failed ({status}) on {what}: it has trouble of its own; retry later, and tell its operators if it persists"
+    )]
+    Server { what: String, status: u16 },
+    #[error(
+        "the registry did not answer {what} within {seconds} s: check that it is up and reachable from this node, or raise --registry-timeout"
+    )]
+    Timeout { what: String, seconds: u64 },
     #[error(
         "registry request for {reference} failed: {reason}{}",
         tls_hint(reason)
@@ -47,26 +74,42 @@ pub enum RegistryError {
         got: String,
     },
     #[error(
-        "the manifest of {reference} is {size} bytes, more than the {MAX_METADATA_BLOB} ragent accepts"
+        "the registry sent bytes for {digest} that hash to {got}: refusing them (nothing was committed); the registry or something between it and this node corrupts data"
+    )]
+    BlobDigest { digest: String, got: String },
+    #[error(
+        "the connection to the registry broke after {received} of {size} bytes of {digest} ({reason}): run the same prepull again to resume where it stopped"
+    )]
+    Interrupted {
+        digest: String,
+        received: u64,
+        size: u64,
+        reason: String,
+    },
+    #[error(
+        "the manifest of {reference} is {size} bytes, more than the {MAX_METADATA_BLOB} ragent accepts: refusing it (no image manifest is that big; check what the registry serves under this name)"
     )]
     TooLarge { reference: String, size: usize },
     #[error(
-        "registry {registry} needs credentials to pull {repository} (401 Unauthorized): {}",
+        "registry {registry} needs credentials to pull {repository} (401 Unauthorized on {what}): {}",
         needs_credentials_hint(registry, file.as_deref())
     )]
     NeedsCredentials {
         registry: String,
         repository: String,
+        /// The reference or blob that was refused.
+        what: String,
         /// The auth file given, which has no entry for this registry.
         file: Option<PathBuf>,
     },
     #[error(
-        "registry {registry} refused the credentials for {repository} (401 Unauthorized): check \
-         the entry for {registry} in {}", file.display()
+        "registry {registry} refused the credentials for {repository} (401 Unauthorized on \
+         {what}): check the entry for {registry} in {}", file.display()
     )]
     CredentialsRefused {
         registry: String,
         repository: String,
+        what: String,
         file: PathBuf,
     },
     #[error(
@@ -75,6 +118,13 @@ pub enum RegistryError {
         file.display()
     )]
     UnsupportedCredential { registry: String, file: PathBuf },
+    #[error(
+        "the registry's manifest for {reference} is unusable: {error}; look at it with `skopeo inspect --raw docker://{reference}`"
+    )]
+    Manifest {
+        reference: String,
+        error: oci::OciError,
+    },
     #[error(transparent)]
     Oci(#[from] oci::OciError),
 }
@@ -106,15 +156,116 @@ impl RegistryError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             RegistryError::Reference { .. } => "reference",
+            RegistryError::NotFound { .. } => "not_found",
+            RegistryError::Denied { .. } => "denied",
+            RegistryError::RateLimited { .. } => "rate_limited",
+            RegistryError::Server { .. } => "server",
+            RegistryError::Timeout { .. } => "timeout",
             RegistryError::Request { .. } => "request",
-            RegistryError::DigestMismatch { .. } => "digest",
+            RegistryError::DigestMismatch { .. } | RegistryError::BlobDigest { .. } => "digest",
+            RegistryError::Interrupted { .. } => "interrupted",
             RegistryError::TooLarge { .. } => "too_large",
             RegistryError::NeedsCredentials { .. } => "auth_required",
             RegistryError::CredentialsRefused { .. } => "auth_refused",
             RegistryError::UnsupportedCredential { .. } => "auth_unsupported",
-            RegistryError::Oci(_) => "manifest",
+            RegistryError::Manifest {
+                error: oci::OciError::UnsupportedMediaType { .. },
+                ..
+            } => "media_type",
+            RegistryError::Manifest { .. } | RegistryError::Oci(_) => "manifest",
         }
     }
+
+    /// What a failed request means for the user, from the client's error: the status the
+    /// registry answered (or the OCI error code in its body), a timeout, or a transport error.
+    /// `unauthorized` says what a 401 means (credentials missing or refused: the caller knows).
+    fn from_client(
+        what: String,
+        e: OciDistributionError,
+        timeout: Duration,
+        unauthorized: &dyn Fn() -> RegistryError,
+    ) -> RegistryError {
+        use oci_client::errors::OciErrorCode as C;
+        let by_status = |what: String, status: u16, detail: String| match status {
+            401 => Some(unauthorized()),
+            403 => Some(RegistryError::Denied { what }),
+            404 => Some(RegistryError::NotFound { what, detail }),
+            429 => Some(RegistryError::RateLimited { what }),
+            500..=599 => Some(RegistryError::Server { what, status }),
+            _ => None,
+        };
+        let classified = match &e {
+            OciDistributionError::UnauthorizedError { .. } => Some(unauthorized()),
+            OciDistributionError::ImageManifestNotFoundError(m) => Some(RegistryError::NotFound {
+                what: what.clone(),
+                detail: m.clone(),
+            }),
+            OciDistributionError::ServerError { code, message, .. } => {
+                by_status(what.clone(), *code, message.trim().to_string())
+            }
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.first().and_then(|first| {
+                    let detail = first.message.clone();
+                    let status = match &first.code {
+                        C::Unauthorized => 401,
+                        C::Denied => 403,
+                        C::Toomanyrequests => 429,
+                        C::BlobUnknown
+                        | C::ManifestUnknown
+                        | C::ManifestBlobUnknown
+                        | C::NameUnknown
+                        | C::NotFound => 404,
+                        _ => return None,
+                    };
+                    by_status(what.clone(), status, detail)
+                })
+            }
+            OciDistributionError::RequestError(r) if r.status().is_some() => r
+                .status()
+                .and_then(|st| by_status(what.clone(), st.as_u16(), r.to_string())),
+            _ if is_timeout(&e) => Some(RegistryError::Timeout {
+                what: what.clone(),
+                seconds: timeout.as_secs(),
+            }),
+            _ => None,
+        };
+        classified.unwrap_or_else(|| RegistryError::Request {
+            reference: what,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Whether an error (or one of its causes) is a timeout of the HTTP client. Transparent
+/// wrappers (oci-client's `RequestError`, `io::Error::other`) hide the reqwest error from
+/// `source()`, so those are opened explicitly.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if let Some(r) = x.downcast_ref::<reqwest::Error>()
+            && r.is_timeout()
+        {
+            return true;
+        }
+        if let Some(OciDistributionError::RequestError(r)) =
+            x.downcast_ref::<OciDistributionError>()
+            && r.is_timeout()
+        {
+            return true;
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+            if let Some(inner) = io.get_ref()
+                && is_timeout(inner)
+            {
+                return true;
+            }
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// An image reference resolved to the manifest for this node.
@@ -132,17 +283,7 @@ pub struct Registry {
     client: Client,
     credentials: Credentials,
     platform: Platform,
-}
-
-/// Whether the registry answered 401 (on a manifest, or on a blob).
-fn is_unauthorized(e: &oci_client::errors::OciDistributionError) -> bool {
-    use oci_client::errors::OciDistributionError as E;
-    match e {
-        E::UnauthorizedError { .. } => true,
-        E::ServerError { code, .. } => *code == 401,
-        E::RequestError(r) => r.status().is_some_and(|s| s.as_u16() == 401),
-        _ => false,
-    }
+    timeout: Duration,
 }
 
 static TLS_PROVIDER: Once = Once::new();
@@ -171,20 +312,31 @@ impl Registry {
     /// (so credentials cross plain HTTP only to a registry named here).
     /// `credentials`: per registry host; a host without an entry is asked anonymously.
     pub fn new(insecure: &[String], credentials: Credentials) -> Registry {
+        Registry::with_timeout(insecure, credentials, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`Registry::new`]; a registry silent for `timeout` (connecting, or between two
+    /// reads of an answer) fails the request with [`RegistryError::Timeout`].
+    pub fn with_timeout(
+        insecure: &[String],
+        credentials: Credentials,
+        timeout: Duration,
+    ) -> Registry {
         TLS_PROVIDER.call_once(|| {
             // Fails only if another provider was installed first, which is as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
         });
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
-            connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(timeout.min(CONNECT_TIMEOUT_MAX)),
+            read_timeout: Some(timeout),
             ..Default::default()
         };
         Registry {
             client: Client::new(config),
             credentials,
             platform: Platform::this_node(),
+            timeout,
         }
     }
 
@@ -207,18 +359,15 @@ impl Registry {
     }
 
     /// An `oci-client` error as ours: a 401 says whether credentials were missing or refused.
-    fn request_error(
-        &self,
-        r: &Reference,
-        what: String,
-        e: oci_client::errors::OciDistributionError,
-    ) -> RegistryError {
-        if !is_unauthorized(&e) {
-            return RegistryError::Request {
-                reference: what,
-                reason: e.to_string(),
-            };
-        }
+    fn request_error(&self, r: &Reference, what: String, e: OciDistributionError) -> RegistryError {
+        let refused = what.clone();
+        RegistryError::from_client(what, e, self.timeout, &|| {
+            self.unauthorized(r, refused.clone())
+        })
+    }
+
+    /// A 401 from the registry of `r`: were credentials missing, or refused?
+    fn unauthorized(&self, r: &Reference, what: String) -> RegistryError {
         let (registry, repository) = (r.registry().to_string(), r.repository().to_string());
         match (
             self.credentials.for_host(&registry),
@@ -227,16 +376,19 @@ impl Registry {
             (Some(_), Some(file)) => RegistryError::CredentialsRefused {
                 registry,
                 repository,
+                what,
                 file: file.clone(),
             },
             (None, file) => RegistryError::NeedsCredentials {
                 registry,
                 repository,
+                what,
                 file: file.clone(),
             },
             (Some(_), None) => RegistryError::NeedsCredentials {
                 registry,
                 repository,
+                what,
                 file: None,
             },
         }
@@ -280,11 +432,16 @@ impl Registry {
         let r = parse(reference)?;
         let (bytes, digest) = self.manifest_raw(&r, None).await?;
         let media_type = media_type_of(&bytes);
+        let unusable = |error| RegistryError::Manifest {
+            reference: reference.to_string(),
+            error,
+        };
         let (manifest_bytes, manifest_digest, media_type) =
-            match oci::parse_target(&media_type, &digest, &bytes)? {
+            match oci::parse_target(&media_type, &digest, &bytes).map_err(unusable)? {
                 Target::Manifest(_) => (bytes, digest, media_type),
                 Target::Index(index) => {
                     let d = oci::choose_platform(&digest, &index, &self.platform)?.clone();
+                    // (NoPlatform already says what to do.)
                     let by_digest =
                         parse(&format!("{}/{}@{}", r.registry(), r.repository(), d.digest))?;
                     let (mb, md) = self.manifest_raw(&by_digest, Some(&d.digest)).await?;
@@ -292,7 +449,7 @@ impl Registry {
                     (mb, md, mt)
                 }
             };
-        let manifest = oci::parse_manifest(&manifest_digest, &manifest_bytes)?;
+        let manifest = oci::parse_manifest(&manifest_digest, &manifest_bytes).map_err(unusable)?;
         Ok(ResolvedRef {
             name: normalize(reference)?,
             manifest,
@@ -311,23 +468,27 @@ impl Registry {
         })
     }
 
-    /// The bytes of a blob from `offset` on (a Range request when resuming).
+    /// The bytes of a blob of `size` bytes from `offset` on (a Range request when resuming).
+    /// A failure of the body is an `io::Error` wrapping the [`RegistryError`] that explains
+    /// it; bytes that do not hash to `digest` fail with kind `InvalidData` (discard them).
     pub async fn blob(
         &self,
         reference: &str,
         digest: &str,
+        size: u64,
         offset: u64,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, std::io::Error>> + use<>, RegistryError> {
         let r = parse(reference)?;
-        let err = |e: oci_client::errors::OciDistributionError| {
-            self.request_error(&r, format!("{}@{digest}", r.whole()), e)
-        };
+        let what = format!("{}@{digest}", r.whole());
+        let timeout = self.timeout;
+        let err = |e: OciDistributionError| self.request_error(&r, what.clone(), e);
         // The registry's credentials (anonymous without an entry) before the first blob
         // request: a blob may be fetched before any manifest of its registry.
         let auth = self.auth_for(&r)?;
         self.client
             .store_auth_if_needed(r.resolve_registry(), &auth)
             .await;
+        let mut skip = 0;
         let sized = if offset == 0 {
             self.client
                 .pull_blob_stream(&r, digest)
@@ -343,20 +504,74 @@ impl Registry {
                 BlobResponse::Partial(s) => s,
                 // The registry ignored the range: skip what containerd already has.
                 BlobResponse::Full(s) => {
-                    let mut skip = offset;
-                    return Ok(s
-                        .stream
-                        .map_ok(move |chunk| {
-                            let n = (skip.min(chunk.len() as u64)) as usize;
-                            skip -= n as u64;
-                            chunk[n..].to_vec()
-                        })
-                        .boxed());
+                    skip = offset;
+                    s
                 }
             }
         };
-        Ok(sized.stream.map_ok(|b| b.to_vec()).boxed())
+        let digest = digest.to_string();
+        Ok(sized
+            .stream
+            .map_ok(move |chunk| {
+                let n = (skip.min(chunk.len() as u64)) as usize;
+                skip -= n as u64;
+                chunk[n..].to_vec()
+            })
+            .scan(offset, move |seen, item| {
+                let item = match item {
+                    Ok(b) => {
+                        *seen += b.len() as u64;
+                        Ok(b)
+                    }
+                    Err(e) => Err(body_error(&digest, *seen, size, timeout, e)),
+                };
+                futures::future::ready(Some(item))
+            })
+            .boxed())
     }
+}
+
+/// Explains a failure while a blob's body streams in.
+fn body_error(
+    digest: &str,
+    received: u64,
+    size: u64,
+    timeout: Duration,
+    e: std::io::Error,
+) -> std::io::Error {
+    use std::io::{Error, ErrorKind};
+    if let Some(DigestError::VerificationError { actual, .. }) =
+        e.get_ref().and_then(|i| i.downcast_ref::<DigestError>())
+    {
+        return Error::new(
+            ErrorKind::InvalidData,
+            RegistryError::BlobDigest {
+                digest: digest.into(),
+                got: actual.clone(),
+            },
+        );
+    }
+    if is_timeout(&e) {
+        return Error::new(
+            ErrorKind::TimedOut,
+            RegistryError::Timeout {
+                what: format!("the rest of {digest} (after {received} bytes)"),
+                seconds: timeout.as_secs(),
+            },
+        );
+    }
+    let mut reason = e.to_string();
+    let mut cur = e.get_ref().and_then(|i| i.source());
+    while let Some(c) = cur {
+        reason = format!("{reason}: {c}");
+        cur = c.source();
+    }
+    Error::other(RegistryError::Interrupted {
+        digest: digest.into(),
+        received,
+        size,
+        reason,
+    })
 }
 
 /// The mediaType field of a manifest or index document (empty when absent).
@@ -393,6 +608,99 @@ mod tests {
         assert_eq!(normalize("ghcr.io/x/y").unwrap(), "ghcr.io/x/y:latest");
         assert!(normalize("not a reference").is_err());
         assert!(normalize("reg/repo:bad tag!").is_err());
+    }
+
+    fn server(code: u16, message: &str) -> OciDistributionError {
+        OciDistributionError::ServerError {
+            code,
+            url: "http://r/v2/x/manifests/v1".into(),
+            message: message.into(),
+        }
+    }
+
+    fn envelope(code: &str) -> OciDistributionError {
+        OciDistributionError::RegistryError {
+            envelope: serde_json::from_str(&format!(
+                r#"{{"errors":[{{"code":"{code}","message":"said the registry"}}]}}"#
+            ))
+            .unwrap(),
+            url: "http://r/v2/x/blobs/sha256:00".into(),
+        }
+    }
+
+    #[test]
+    fn statuses_become_errors_that_say_what_to_do() {
+        let t = Duration::from_secs(7);
+        let creds = || RegistryError::NeedsCredentials {
+            registry: "r".into(),
+            repository: "x".into(),
+            what: "r/x:v1".into(),
+            file: None,
+        };
+        let e = |err| RegistryError::from_client("r/x:v1".into(), err, t, &creds);
+        let rate = e(server(429, ""));
+        assert_eq!(rate.metric_label(), "rate_limited");
+        assert!(
+            rate.to_string().contains(
+                "rate limiting (429) requests for r/x:v1: retry later or lower --concurrency"
+            ),
+            "{rate}"
+        );
+        assert_eq!(
+            e(envelope("TOOMANYREQUESTS")).metric_label(),
+            "rate_limited"
+        );
+        let nf = e(envelope("MANIFEST_UNKNOWN"));
+        assert_eq!(nf.metric_label(), "not_found");
+        assert!(
+            nf.to_string()
+                .starts_with("r/x:v1 was not found in the registry (said the registry)"),
+            "{nf}"
+        );
+        assert_eq!(e(server(404, "gone")).metric_label(), "not_found");
+        assert_eq!(e(envelope("BLOB_UNKNOWN")).metric_label(), "not_found");
+        assert_eq!(e(server(401, "")).metric_label(), "auth_required");
+        assert_eq!(
+            e(OciDistributionError::UnauthorizedError { url: "u".into() }).metric_label(),
+            "auth_required"
+        );
+        assert_eq!(e(envelope("DENIED")).metric_label(), "denied");
+        assert_eq!(e(server(403, "")).metric_label(), "denied");
+        let s = e(server(503, "down"));
+        assert_eq!(s.metric_label(), "server");
+        assert!(s.to_string().contains("failed (503) on r/x:v1"), "{s}");
+        // Anything else keeps the client's words.
+        let other = e(server(418, "teapot"));
+        assert_eq!(other.metric_label(), "request");
+        assert!(other.to_string().contains("teapot"), "{other}");
+    }
+
+    #[test]
+    fn a_wrong_digest_in_a_body_is_invalid_data_and_a_break_is_not() {
+        let t = Duration::from_secs(7);
+        let bad = std::io::Error::other(DigestError::VerificationError {
+            expected: "sha256:aa".into(),
+            actual: "sha256:bb".into(),
+        });
+        let e = body_error("sha256:aa", 10, 20, t, bad);
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("hash to sha256:bb"), "{e}");
+        let broke = body_error("sha256:aa", 10, 20, t, std::io::Error::other("reset"));
+        assert_ne!(broke.kind(), std::io::ErrorKind::InvalidData);
+        assert!(
+            broke
+                .to_string()
+                .contains("broke after 10 of 20 bytes of sha256:aa (reset)"),
+            "{broke}"
+        );
+        let slow = body_error(
+            "sha256:aa",
+            10,
+            20,
+            t,
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        );
+        assert!(slow.to_string().contains("within 7 s"), "{slow}");
     }
 
     #[test]
