@@ -205,7 +205,7 @@ def!(
     "ragent_prepull_failures_total",
     Counter,
     ["reason"],
-    "Pre-pull failures by reason (auth, not_found, rate_limited, timeout, digest, request, containerd, ...; bounded)."
+    "Pre-pull failures by reason (auth_required, not_found, rate_limited, timeout, digest, containerd_lost, disk_full, ...; a fixed list)."
 );
 def!(
     PREPULL_INFLIGHT,
@@ -297,6 +297,32 @@ pub const PREPULL_DURATION_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
+/// Every reason `ragent_prepull_failures_total` can carry (each error's `metric_label()`),
+/// exported at 0 from the start so dashboards show 0 rather than "no data".
+pub const PREPULL_FAILURE_REASONS: &[&str] = &[
+    "reference",
+    "not_found",
+    "denied",
+    "rate_limited",
+    "server",
+    "timeout",
+    "request",
+    "digest",
+    "interrupted",
+    "too_large",
+    "auth_required",
+    "auth_refused",
+    "auth_unsupported",
+    "media_type",
+    "manifest",
+    "containerd",
+    "rejected",
+    "containerd_lost",
+    "disk_full",
+    "usage",
+    "internal",
+];
+
 /// The pre-pull metrics: cheap clones of the same series, handed to every puller.
 #[derive(Clone)]
 pub struct PrepullMetrics {
@@ -344,6 +370,9 @@ impl PrepullMetrics {
         }
         for state in ["ready", "failed", "pending"] {
             m.images.with_label_values(&[state]);
+        }
+        for reason in PREPULL_FAILURE_REASONS {
+            m.failures.with_label_values(&[*reason]);
         }
         Ok(m)
     }
@@ -522,7 +551,6 @@ mod tests {
     fn every_catalogued_metric_is_exported_with_its_type() {
         let m = Metrics::new(Registry::new()).unwrap();
         m.set_image_sizes(&[("a".into(), 1)]);
-        m.prepull.failures.with_label_values(&["request"]).inc();
         let text = m.encode().unwrap();
         for d in CATALOGUE {
             assert!(

@@ -108,7 +108,10 @@ impl PrepullError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             PrepullError::Registry(e) => e.metric_label(),
-            PrepullError::Containerd(e) => e.metric_label(),
+            // containerd's own failures are one reason (the log says which); the ones a user
+            // acts on differently have their own.
+            PrepullError::Containerd(ContainerdError::Rejected { .. }) => "rejected",
+            PrepullError::Containerd(_) => "containerd",
             PrepullError::Oci(_) => "manifest",
             PrepullError::NothingToDo => "usage",
             PrepullError::ContainerdLost { .. } => "containerd_lost",
@@ -812,4 +815,126 @@ pub fn render(r: &Report) -> String {
         r.total.seconds
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::metrics::PREPULL_FAILURE_REASONS;
+
+    #[test]
+    fn every_failure_reason_is_exported_from_the_start() {
+        use RegistryError as R;
+        let s = String::new;
+        let errors: Vec<PrepullError> = vec![
+            R::Reference {
+                reference: s(),
+                reason: s(),
+            }
+            .into(),
+            R::NotFound {
+                what: s(),
+                detail: s(),
+            }
+            .into(),
+            R::Denied { what: s() }.into(),
+            R::RateLimited { what: s() }.into(),
+            R::Server {
+                what: s(),
+                status: 503,
+            }
+            .into(),
+            R::Timeout {
+                what: s(),
+                seconds: 30,
+            }
+            .into(),
+            R::Request {
+                reference: s(),
+                reason: s(),
+            }
+            .into(),
+            R::DigestMismatch {
+                reference: s(),
+                want: s(),
+                got: s(),
+            }
+            .into(),
+            R::BlobDigest {
+                digest: s(),
+                got: s(),
+            }
+            .into(),
+            R::Interrupted {
+                digest: s(),
+                received: 1,
+                size: 2,
+                reason: s(),
+            }
+            .into(),
+            R::TooLarge {
+                reference: s(),
+                size: 1,
+            }
+            .into(),
+            R::NeedsCredentials {
+                registry: s(),
+                repository: s(),
+                what: s(),
+                file: None,
+            }
+            .into(),
+            R::CredentialsRefused {
+                registry: s(),
+                repository: s(),
+                what: s(),
+                file: PathBuf::new(),
+            }
+            .into(),
+            R::UnsupportedCredential {
+                registry: s(),
+                file: PathBuf::new(),
+            }
+            .into(),
+            ContainerdError::NotFound { digest: s() }.into(),
+            ContainerdError::Rejected {
+                digest: s(),
+                reason: s(),
+            }
+            .into(),
+            PrepullError::NothingToDo,
+            PrepullError::ContainerdLost { reason: s() },
+            PrepullError::DiskFull { reason: s() },
+            PrepullError::Shared(Arc::new(PrepullError::DiskFull { reason: s() })),
+        ];
+        for e in errors {
+            assert!(
+                PREPULL_FAILURE_REASONS.contains(&e.metric_label()),
+                "{:?} is not in PREPULL_FAILURE_REASONS",
+                e.metric_label()
+            );
+        }
+    }
+
+    #[test]
+    fn containerd_failures_are_said_as_what_they_mean() {
+        let gone = PrepullError::Shared(Arc::new(PrepullError::Containerd(ContainerdError::Rpc {
+            op: "Content.Write",
+            status: containerd_client::tonic::Status::unavailable("connection refused"),
+        })));
+        let e = gone.classified();
+        assert_eq!(e.metric_label(), "containerd_lost");
+        assert!(e.to_string().contains("run the same prepull again"), "{e}");
+        let full = PrepullError::Containerd(ContainerdError::Rpc {
+            op: "Content.Write",
+            status: containerd_client::tonic::Status::unknown(
+                "write /var/lib/containerd/ingest/x/data: no space left on device",
+            ),
+        });
+        assert_eq!(full.classified().metric_label(), "disk_full");
+        let other = PrepullError::Containerd(ContainerdError::NotFound { digest: "d".into() });
+        assert_eq!(other.classified().metric_label(), "containerd");
+    }
 }
