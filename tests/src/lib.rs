@@ -1,5 +1,6 @@
 //! ragent's test kit: the deterministic CNB sample images, the local node (containerd with CRI,
 //! a registry, Prometheus) and small helpers the end-to-end tests and `cargo xtask` share.
+pub mod accesslog;
 pub mod fixtures;
 pub mod http;
 pub mod node;
