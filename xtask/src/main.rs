@@ -439,6 +439,19 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn bench_prepull(args: &bench::PrepullArgs) -> Result<()> {
+    if args.down {
+        return bench::prepull(args, Path::new(""));
+    }
+    setup()?;
+    let bin = match &args.ragent {
+        Some(p) if p.exists() => p.canonicalize()?,
+        Some(p) => bail!("--ragent {}: no such file", p.display()),
+        None => build_ragent()?,
+    };
+    bench::prepull(args, &bin)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -452,12 +465,7 @@ fn main() -> ExitCode {
         } => test(keep, unit, &e2e_args),
         Cmd::Bench {
             what: BenchCmd::Prepull(args),
-        } => (if args.down {
-            Ok(PathBuf::new())
-        } else {
-            setup().and_then(|()| build_ragent())
-        })
-        .and_then(|bin| bench::prepull(&args, &bin)),
+        } => bench_prepull(&args),
         Cmd::Fixtures {
             dir,
             registry,
