@@ -64,6 +64,8 @@ const LIMIT_TARGET: f64 = 1.05;
 const RATE_TOLERANCE: f64 = 0.10;
 const POD_TARGET: f64 = 1.10;
 const RSS_TARGET_KIB: u64 = 64 * 1024;
+/// Rounds of pod starts over the (a) and (b) images.
+const POD_ROUNDS: usize = 5;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrepullArgs {
@@ -723,7 +725,7 @@ async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, sid: &str) -> Result
 }
 
 /// (a) images ragent pre-pulled, (b) images CRI pulled (no pull at start: the baseline),
-/// (c) images not on the node (PullImage + start). Three rounds over two images each for
+/// (c) images not on the node (PullImage + start). POD_ROUNDS rounds over two images each for
 /// (a) and (b), alternating; the first round is each image's first container.
 async fn pod_bench(node: &mut Node, set: &FixtureSet, bin: &Path) -> Result<PodTimes> {
     node.fresh_containerd()?;
@@ -756,7 +758,7 @@ async fn pod_bench(node: &mut Node, set: &FixtureSet, bin: &Path) -> Result<PodT
     let mut ids = Vec::new();
     let mut n = 0;
     let mut result = Ok(());
-    'rounds: for _round in 0..3 {
+    'rounds: for _round in 0..POD_ROUNDS {
         for (a, b) in by_ragent.iter().zip(&by_cri) {
             for (img, out) in [(a, 0), (b, 1)] {
                 n += 1;
@@ -927,12 +929,21 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
         bin.display()
     );
     println!(
-        "{:<9} {:<26} {:>10} {:>5} {:>8} {:>9} {:>8} {:>8} {:>9}",
-        "link", "way", "served", "GETs", "served/", "wall s", "limit s", "wall/", "peak RSS"
+        "{:<9} {:<26} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "link",
+        "way",
+        "served",
+        "GETs",
+        "served/",
+        "fetch s",
+        "wall s",
+        "limit s",
+        "wall/",
+        "peak RSS"
     );
     println!(
-        "{:<9} {:<26} {:>10} {:>5} {:>8} {:>9} {:>8} {:>8} {:>9}",
-        "", "", "", "", "unique", "", "", "limit", ""
+        "{:<9} {:<26} {:>10} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "", "", "", "", "unique", "", "", "", "limit", ""
     );
     let mut all_rows = rows.clone();
     all_rows.push(rate_row.clone());
@@ -943,12 +954,15 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
             .unwrap_or(&sources[0]);
         let limit = unique / src.rate;
         println!(
-            "{:<9} {:<26} {:>10} {:>5} {:>8.4} {:>9.2} {:>8.2} {:>8.3} {:>9}",
+            "{:<9} {:<26} {:>10} {:>5} {:>8.4} {:>8} {:>8.2} {:>8.2} {:>8.3} {:>10}",
             r.link,
             r.way,
             mb(r.served as f64),
             r.gets,
             r.served as f64 / unique,
+            r.fetched_at
+                .map(|t| format!("{t:.2}"))
+                .unwrap_or_else(|| "-".into()),
             r.wall,
             limit,
             r.wall / limit,
