@@ -473,7 +473,18 @@ struct RagentRun {
     stdout: String,
 }
 
-/// Runs ragent, waits with wait4 (for ru_maxrss), kills it after `timeout`.
+/// The process's peak resident set so far (VmHWM, KiB); None once it has exited.
+fn vm_hwm_kib(pid: i32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs ragent and kills it after `timeout`. Its peak RSS is the largest VmHWM seen while it
+/// runs (sampled every 2 ms): wait4's ru_maxrss would report xtask's own RSS here, because
+/// Linux carries the pre-exec (vfork-shared) high-water mark across exec.
 fn run_ragent(bin: &Path, node: &Node, args: &[String], timeout: Duration) -> Result<RagentRun> {
     let out_path = node.dir().join("ragent-bench.out");
     let err_path = node.dir().join("ragent-bench.err");
@@ -496,7 +507,11 @@ fn run_ragent(bin: &Path, node: &Node, args: &[String], timeout: Duration) -> Re
     // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     let mut killed = false;
+    let mut peak = 0;
     loop {
+        if let Some(k) = vm_hwm_kib(pid) {
+            peak = peak.max(k);
+        }
         // SAFETY: wait4 on our own child; WNOHANG so the deadline can be enforced. The child is
         // reaped only here, so its PID cannot be reused while we may still signal it.
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
@@ -528,7 +543,7 @@ fn run_ragent(bin: &Path, node: &Node, args: &[String], timeout: Duration) -> Re
         );
     }
     Ok(RagentRun {
-        rss_kib: ru.ru_maxrss as u64,
+        rss_kib: peak,
         stdout,
     })
 }
@@ -1046,9 +1061,16 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
         .filter_map(|r| r.rss_kib)
         .max()
         .unwrap_or(0);
+    let build = if bin.components().any(|c| c.as_os_str() == "release") {
+        "release build"
+    } else if bin.components().any(|c| c.as_os_str() == "debug") {
+        "debug build"
+    } else {
+        "given binary"
+    };
     target(
         format!(
-            "peak RSS of ragent prepull < 64 MiB ({} set, debug build)",
+            "peak RSS of ragent prepull < 64 MiB ({} set, {build})",
             mb(unique)
         ),
         format!("{:.1} MiB", peak as f64 / 1024.0),
@@ -1080,7 +1102,7 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
             c * 1000.0
         );
         target(
-            format!("pod start, pre-pulled ≤ {POD_TARGET} × no pull at all"),
+            format!("pod start, pre-pulled ≤ {POD_TARGET} × no pull at all (median)"),
             format!(
                 "{:.3} × ({:.0} ms / {:.0} ms)",
                 a / b,
@@ -1088,6 +1110,19 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
                 b * 1000.0
             ),
             a <= POD_TARGET * b,
+        );
+        // The first container of each image is what a user meets after a pre-pull.
+        let first = |v: &[f64]| v.iter().take(2).sum::<f64>() / v.len().min(2) as f64;
+        let (fa, fb) = (first(&p.prepulled), first(&p.cri_pulled));
+        target(
+            format!("pod start, pre-pulled ≤ {POD_TARGET} × no pull at all (first start)"),
+            format!(
+                "{:.3} × ({:.0} ms / {:.0} ms)",
+                fa / fb,
+                fa * 1000.0,
+                fb * 1000.0
+            ),
+            fa <= POD_TARGET * fb,
         );
     }
     println!(
