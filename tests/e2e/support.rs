@@ -208,29 +208,7 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Bytes the registry served for blob GETs (status 200) in its access log after line `from`,
-/// and how many such GETs there were.
-pub fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
-    let mut bytes = 0;
-    let mut gets = 0;
-    for line in log.lines().skip(from) {
-        let Some(i) = line.find("\"GET /v2/") else {
-            continue;
-        };
-        let rest = &line[i..];
-        if !rest.contains("/blobs/sha256:") {
-            continue;
-        }
-        // "GET /v2/... HTTP/1.1" 200 12345 ...
-        let after = rest.splitn(3, '"').nth(2).unwrap_or("");
-        let mut f = after.split_whitespace();
-        if f.next() == Some("200") {
-            bytes += f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-            gets += 1;
-        }
-    }
-    (bytes, gets)
-}
+pub use ragent_testkit::accesslog::served_blob_bytes;
 
 /// The registry's access log so far, as a mark for [`served_since`].
 pub fn registry_log_mark(node: &Node) -> usize {

@@ -323,6 +323,35 @@ impl Node {
         self.save()
     }
 
+    /// A containerd that has never pulled anything: stops containerd and its shims, unmounts
+    /// and deletes its root, state and runc directories (the registry keeps its data) and
+    /// starts it again.
+    pub fn fresh_containerd(&mut self) -> Result<()> {
+        self.stop_containerd()?;
+        stop_shims(&self.socket());
+        for sub in ["root", "state", "runc"] {
+            let d = self.config.dir.join(sub);
+            unmount_below(&d);
+            if d.exists() {
+                fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))?;
+            }
+            fs::create_dir_all(&d)?;
+        }
+        self.start_containerd()
+    }
+
+    /// Makes containerd pull from `host` (`ip:port`) over plain HTTP (a `certs.d` entry;
+    /// containerd reads it on every pull).
+    pub fn add_plain_http_registry(&self, host: &str) -> Result<()> {
+        let d = self.hosts_dir().join(host);
+        fs::create_dir_all(&d)?;
+        fs::write(
+            d.join("hosts.toml"),
+            HOSTS_TOML.replace("{{REGISTRY}}", host),
+        )?;
+        Ok(())
+    }
+
     /// What a containerd upgrade or crash looks like to ragent.
     pub fn restart_containerd(&mut self) -> Result<()> {
         self.stop_containerd()?;
@@ -477,38 +506,8 @@ impl Node {
                 }
             }
         }
-        // Shims outlive containerd: find those whose -address is our socket.
-        let sock = dir.join("containerd.sock").display().to_string();
-        if let Ok(procs) = fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                let cl = cmdline(pid);
-                if cl.contains("containerd-shim")
-                    && cl.contains(&sock)
-                    && stop_pid(pid, &sock, Duration::from_secs(5))
-                {
-                    done.push(format!("stopped shim (pid {pid})"));
-                }
-            }
-        }
-        // Unmount anything below dir, deepest first.
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|m| Path::new(m).starts_with(dir))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            if let Ok(c) = std::ffi::CString::new(m.clone()) {
-                // SAFETY: umount2 with a valid C string.
-                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-                    done.push(format!("unmounted {m}"));
-                }
-            }
-        }
+        done.extend(stop_shims(&dir.join("containerd.sock")));
+        done.extend(unmount_below(dir));
         done.extend(remove_leftover_cgroups(&ids));
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -518,9 +517,51 @@ impl Node {
     }
 }
 
+/// Shims outlive containerd: stops those whose `-address` is `socket`, by PID.
+fn stop_shims(socket: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let sock = socket.display().to_string();
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let cl = cmdline(pid);
+            if cl.contains("containerd-shim")
+                && cl.contains(&sock)
+                && stop_pid(pid, &sock, Duration::from_secs(5))
+            {
+                done.push(format!("stopped shim (pid {pid})"));
+            }
+        }
+    }
+    done
+}
+
+/// Unmounts everything mounted below `dir`, deepest first.
+fn unmount_below(dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        if let Ok(c) = std::ffi::CString::new(m.clone()) {
+            // SAFETY: umount2 with a valid C string.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                done.push(format!("unmounted {m}"));
+            }
+        }
+    }
+    done
+}
+
 /// containerd leaves `<parent>/<container id>` cgroup directories behind: remove the empty
 /// ones of this node's containers (never anybody else's), on v1 controllers and on cgroup2.
-fn remove_leftover_cgroups(ids: &[String]) -> Vec<String> {
+pub fn remove_leftover_cgroups(ids: &[String]) -> Vec<String> {
     let mut done = Vec::new();
     if ids.is_empty() {
         return done;

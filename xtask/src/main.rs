@@ -7,6 +7,9 @@
 //! - `down`: stops everything `up` (or a failed `test`) started, by PID.
 //! - `test`: the README's test command (what .ci/run runs): lints, unit tests, then end-to-end
 //!   tests against a real containerd, registry, kernel and Prometheus.
+//! - `bench prepull`: ragent's pre-pull against containerd's CRI pulls (docs/bench.md).
+mod bench;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -57,6 +60,11 @@ enum Cmd {
         #[arg(last = true)]
         e2e_args: Vec<String>,
     },
+    /// Benchmarks (docs/bench.md)
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Build the sample images into DIR (and push them to REGISTRY with --push)
     Fixtures {
         #[arg(long, default_value = "/tmp/ragent-fixtures")]
@@ -66,6 +74,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         scale: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Bytes on the wire, wall time, --max-rate, peak RSS and pod start of `ragent prepull`
+    /// against containerd's own pulls through CRI, on loopback and a rate-limited link
+    Prepull(bench::PrepullArgs),
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -81,6 +96,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/llvm-22/bin/llvm-config", "llvm-22-dev"),
     ("/usr/sbin/bpftool", "bpftool"),
     ("/usr/sbin/ip", "iproute2"),
+    ("/usr/sbin/tc", "iproute2"),
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/jq", "jq"),
 ];
@@ -423,6 +439,19 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn bench_prepull(args: &bench::PrepullArgs) -> Result<()> {
+    if args.down {
+        return bench::prepull(args, Path::new(""));
+    }
+    setup()?;
+    let bin = match &args.ragent {
+        Some(p) if p.exists() => p.canonicalize()?,
+        Some(p) => bail!("--ragent {}: no such file", p.display()),
+        None => build_ragent()?,
+    };
+    bench::prepull(args, &bin)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -434,6 +463,9 @@ fn main() -> ExitCode {
             unit,
             e2e_args,
         } => test(keep, unit, &e2e_args),
+        Cmd::Bench {
+            what: BenchCmd::Prepull(args),
+        } => bench_prepull(&args),
         Cmd::Fixtures {
             dir,
             registry,
