@@ -18,6 +18,7 @@ use std::{
 
 use containerd_client::tonic::Code;
 use futures::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture, stream};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 pub use crate::core::prepull::{ImageReport, Report, Total};
@@ -386,6 +387,9 @@ impl Puller {
                 source.entry(b.digest.as_str()).or_insert(r.name.as_str());
             }
         }
+        // The blobs in the store, present or fetched so far: the unpacker waits on it.
+        let (arrived, _) = watch::channel(present.clone());
+        let arrived = &arrived;
         // Boxed up front: the stream then holds no closure borrowing this frame, which keeps
         // the future Send for any lifetime (tokio::spawn needs that).
         let fetches: Vec<BoxFuture<'_, Result<(String, Fetched), PrepullError>>> = plan
@@ -406,8 +410,11 @@ impl Puller {
                 };
                 let fut: BoxFuture<'_, Result<(String, Fetched), PrepullError>> = async move {
                     let f = self.fetch_shared(&reference, &desc, lease, progress).await;
-                    if f.is_err() {
-                        self.metrics.layers.with_label_values(&["failed"]).inc();
+                    match &f {
+                        Ok(_) => arrived.send_modify(|s| {
+                            s.insert(desc.digest.clone());
+                        }),
+                        Err(_) => self.metrics.layers.with_label_values(&["failed"]).inc(),
                     }
                     f.map(|f| (desc.digest, f))
                 }
@@ -415,10 +422,19 @@ impl Puller {
                 fut
             })
             .collect();
-        let fetched: Vec<(String, Fetched)> = stream::iter(fetches)
+        let fetch_all = stream::iter(fetches)
             .buffered(self.concurrency)
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<(String, Fetched)>>();
+        // Unpacking goes on while the fetches do: each layer as soon as its blob (and the
+        // layers below it) are in, so the shared layers that come first are unpacked early.
+        let unpack_all = async {
+            let mut tops = Vec::with_capacity(resolved.len());
+            for r in resolved {
+                tops.push(self.unpack_image(r, lease, arrived).await?);
+            }
+            Ok::<_, PrepullError>(tops)
+        };
+        let (fetched, tops) = futures::try_join!(fetch_all, unpack_all)?;
         let mut written = BTreeSet::new();
         for (digest, f) in fetched {
             match f {
@@ -445,8 +461,8 @@ impl Puller {
             }
         }
         let mut seconds = Vec::with_capacity(resolved.len());
-        for r in resolved {
-            self.commit_image(r, lease).await?;
+        for (r, top) in resolved.iter().zip(tops) {
+            self.commit_image(r, lease, top).await?;
             if let Some(p) = progress {
                 p.image_done(&r.name);
             }
@@ -461,14 +477,38 @@ impl Puller {
         ))
     }
 
-    /// Unpacks an image whose blobs are all in the store, then writes its manifest and record.
-    async fn commit_image(&self, r: &ResolvedRef, lease: &str) -> Result<(), PrepullError> {
-        let containerd = &self.containerd;
-        let config = containerd.read_blob(&r.manifest.config.digest).await?;
+    /// Unpacks an image's layers as their blobs arrive in `arrived`; returns the top chain ID.
+    async fn unpack_image(
+        &self,
+        r: &ResolvedRef,
+        lease: &str,
+        arrived: &watch::Sender<BTreeSet<String>>,
+    ) -> Result<Option<String>, PrepullError> {
+        let wait = |digest: String| {
+            let mut rx = arrived.subscribe();
+            async move {
+                // The sender outlives every waiter (it lives in the caller's frame).
+                let _ = rx.wait_for(|s| s.contains(&digest)).await;
+            }
+        };
+        wait(r.manifest.config.digest.clone()).await;
+        let config = self.containerd.read_blob(&r.manifest.config.digest).await?;
         let config = oci::parse_config(&r.manifest.config.digest, &config)?;
-        let top = containerd
-            .unpack(lease, &r.manifest.layers, &config.diff_ids)
-            .await?;
+        Ok(self
+            .containerd
+            .unpack_as_ready(lease, &r.manifest.layers, &config.diff_ids, wait)
+            .await?)
+    }
+
+    /// Writes the manifest and the record of an image whose blobs are in the store and whose
+    /// layers are unpacked up to `top`.
+    async fn commit_image(
+        &self,
+        r: &ResolvedRef,
+        lease: &str,
+        top: Option<String>,
+    ) -> Result<(), PrepullError> {
+        let containerd = &self.containerd;
         if let Some(top) = top {
             containerd
                 .label_content(

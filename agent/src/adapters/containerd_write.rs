@@ -397,6 +397,24 @@ impl Containerd {
         layers: &[Descriptor],
         diff_ids: &[String],
     ) -> Result<Option<String>, ContainerdError> {
+        self.unpack_as_ready(lease, layers, diff_ids, |_| async {})
+            .await
+    }
+
+    /// Like [`Containerd::unpack`], but before applying a layer it awaits `ready(digest)`:
+    /// the layer's blob is committed. A pull unpacks while it still downloads, layer by layer
+    /// as the blobs arrive (layers whose snapshot exists are not waited for).
+    pub async fn unpack_as_ready<F, Fut>(
+        &self,
+        lease: &str,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+        ready: F,
+    ) -> Result<Option<String>, ContainerdError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         if layers.len() != diff_ids.len() {
             return Err(ContainerdError::Rejected {
                 digest: layers.first().map(|l| l.digest.clone()).unwrap_or_default(),
@@ -434,6 +452,7 @@ impl Containerd {
                 Err(s) if s.code() == Code::NotFound => {}
                 Err(s) => return Err(rpc("Snapshots.Stat")(s)),
             }
+            ready(layer.digest.clone()).await;
             // Unique per attempt: a killed ragent's leftover key never blocks the next one.
             let nonce = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
