@@ -301,14 +301,10 @@ impl Puller {
         let needs = needs(resolved);
         // The lease comes first: a blob counts as present only once it is under the lease, so
         // containerd's GC cannot take it between this check and the image record.
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let lease = self
             .containerd
             .create_lease(
-                &format!("ragent-prepull-{}-{nonce}", std::process::id()),
+                &format!("ragent-prepull-{}-{}", std::process::id(), nonce()),
                 LEASE_EXPIRY,
             )
             .await?;
@@ -650,14 +646,27 @@ pub async fn run(
         .await
 }
 
+/// Every blob the images need, once.
+fn distinct_digests(needs: &[ImageNeed]) -> BTreeSet<&str> {
+    needs
+        .iter()
+        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
+        .collect()
+}
+
+/// Nanoseconds since the epoch: makes lease IDs unique per run.
+fn nonce() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// After a failed run: puts the partial ingests of the needed blobs under a resume lease that
 /// expires by itself, so deleting the run's lease does not let GC take the bytes that already
 /// crossed the wire. Best effort: without it the next run fetches those bytes again.
 async fn keep_partial_downloads(containerd: &Containerd, needs: &[ImageNeed]) {
-    let digests: BTreeSet<&str> = needs
-        .iter()
-        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
-        .collect();
+    let digests = distinct_digests(needs);
     let mut partial = Vec::new();
     for d in digests {
         let ingest = format!("ragent-{d}");
@@ -668,11 +677,7 @@ async fn keep_partial_downloads(containerd: &Containerd, needs: &[ImageNeed]) {
     if partial.is_empty() {
         return;
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let id = format!("{RESUME_LEASE_PREFIX}{}-{nanos}", std::process::id());
+    let id = format!("{RESUME_LEASE_PREFIX}{}-{}", std::process::id(), nonce());
     let Ok(lease) = containerd.create_lease(&id, RESUME_EXPIRY).await else {
         return;
     };
@@ -694,10 +699,7 @@ async fn leased_present(
     lease: &str,
     needs: &[ImageNeed],
 ) -> Result<BTreeSet<String>, ContainerdError> {
-    let all: BTreeSet<&str> = needs
-        .iter()
-        .flat_map(|n| n.blobs.iter().map(|b| b.digest.as_str()))
-        .collect();
+    let all = distinct_digests(needs);
     let mut present = BTreeSet::new();
     for d in all {
         if containerd.content_size(d).await?.is_some() {

@@ -45,10 +45,7 @@ pub async fn keep_warm(
                     }
                     Err(e) => {
                         let e = PrepullError::from(e);
-                        metrics
-                            .failures
-                            .with_label_values(&[e.metric_label()])
-                            .inc();
+                        count(&metrics, &e);
                         for r in &due {
                             fail(&mut state, r, &e);
                         }
@@ -89,6 +86,14 @@ fn publish(state: &Policy, metrics: &PrepullMetrics) {
     }
 }
 
+/// Counts a failure that happened outside a pull pass (the puller counts its own).
+fn count(metrics: &PrepullMetrics, e: &PrepullError) {
+    metrics
+        .failures
+        .with_label_values(&[e.metric_label()])
+        .inc();
+}
+
 /// Marks a failure (counting it is the caller's: one failed pass of several images is one).
 fn fail(state: &mut Policy, reference: &str, e: &PrepullError) {
     let delay = state.failed(reference, e.metric_label(), Instant::now());
@@ -104,10 +109,7 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
             Ok(x) => x,
             Err(e) => {
                 let e = PrepullError::from(e);
-                metrics
-                    .failures
-                    .with_label_values(&[e.metric_label()])
-                    .inc();
+                count(metrics, &e);
                 fail(state, r, &e);
                 continue;
             }
@@ -121,10 +123,7 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
             Err(e) => {
                 lost |= e.is_disconnect();
                 let e = PrepullError::from(e);
-                metrics
-                    .failures
-                    .with_label_values(&[e.metric_label()])
-                    .inc();
+                count(metrics, &e);
                 fail(state, r, &e);
             }
         }

@@ -6,12 +6,11 @@
 //! With the right credentials the image lands in containerd and exactly the missing blobs cross
 //! the wire (the auth registry's access log); without credentials, or with a wrong password,
 //! ragent says what to do and leaves nothing behind: no image record, no lease, no blob.
-use std::{collections::BTreeSet, process::Output};
+use std::process::Output;
 
 use ragent::adapters::containerd::Containerd;
 use ragent_testkit::{
     auth::{self, AuthKind, AuthRegistry},
-    fixtures::FixtureSet,
     node::Node,
 };
 use serde_json::Value;
@@ -20,59 +19,6 @@ use crate::support::*;
 
 const USER: &str = "ragent-puller";
 const PASSWORD: &str = "s3cret:with-colon";
-
-/// Removes every record of `repo:tag`'s manifest and its own blobs (config, app and config
-/// layers), waits for GC; returns the bytes of the image's blobs now missing from the store.
-async fn make_missing(node: &Node, set: &FixtureSet, repo: &str, tag: &str) -> u64 {
-    let img = set.image(repo, tag).expect("fixture");
-    let c = Containerd::connect(&node.socket(), "k8s.io")
-        .await
-        .expect("connect");
-    for r in c
-        .list_images()
-        .await
-        .expect("list")
-        .iter()
-        .filter(|r| r.target.digest == img.manifest_digest)
-    {
-        let _ = node
-            .ctr("k8s.io")
-            .args(["images", "rm", "--sync", &r.name])
-            .output();
-    }
-    let own: Vec<&str> = img
-        .layers
-        .iter()
-        .filter(|l| l.role == "app" || l.role == "config")
-        .map(|l| l.digest.as_str())
-        .collect();
-    let _ = node
-        .ctr("k8s.io")
-        .args(["content", "rm", &img.config_digest])
-        .args(&own)
-        .output();
-    let config_size = std::fs::metadata(
-        set.layout
-            .join("blobs/sha256")
-            .join(img.config_digest.trim_start_matches("sha256:")),
-    )
-    .expect("config blob")
-    .len();
-    let mut blobs: BTreeSet<(String, u64)> = img
-        .layers
-        .iter()
-        .map(|l| (l.digest.clone(), l.size))
-        .collect();
-    blobs.insert((img.config_digest.clone(), config_size));
-    let mut missing = 0;
-    for (d, size) in &blobs {
-        if content_size_opt(node, d).await.is_none() {
-            missing += size;
-        }
-    }
-    assert!(missing > 0, "the test must start with something to fetch");
-    missing
-}
 
 /// Names of image records that start with `prefix`.
 async fn records(node: &Node, prefix: &str) -> Vec<String> {

@@ -666,19 +666,7 @@ async fn assert_complete(node: &Node, c: &Containerd, img: &Image, name: &str) {
         );
     }
     assert!(content_size_opt(node, &img.config_digest).await.is_some());
-    let chains = ragent::core::chain::chain_ids(
-        &img.layers
-            .iter()
-            .map(|l| l.diff_id.clone())
-            .collect::<Vec<_>>(),
-    );
-    let out = node
-        .ctr("k8s.io")
-        .args(["snapshots", "--snapshotter", "overlayfs", "info"])
-        .arg(chains.last().expect("top"))
-        .output()
-        .expect("ctr");
-    assert!(out.status.success(), "{name} is not unpacked");
+    assert!(image_unpacked(node, img), "{name} is not unpacked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,34 +21,9 @@ const IMAGES: &[(&str, &str)] = &[
 async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
     let node = node();
     let set = fixtures(&node);
-    let c = Containerd::connect(&node.socket(), "k8s.io")
-        .await
-        .expect("connect");
     // Start from a store without these images and without their own (unshared) blobs.
-    let records = c.list_images().await.expect("list");
     for (repo, tag) in IMAGES {
-        let img = set.image(repo, tag).expect("fixture");
-        for r in records
-            .iter()
-            .filter(|r| r.target.digest == img.manifest_digest)
-        {
-            // --sync: wait for containerd's GC, so what is "missing" below stays missing.
-            let _ = node
-                .ctr("k8s.io")
-                .args(["images", "rm", "--sync", &r.name])
-                .output();
-        }
-        let own: Vec<&str> = img
-            .layers
-            .iter()
-            .filter(|l| l.role == "app" || l.role == "config")
-            .map(|l| l.digest.as_str())
-            .collect();
-        let _ = node
-            .ctr("k8s.io")
-            .args(["content", "rm", &img.config_digest])
-            .args(&own)
-            .output();
+        make_missing(&node, &set, repo, tag).await;
     }
     // What must cross the wire: the distinct blobs (configs and layers) not in the store now.
     let mut needed = BTreeSet::new();
@@ -134,23 +109,7 @@ async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
             status.image.is_some_and(|i| i.repo_tags.contains(r)),
             "CRI does not list {r}"
         );
-        let chains = ragent::core::chain::chain_ids(
-            &img.layers
-                .iter()
-                .map(|l| l.diff_id.clone())
-                .collect::<Vec<_>>(),
-        );
-        let out = node
-            .ctr("k8s.io")
-            .args(["snapshots", "--snapshotter", "overlayfs", "info"])
-            .arg(chains.last().expect("top"))
-            .output()
-            .expect("ctr");
-        assert!(
-            out.status.success(),
-            "{r} is not unpacked: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(unpacked(&node, &set, repo, tag), "{r} is not unpacked");
     }
 
     // The run's lease is gone (nothing stays pinned by ragent).

@@ -290,7 +290,11 @@ pub async fn missing_bytes(node: &Node, set: &FixtureSet, images: &[(&str, &str)
 
 /// Whether the image's top layer is unpacked into containerd's overlayfs snapshotter.
 pub fn unpacked(node: &Node, set: &FixtureSet, repo: &str, tag: &str) -> bool {
-    let img = set.image(repo, tag).expect("fixture");
+    image_unpacked(node, set.image(repo, tag).expect("fixture"))
+}
+
+/// Same for a fixture image.
+pub fn image_unpacked(node: &Node, img: &ragent_testkit::fixtures::Image) -> bool {
     let chains = ragent::core::chain::chain_ids(
         &img.layers
             .iter()
@@ -313,4 +317,57 @@ pub async fn record_target(node: &Node, name: &str) -> Option<String> {
         .await
         .expect("Images.Get")
         .map(|r| r.target.digest)
+}
+
+/// Removes every record of `repo:tag`'s manifest and its own blobs (config, app and config
+/// layers), waits for GC; returns the bytes of the image's blobs now missing from the store.
+pub async fn make_missing(node: &Node, set: &FixtureSet, repo: &str, tag: &str) -> u64 {
+    let img = set.image(repo, tag).expect("fixture");
+    let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    for r in c
+        .list_images()
+        .await
+        .expect("list")
+        .iter()
+        .filter(|r| r.target.digest == img.manifest_digest)
+    {
+        let _ = node
+            .ctr("k8s.io")
+            .args(["images", "rm", "--sync", &r.name])
+            .output();
+    }
+    let own: Vec<&str> = img
+        .layers
+        .iter()
+        .filter(|l| l.role == "app" || l.role == "config")
+        .map(|l| l.digest.as_str())
+        .collect();
+    let _ = node
+        .ctr("k8s.io")
+        .args(["content", "rm", &img.config_digest])
+        .args(&own)
+        .output();
+    let config_size = std::fs::metadata(
+        set.layout
+            .join("blobs/sha256")
+            .join(img.config_digest.trim_start_matches("sha256:")),
+    )
+    .expect("config blob")
+    .len();
+    let mut blobs: std::collections::BTreeSet<(String, u64)> = img
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size))
+        .collect();
+    blobs.insert((img.config_digest.clone(), config_size));
+    let mut missing = 0;
+    for (d, size) in &blobs {
+        if content_size_opt(node, d).await.is_none() {
+            missing += size;
+        }
+    }
+    assert!(missing > 0, "the test must start with something to fetch");
+    missing
 }

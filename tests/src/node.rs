@@ -91,6 +91,19 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Re
     bail!("{what} did not become ready within {timeout:?}")
 }
 
+/// Whether a containerd answers on `sock` (`ctr version` succeeds).
+fn containerd_answers(sock: &Path) -> bool {
+    sock.exists()
+        && Command::new("ctr")
+            .arg("--address")
+            .arg(sock)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -298,15 +311,7 @@ impl Node {
         self.save()?;
         let sock = self.socket();
         wait_until("containerd", Duration::from_secs(30), || {
-            sock.exists()
-                && Command::new("ctr")
-                    .arg("--address")
-                    .arg(&sock)
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
+            containerd_answers(&sock)
         })
         .with_context(|| self.log_tail("containerd"))
     }
@@ -645,15 +650,7 @@ impl TmpfsContainerd {
         };
         let sock = me.socket();
         wait_until("the tmpfs containerd", Duration::from_secs(30), || {
-            sock.exists()
-                && Command::new("ctr")
-                    .arg("--address")
-                    .arg(&sock)
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
+            containerd_answers(&sock)
         })?;
         Ok(me)
     }
