@@ -423,12 +423,38 @@ impl Puller {
             .try_collect::<Vec<(String, Fetched)>>();
         // Unpacking goes on while the fetches do: each layer as soon as its blob (and the
         // layers below it) are in, so the shared layers that come first are unpacked early.
-        let unpack_all = async {
-            let mut tops = Vec::with_capacity(resolved.len());
-            for r in resolved {
-                tops.push(self.unpack_image(r, lease, arrived).await?);
+        // First the layers several images share, one image after the other (so each shared
+        // snapshot is made once); then every image's own layers, all images at once (no two
+        // of them make the same snapshot).
+        let mut users: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in resolved {
+            let mine: BTreeSet<&str> = r
+                .manifest
+                .layers
+                .iter()
+                .map(|l| l.digest.as_str())
+                .collect();
+            for d in mine {
+                *users.entry(d).or_default() += 1;
             }
-            Ok::<_, PrepullError>(tops)
+        }
+        let unpack_all = async {
+            for r in resolved {
+                let shared = r
+                    .manifest
+                    .layers
+                    .iter()
+                    .rposition(|l| users.get(l.digest.as_str()).is_some_and(|n| *n > 1));
+                if let Some(top) = shared {
+                    self.unpack_image(r, lease, arrived, top + 1).await?;
+                }
+            }
+            futures::future::try_join_all(
+                resolved
+                    .iter()
+                    .map(|r| self.unpack_image(r, lease, arrived, r.manifest.layers.len())),
+            )
+            .await
         };
         let (fetched, tops) = futures::try_join!(fetch_all, unpack_all)?;
         let mut written = BTreeSet::new();
@@ -473,12 +499,14 @@ impl Puller {
         ))
     }
 
-    /// Unpacks an image's layers as their blobs arrive in `arrived`; returns the top chain ID.
+    /// Unpacks an image's lowest `upto` layers as their blobs arrive in `arrived`; returns the
+    /// chain ID of the highest.
     async fn unpack_image(
         &self,
         r: &ResolvedRef,
         lease: &str,
         arrived: &watch::Sender<BTreeSet<String>>,
+        upto: usize,
     ) -> Result<Option<String>, PrepullError> {
         let wait = |digest: String| {
             let mut rx = arrived.subscribe();
@@ -490,9 +518,13 @@ impl Puller {
         wait(r.manifest.config.digest.clone()).await;
         let config = self.containerd.read_blob(&r.manifest.config.digest).await?;
         let config = oci::parse_config(&r.manifest.config.digest, &config)?;
+        let layers = &r.manifest.layers[..upto.min(r.manifest.layers.len())];
+        // A config whose diffIDs do not match the layers is refused by unpack_as_ready (at
+        // the latest when the whole image is unpacked).
+        let diff_ids = &config.diff_ids[..upto.min(config.diff_ids.len())];
         Ok(self
             .containerd
-            .unpack_as_ready(lease, &r.manifest.layers, &config.diff_ids, wait)
+            .unpack_as_ready(lease, layers, diff_ids, wait)
             .await?)
     }
 
