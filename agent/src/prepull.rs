@@ -260,7 +260,7 @@ impl Puller {
                 }
             }
         }
-        self.pull_resolved(&resolved, progress).await
+        self.pull_since(&resolved, progress, t0).await
     }
 
     fn failed(&self, e: &PrepullError, t0: Instant) {
@@ -277,7 +277,16 @@ impl Puller {
         resolved: &[ResolvedRef],
         progress: Option<&Arc<Progress>>,
     ) -> Result<Report, PrepullError> {
-        let t0 = Instant::now();
+        self.pull_since(resolved, progress, Instant::now()).await
+    }
+
+    /// The pass started at `t0` (its report and duration count from there).
+    async fn pull_since(
+        &self,
+        resolved: &[ResolvedRef],
+        progress: Option<&Arc<Progress>>,
+        t0: Instant,
+    ) -> Result<Report, PrepullError> {
         let r = self
             .pull_inner(resolved, progress, t0)
             .await
