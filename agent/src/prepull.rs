@@ -16,7 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use containerd_client::tonic::Code;
 use futures::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -91,15 +90,14 @@ impl PrepullError {
         let Some(c) = self.containerd_cause() else {
             return self;
         };
-        if let ContainerdError::Rpc { status, .. } = c
-            && matches!(status.code(), Code::Unavailable | Code::Cancelled)
-        {
-            return PrepullError::ContainerdLost {
+        // (Disk full first: containerd reports it with code Unknown, as it does a broken stream.)
+        if c.to_string().contains("no space left on device") {
+            return PrepullError::DiskFull {
                 reason: c.to_string(),
             };
         }
-        if c.to_string().contains("no space left on device") {
-            return PrepullError::DiskFull {
+        if c.is_disconnect() {
+            return PrepullError::ContainerdLost {
                 reason: c.to_string(),
             };
         }
@@ -320,7 +318,14 @@ impl Puller {
         let result = self
             .under_lease(resolved, &needs, &lease, progress, t0)
             .await;
-        if result.is_err() {
+        if let Err(e) = &result {
+            if e.containerd_cause()
+                .is_some_and(ContainerdError::is_disconnect)
+            {
+                // containerd restarted under us: give it a moment to come back, so the
+                // run's lease can go and the partial downloads can be kept.
+                wait_for(&self.containerd, CONTAINERD_RETURN).await;
+            }
             keep_partial_downloads(&self.containerd, &needs).await;
         }
         // The run's lease goes whatever happened: committed content is referenced by image
@@ -687,6 +692,17 @@ pub async fn run(
         .await
 }
 
+/// How long a run that lost containerd waits for it to come back before it cleans up.
+const CONTAINERD_RETURN: Duration = Duration::from_secs(15);
+
+/// Waits until containerd answers again, at most `limit`.
+async fn wait_for(containerd: &Containerd, limit: Duration) {
+    let start = Instant::now();
+    while containerd.version().await.is_err() && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Every blob the images need, once.
 fn distinct_digests(needs: &[ImageNeed]) -> BTreeSet<&str> {
     needs
@@ -1019,5 +1035,13 @@ mod tests {
         assert_eq!(full.classified().metric_label(), "disk_full");
         let other = PrepullError::Containerd(ContainerdError::NotFound { digest: "d".into() });
         assert_eq!(other.classified().metric_label(), "containerd");
+        // A stream that broke when containerd went away comes back with code Unknown.
+        let broken = PrepullError::Containerd(ContainerdError::Rpc {
+            op: "Content.Write",
+            status: containerd_client::tonic::Status::unknown(
+                "h2 protocol error: error reading a body from connection",
+            ),
+        });
+        assert_eq!(broken.classified().metric_label(), "containerd_lost");
     }
 }
