@@ -575,20 +575,31 @@ impl Puller {
                 l.digest.clone(),
             );
         }
-        let bytes = r.manifest_bytes.clone();
-        containerd
-            .write_blob(
-                lease,
-                &format!("ragent-{}", r.manifest_desc.digest),
-                &r.manifest_desc,
-                labels.clone(),
-                |off| {
+        let bytes = &r.manifest_bytes;
+        let ingest = format!("ragent-{}", r.manifest_desc.digest);
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let written = containerd
+                .write_blob(lease, &ingest, &r.manifest_desc, labels.clone(), |off| {
                     stream::iter([Ok::<_, std::io::Error>(
                         bytes[usize::try_from(off).unwrap_or(0).min(bytes.len())..].to_vec(),
                     )])
-                },
-            )
-            .await?;
+                })
+                .await;
+            match written {
+                // Another pull writes the same manifest right now (two requested sets that
+                // share an image): once it has, the manifest exists.
+                Err(e) if is_locked(&e) && start.elapsed() < LOCK_WAIT => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
         // If the manifest was already there (without our labels), label it now: the gc
         // references must hold before the image record exists.
         containerd
@@ -690,6 +701,11 @@ pub async fn run(
     Puller::new(containerd.clone(), registry, opts, metrics)
         .pull(references, progress)
         .await
+}
+
+/// Whether containerd refused a write because another writer holds the ingest.
+fn is_locked(e: &ContainerdError) -> bool {
+    matches!(e, ContainerdError::Rpc { status, .. } if status.message().contains("locked"))
 }
 
 /// How long a run that lost containerd waits for it to come back before it cleans up.
@@ -879,9 +895,7 @@ async fn fetch_blob(
                 debug!(digest = %desc.digest, "resumed ingest rejected; fetching it whole");
             }
             // Another writer holds the ingest: wait for it to finish (then the blob exists).
-            Err(ContainerdError::Rpc { status, .. })
-                if status.message().contains("locked") && start.elapsed() < LOCK_WAIT =>
-            {
+            Err(e) if is_locked(&e) && start.elapsed() < LOCK_WAIT => {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
