@@ -400,42 +400,26 @@ async fn faults_truncated_blob_fails_clearly_and_the_rerun_fetches_only_the_rest
     t.restore(&[&img]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn faults_manifest_status_codes_say_what_to_do() {
+/// Answers each status on `on` (manifests or blobs) and checks the error line has `want` and
+/// names what was refused (`named`), and that the store is left clean.
+async fn statuses_say_what_to_do(
+    on: Target,
+    cases: &[(u16, &[&str])],
+    named: impl Fn(&str, &str, &[String]) -> bool,
+) {
     let t = Case::new(Fault::None).await;
     let img = t.image(IMAGE);
     let own = Case::own_blobs(&img);
     t.make_missing(&[&img], &own).await;
     let r = t.reference(&img);
-    let cases: &[(u16, &[&str])] = &[
-        (
-            401,
-            &[
-                "needs credentials to pull",
-                "(401 Unauthorized on",
-                "pass --auth",
-            ],
-        ),
-        (403, &["the registry denied", "(403 Forbidden)"]),
-        (404, &["not found in the registry", "check the repository"]),
-        (
-            429,
-            &[
-                "the registry is rate limiting (429)",
-                "retry later or lower --concurrency",
-            ],
-        ),
-        (500, &["the registry failed (500", "retry later"]),
-        (503, &["the registry failed (503", "retry later"]),
-    ];
     for (status, want) in cases {
         t.proxy.set_fault(Fault::Status {
-            on: Target::Manifests,
+            on,
             status: *status,
         });
         let out = t.prepull(&[], &r);
         let line = assert_error(&out, want);
-        assert!(line.contains(&r), "{status}: {line}");
+        assert!(named(&line, &r, &own), "{status}: {line}");
         t.assert_clean(&img, &own).await;
     }
     t.proxy.set_fault(Fault::None);
@@ -443,39 +427,55 @@ async fn faults_manifest_status_codes_say_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_manifest_status_codes_say_what_to_do() {
+    statuses_say_what_to_do(
+        Target::Manifests,
+        &[
+            (
+                401,
+                &[
+                    "needs credentials to pull",
+                    "(401 Unauthorized on",
+                    "pass --auth",
+                ],
+            ),
+            (403, &["the registry denied", "(403 Forbidden)"]),
+            (404, &["not found in the registry", "check the repository"]),
+            (
+                429,
+                &[
+                    "the registry is rate limiting (429)",
+                    "retry later or lower --concurrency",
+                ],
+            ),
+            (500, &["the registry failed (500", "retry later"]),
+            (503, &["the registry failed (503", "retry later"]),
+        ],
+        // The reference is named.
+        |line, r, _| line.contains(r),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_blob_status_codes_say_what_to_do() {
-    let t = Case::new(Fault::None).await;
-    let img = t.image(IMAGE);
-    let own = Case::own_blobs(&img);
-    t.make_missing(&[&img], &own).await;
-    let r = t.reference(&img);
-    let cases: &[(u16, &[&str])] = &[
-        (401, &["needs credentials to pull", "(401 Unauthorized on"]),
-        (403, &["the registry denied", "(403 Forbidden)"]),
-        (404, &["not found in the registry"]),
-        (
-            429,
-            &["rate limiting (429)", "retry later or lower --concurrency"],
-        ),
-        (500, &["the registry failed (500"]),
-        (503, &["the registry failed (503"]),
-    ];
-    for (status, want) in cases {
-        t.proxy.set_fault(Fault::Status {
-            on: Target::Blobs,
-            status: *status,
-        });
-        let out = t.prepull(&[], &r);
-        let line = assert_error(&out, want);
+    statuses_say_what_to_do(
+        Target::Blobs,
+        &[
+            (401, &["needs credentials to pull", "(401 Unauthorized on"]),
+            (403, &["the registry denied", "(403 Forbidden)"]),
+            (404, &["not found in the registry"]),
+            (
+                429,
+                &["rate limiting (429)", "retry later or lower --concurrency"],
+            ),
+            (500, &["the registry failed (500"]),
+            (503, &["the registry failed (503"]),
+        ],
         // The blob is named, so the user knows what was refused.
-        assert!(
-            own.iter().any(|d| line.contains(d.as_str())),
-            "{status}: {line}"
-        );
-        t.assert_clean(&img, &own).await;
-    }
-    t.proxy.set_fault(Fault::None);
-    t.restore(&[&img]);
+        |line, _, own| own.iter().any(|d| line.contains(d.as_str())),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

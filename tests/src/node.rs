@@ -290,14 +290,7 @@ impl Node {
 
     /// Stops the registry (SIGTERM, then SIGKILL after 5 s): "the registry is unreachable".
     pub fn stop_registry(&mut self) -> Result<()> {
-        if let Some(pid) = self.pids.remove("registry") {
-            stop_pid(
-                pid,
-                &self.config.dir.display().to_string(),
-                Duration::from_secs(5),
-            );
-        }
-        self.save()
+        self.stop_service("registry", Duration::from_secs(5))
     }
 
     /// Starts containerd and waits until its socket answers.
@@ -318,12 +311,13 @@ impl Node {
 
     /// Stops containerd (SIGTERM, then SIGKILL after 10 s).
     pub fn stop_containerd(&mut self) -> Result<()> {
-        if let Some(pid) = self.pids.remove("containerd") {
-            stop_pid(
-                pid,
-                &self.config.dir.display().to_string(),
-                Duration::from_secs(10),
-            );
+        self.stop_service("containerd", Duration::from_secs(10))
+    }
+
+    /// Stops a service this node started (SIGTERM, SIGKILL after `grace`) and forgets its PID.
+    fn stop_service(&mut self, name: &str, grace: Duration) -> Result<()> {
+        if let Some(pid) = self.pids.remove(name) {
+            stop_pid(pid, &self.config.dir.display().to_string(), grace);
         }
         self.save()
     }
