@@ -4,7 +4,8 @@
 //! - the containerd watch: connect (with backoff), subscribe to events *then* list, keep the
 //!   inventory current; on a lost connection mark not-ready and reconnect;
 //! - the pre-pull policy of the config file's `[prepull]` (see [`crate::warm`]);
-//! - the eBPF programs at the cgroup2 root (optional: without them the agent says why and goes on);
+//! - node insight ([`crate::insight`]): eBPF programs (optional: without them the agent says
+//!   why and goes on), cgroupfs, pull traffic attribution;
 //! - the HTTP endpoint: /metrics, /healthz, /readyz.
 use std::{
     sync::{
@@ -24,19 +25,15 @@ use tracing::{debug, info, warn};
 
 use crate::{
     adapters::{
-        cgroupfs,
-        containerd::{Containerd, ContainerdError},
-        kernel::CgroupNet,
+        containerd::{ContainerRecord, Containerd, ContainerdError},
         procfs,
     },
     config::AgentConfig,
     core::inventory::Inventory,
+    insight::{Insight, InsightOptions, PULL_TICK},
     metrics::{self, Metrics},
     scan::Scanner,
 };
-
-/// How often entries of cgroups that are gone are removed from the eBPF map.
-const RETIRE_EVERY: Duration = Duration::from_secs(30);
 /// The longest a rebuild waits behind a stream of events.
 const MAX_REFRESH_DELAY: Duration = Duration::from_secs(2);
 /// Events buffered between containerd's stream and the agent's loop.
@@ -79,11 +76,11 @@ struct Shared {
     ready: AtomicBool,
     not_ready_reason: Mutex<String>,
     inventory: RwLock<Option<Inventory>>,
-    net: Mutex<Option<CgroupNet>>,
-    /// Where the eBPF programs are attached (to find which cgroups still exist).
-    cgroup_root: Option<std::path::PathBuf>,
-    last_retire: Mutex<Option<Instant>>,
-    scrape: Mutex<()>,
+    /// Per-pod, per-container and pull-traffic insight (eBPF + cgroupfs + containerd).
+    insight: tokio::sync::Mutex<Insight>,
+    /// What eBPF could not load on this node, one line each (for /readyz).
+    degraded: Vec<String>,
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -95,10 +92,10 @@ impl Shared {
         }
     }
 
-    /// Brings the counters that mirror /proc and the eBPF maps up to date (at scrape time).
-    /// Serialized: two concurrent scrapes must not add the same difference twice.
-    fn refresh_scraped(&self) {
-        let _one_at_a_time = self.scrape.lock();
+    /// Brings the counters that mirror /proc, cgroupfs and the eBPF maps up to date (at scrape
+    /// time). Serialized: two concurrent scrapes must not add the same difference twice.
+    async fn refresh_scraped(&self) {
+        let _one_at_a_time = self.scrape.lock().await;
         let p = procfs::read_self();
         metrics::advance_to_f64(&self.metrics.process_cpu, p.cpu_seconds);
         self.metrics
@@ -110,46 +107,21 @@ impl Shared {
         self.metrics
             .process_threads
             .set(i64::try_from(p.threads).unwrap_or(i64::MAX));
-        let Ok(mut net) = self.net.lock() else { return };
-        let Some(net) = net.as_mut() else { return };
-        if let Ok(mut last) = self.last_retire.lock()
-            && last.is_none_or(|t| t.elapsed() >= RETIRE_EVERY)
-        {
-            *last = Some(Instant::now());
-            if let Some(root) = &self.cgroup_root {
-                match net.retire_dead(&cgroupfs::live_ids(root)) {
-                    Ok(n) if n > 0 => debug!(retired = n, "eBPF entries of gone cgroups retired"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "retiring eBPF entries failed"),
-                }
+        let totals = self.insight.lock().await.refresh().await;
+        if let Some((t, overflow)) = totals {
+            let m = &self.metrics;
+            for (dir, bytes, packets) in [
+                ("ingress", t.rx_bytes, t.rx_packets),
+                ("egress", t.tx_bytes, t.tx_packets),
+            ] {
+                metrics::advance_to(&m.node_net_bytes.with_label_values(&[dir]), bytes);
+                metrics::advance_to(&m.node_net_packets.with_label_values(&[dir]), packets);
             }
-        }
-        match net.read() {
-            Ok(snap) => {
-                let t = snap.total();
-                let m = &self.metrics;
-                metrics::advance_to(
-                    &m.node_net_bytes.with_label_values(&["ingress"]),
-                    t.rx_bytes,
-                );
-                metrics::advance_to(&m.node_net_bytes.with_label_values(&["egress"]), t.tx_bytes);
-                metrics::advance_to(
-                    &m.node_net_packets.with_label_values(&["ingress"]),
-                    t.rx_packets,
-                );
-                metrics::advance_to(
-                    &m.node_net_packets.with_label_values(&["egress"]),
-                    t.tx_packets,
-                );
-                metrics::advance_to(
-                    &m.ebpf_overflow
-                        .with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
-                    snap.overflow
-                        .rx_bytes
-                        .saturating_add(snap.overflow.tx_bytes),
-                );
-            }
-            Err(e) => warn!(error = %e, "reading the eBPF maps failed"),
+            metrics::advance_to(
+                &m.ebpf_overflow
+                    .with_label_values(&[ragent_ebpf::MAP_CGROUP_NET]),
+                overflow.rx_bytes.saturating_add(overflow.tx_bytes),
+            );
         }
     }
 
@@ -190,28 +162,26 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new(prometheus::Registry::new())?;
-    let ebpf = if cfg.ebpf {
-        attach_ebpf(&cfg)
-    } else {
-        info!("eBPF disabled by configuration; network metrics stay at 0");
-        None
-    };
-    metrics
-        .ebpf_programs
-        .set(ebpf.as_ref().map_or(0, |(n, _)| n.programs() as i64));
-    let (net, cgroup_root) = match ebpf {
-        Some((n, r)) => (Some(n), Some(r)),
-        None => (None, None),
-    };
+    let insight = Insight::start(
+        &InsightOptions {
+            ebpf: cfg.ebpf,
+            cgroup_root: cfg.cgroup_root.clone(),
+            bpffs: cfg.bpffs.clone(),
+            tracefs: cfg.tracefs.clone(),
+            grace: cfg.series_grace,
+        },
+        metrics.insight.clone(),
+    );
+    metrics.ebpf_programs.set(insight.programs() as i64);
+    let degraded = insight.degraded();
     let shared = Arc::new(Shared {
         metrics,
         ready: AtomicBool::new(false),
         not_ready_reason: Mutex::new("not connected to containerd yet".into()),
         inventory: RwLock::new(None),
-        net: Mutex::new(net),
-        cgroup_root,
-        last_retire: Mutex::new(None),
-        scrape: Mutex::new(()),
+        insight: tokio::sync::Mutex::new(insight),
+        degraded,
+        scrape: tokio::sync::Mutex::new(()),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -250,6 +220,7 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let pulls = tokio::spawn(watch_pull_traffic(shared.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
 
     shutdown.await;
@@ -257,6 +228,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     if let Err(e) = watcher.await {
         warn!(error = %e, "the containerd watch ended abnormally");
+    }
+    if let Err(e) = pulls.await {
+        warn!(error = %e, "the pull traffic watch ended abnormally");
     }
     if let Some(w) = warm
         && let Err(e) = w.await
@@ -273,35 +247,10 @@ pub async fn run(
     }
 }
 
-/// Loads and attaches the eBPF programs, or says why not (the agent runs on without them).
-fn attach_ebpf(cfg: &AgentConfig) -> Option<(CgroupNet, std::path::PathBuf)> {
-    let root = cgroupfs::detect().and_then(|layout| {
-        info!(mode = ?layout.mode, unified = ?layout.unified, "cgroup layout");
-        cgroupfs::resolve_root(cfg.cgroup_root.as_deref(), &layout)
-    });
-    let root = match root {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "running without eBPF");
-            return None;
-        }
-    };
-    match CgroupNet::attach(&root) {
-        Ok(net) => {
-            info!(cgroup_root = %root.display(), programs = net.programs(), "eBPF cgroup_skb counters attached");
-            Some((net, root))
-        }
-        Err(e) => {
-            warn!(error = %e, reason = e.metric_label(), "running without eBPF");
-            None
-        }
-    }
-}
-
 async fn metrics_handler(
     State(shared): State<Arc<Shared>>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
-    shared.refresh_scraped();
+    shared.refresh_scraped().await;
     match shared.metrics.encode() {
         Ok(body) => (
             StatusCode::OK,
@@ -318,7 +267,12 @@ async fn metrics_handler(
 
 async fn ready_handler(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     if shared.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n".into())
+        let mut body = String::from("ready\n");
+        for line in &shared.degraded {
+            body.push_str(line);
+            body.push('\n');
+        }
+        (StatusCode::OK, body)
     } else {
         let reason = shared
             .not_ready_reason
@@ -366,13 +320,35 @@ async fn watch_containerd(cfg: AgentConfig, shared: Arc<Shared>, mut stop: watch
     }
 }
 
+/// Reads the pullers' registry traffic every [`PULL_TICK`] until `stop`.
+async fn watch_pull_traffic(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PULL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.insight.lock().await.pull_tick().await,
+            // (The guard wait_for returns must not live across the await above.)
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
 async fn refresh(
     c: &Containerd,
     scanner: &mut Scanner,
+    shared: &Shared,
 ) -> Result<(Inventory, usize), ContainerdError> {
     let inv = scanner.scan(c).await?;
-    let containers = c.list_containers().await?.len();
-    Ok((inv, containers))
+    let containers: Vec<ContainerRecord> = c.list_containers().await?;
+    let names: Vec<String> = inv
+        .images
+        .iter()
+        .flat_map(|i| i.names.iter().cloned())
+        .collect();
+    let mut insight = shared.insight.lock().await;
+    insight.set_containers(&containers);
+    insight.set_images(names).await;
+    Ok((inv, containers.len()))
 }
 
 /// One connected session: returns when the connection is lost.
@@ -407,7 +383,8 @@ async fn session(
         }
     }));
     tokio::time::sleep(SUBSCRIBE_SETTLE).await;
-    let (inv, containers) = refresh(&c, scanner).await?;
+    shared.insight.lock().await.connected(&c).await;
+    let (inv, containers) = refresh(&c, scanner, shared).await?;
     info!(
         socket = %cfg.common.containerd.display(),
         namespace = %cfg.common.namespace,
@@ -456,7 +433,7 @@ async fn session(
             _ = resync.tick() => pending.touch(Instant::now()),
             _ = sleep_until_opt(due) => {
                 pending.clear();
-                match refresh(&c, scanner).await {
+                match refresh(&c, scanner, shared).await {
                     Ok((inv, containers)) => {
                         debug!(images = inv.summary.images, containers, "inventory refreshed");
                         shared.publish(inv, containers);

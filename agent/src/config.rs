@@ -21,6 +21,9 @@ pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
 /// Default delay between an image event and the inventory rebuild it triggers (events come in bursts).
 pub const DEFAULT_REFRESH_DEBOUNCE_MS: u64 = 250;
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
+pub const DEFAULT_SERIES_GRACE_S: u64 = 300;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -145,6 +148,15 @@ pub struct AgentArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub no_ebpf: bool,
+    /// Where bpffs is (mounted there when missing) [default: /sys/fs/bpf]
+    #[arg(long, env = "RAGENT_BPFFS", value_name = "PATH")]
+    pub bpffs: Option<PathBuf>,
+    /// Where tracefs is (mounted there when missing) [default: /sys/kernel/tracing]
+    #[arg(long, env = "RAGENT_TRACEFS", value_name = "PATH")]
+    pub tracefs: Option<PathBuf>,
+    /// Seconds the series of a gone pod, container or image stay before they are removed [default: 300]
+    #[arg(long, env = "RAGENT_SERIES_GRACE", value_name = "SECONDS")]
+    pub series_grace: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +230,9 @@ pub struct AgentSection {
     pub cgroup_root: Option<PathBuf>,
     pub ebpf: Option<bool>,
     pub refresh_debounce_ms: Option<u64>,
+    pub bpffs: Option<PathBuf>,
+    pub tracefs: Option<PathBuf>,
+    pub series_grace_s: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +255,10 @@ pub enum ConfigError {
     Empty { what: &'static str },
     #[error("agent.refresh_debounce_ms = {0} is out of range (0..=60000)")]
     Debounce(u64),
+    #[error(
+        "series grace {0} s is out of range: give --series-grace (agent.series_grace_s) between 1 and 86400 seconds"
+    )]
+    Grace(u64),
     #[error(
         "prepull.images has {reference:?}, which is not an image reference ({reason}); write registry/repository:tag or registry/repository@sha256:..."
     )]
@@ -266,6 +285,9 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     pub ebpf: bool,
     pub refresh_debounce_ms: u64,
+    pub bpffs: PathBuf,
+    pub tracefs: PathBuf,
+    pub series_grace: std::time::Duration,
     pub prepull: PrepullPolicy,
 }
 
@@ -408,6 +430,13 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
     if refresh_debounce_ms > 60_000 {
         return Err(ConfigError::Debounce(refresh_debounce_ms));
     }
+    let series_grace = args
+        .series_grace
+        .or(file.agent.series_grace_s)
+        .unwrap_or(DEFAULT_SERIES_GRACE_S);
+    if !(1..=86_400).contains(&series_grace) {
+        return Err(ConfigError::Grace(series_grace));
+    }
     Ok(AgentConfig {
         common,
         metrics_addr,
@@ -417,6 +446,17 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
             .or_else(|| file.agent.cgroup_root.clone()),
         ebpf: !args.no_ebpf && file.agent.ebpf.unwrap_or(true),
         refresh_debounce_ms,
+        bpffs: args
+            .bpffs
+            .clone()
+            .or_else(|| file.agent.bpffs.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
+        tracefs: args
+            .tracefs
+            .clone()
+            .or_else(|| file.agent.tracefs.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TRACEFS)),
+        series_grace: std::time::Duration::from_secs(series_grace),
         prepull: prepull_policy(&file.prepull)?,
     })
 }

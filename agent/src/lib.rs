@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod flight;
 pub mod images;
+pub mod insight;
 pub mod metrics;
 pub mod prepull;
 pub mod progress;

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use prometheus::{
-    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +222,112 @@ def!(
     "Images of the agent's pre-pull policy by state (ready: record and unpacked layers present; failed: last attempt failed; pending)."
 );
 
+def!(
+    POD_NET_BYTES,
+    "ragent_pod_network_bytes_total",
+    Counter,
+    ["namespace", "pod", "direction"],
+    "Bytes of the pod's sockets (all its containers, IP level, cgroup_skb), by direction."
+);
+def!(
+    POD_NET_PACKETS,
+    "ragent_pod_network_packets_total",
+    Counter,
+    ["namespace", "pod", "direction"],
+    "Packets (socket buffers) of the pod's sockets, by direction."
+);
+def!(
+    CONTAINER_CPU,
+    "ragent_container_cpu_seconds_total",
+    Counter,
+    ["namespace", "pod", "container"],
+    "CPU time of the container's cgroup (cgroup2 cpu.stat or v1 cpuacct)."
+);
+def!(
+    CONTAINER_MEMORY,
+    "ragent_container_memory_working_set_bytes",
+    Gauge,
+    ["namespace", "pod", "container"],
+    "Memory usage minus inactive file pages of the container's cgroup."
+);
+def!(
+    CONTAINER_RUNQ,
+    "ragent_container_cpu_runqueue_seconds_total",
+    Counter,
+    ["namespace", "pod", "container"],
+    "Time the container's threads were runnable but waiting for a CPU (scheduler tracepoints)."
+);
+def!(
+    CONTAINER_OOM,
+    "ragent_container_oom_kills_total",
+    Counter,
+    ["namespace", "pod", "container"],
+    "Processes of the container killed by the OOM killer."
+);
+def!(
+    IMAGE_PULL_BYTES,
+    "ragent_image_pull_bytes_total",
+    Counter,
+    ["image", "registry"],
+    "Bytes registries sent to containerd and ragent for an image (IP level); image=\"unattributed\" holds what no image explains."
+);
+def!(
+    REGISTRY_BYTES,
+    "ragent_registry_bytes_total",
+    Counter,
+    ["registry", "direction"],
+    "Bytes between the pullers (containerd, ragent) and each registry they connected to, by direction."
+);
+def!(
+    REGISTRY_CONNECTIONS,
+    "ragent_registry_connections_total",
+    Counter,
+    ["registry"],
+    "Connections the pullers opened to each registry (connect4/connect6)."
+);
+def!(
+    OWNER_NET_BYTES,
+    "ragent_owner_network_bytes_total",
+    Counter,
+    ["owner", "direction"],
+    "The node's socket bytes by owner: pods, containerd, ragent, other."
+);
+def!(
+    EBPF_FEATURE,
+    "ragent_ebpf_feature_available",
+    Gauge,
+    ["feature"],
+    "1 when the eBPF feature is loaded and attached, 0 when this node lacks what it needs (see /readyz)."
+);
+def!(
+    KERNEL_CAPABILITY,
+    "ragent_kernel_capability",
+    Gauge,
+    ["capability"],
+    "1 when the node offers it: btf, bpffs, tracefs, cgroup2."
+);
+def!(
+    EBPF_MAP_ENTRIES,
+    "ragent_ebpf_map_entries",
+    Gauge,
+    ["map"],
+    "Entries in each eBPF map."
+);
+def!(
+    EBPF_MAP_CAPACITY,
+    "ragent_ebpf_map_capacity_entries",
+    Gauge,
+    ["map"],
+    "Capacity of each eBPF map."
+);
+def!(
+    EBPF_MAP_OVERFLOW,
+    "ragent_ebpf_map_overflow_total",
+    Counter,
+    ["map"],
+    "Inserts into each eBPF map that failed because it was full (counted, never silently dropped)."
+);
+
 /// Every metric ragent exports.
 pub const CATALOGUE: &[MetricDef] = &[
     BUILD_INFO,
@@ -250,6 +356,21 @@ pub const CATALOGUE: &[MetricDef] = &[
     PREPULL_FAILURES,
     PREPULL_INFLIGHT,
     PREPULL_IMAGES,
+    POD_NET_BYTES,
+    POD_NET_PACKETS,
+    CONTAINER_CPU,
+    CONTAINER_MEMORY,
+    CONTAINER_RUNQ,
+    CONTAINER_OOM,
+    IMAGE_PULL_BYTES,
+    REGISTRY_BYTES,
+    REGISTRY_CONNECTIONS,
+    OWNER_NET_BYTES,
+    EBPF_FEATURE,
+    KERNEL_CAPABILITY,
+    EBPF_MAP_ENTRIES,
+    EBPF_MAP_CAPACITY,
+    EBPF_MAP_OVERFLOW,
 ];
 
 /// The containerd event topics counted under their own label value.
@@ -322,6 +443,63 @@ pub const PREPULL_FAILURE_REASONS: &[&str] = &[
     "usage",
     "internal",
 ];
+
+/// The node insight metrics (per pod, container, image, registry; the eBPF programs' health).
+#[derive(Clone)]
+pub struct InsightMetrics {
+    pub pod_net_bytes: IntCounterVec,
+    pub pod_net_packets: IntCounterVec,
+    pub container_cpu: CounterVec,
+    pub container_memory: IntGaugeVec,
+    pub container_runq: CounterVec,
+    pub container_oom: IntCounterVec,
+    pub image_pull_bytes: IntCounterVec,
+    pub registry_bytes: IntCounterVec,
+    pub registry_connections: IntCounterVec,
+    pub owner_net_bytes: IntCounterVec,
+    pub ebpf_feature: IntGaugeVec,
+    pub kernel_capability: IntGaugeVec,
+    pub map_entries: IntGaugeVec,
+    pub map_capacity: IntGaugeVec,
+    pub map_overflow: IntCounterVec,
+}
+
+impl InsightMetrics {
+    pub fn new(r: &Registry) -> Result<InsightMetrics, prometheus::Error> {
+        let icv = |d: &MetricDef| -> Result<IntCounterVec, prometheus::Error> {
+            reg(r, IntCounterVec::new(opts(d), d.labels)?)
+        };
+        let cv = |d: &MetricDef| -> Result<CounterVec, prometheus::Error> {
+            reg(r, CounterVec::new(opts(d), d.labels)?)
+        };
+        let igv = |d: &MetricDef| -> Result<IntGaugeVec, prometheus::Error> {
+            reg(r, IntGaugeVec::new(opts(d), d.labels)?)
+        };
+        let m = InsightMetrics {
+            pod_net_bytes: icv(&POD_NET_BYTES)?,
+            pod_net_packets: icv(&POD_NET_PACKETS)?,
+            container_cpu: cv(&CONTAINER_CPU)?,
+            container_memory: igv(&CONTAINER_MEMORY)?,
+            container_runq: cv(&CONTAINER_RUNQ)?,
+            container_oom: icv(&CONTAINER_OOM)?,
+            image_pull_bytes: icv(&IMAGE_PULL_BYTES)?,
+            registry_bytes: icv(&REGISTRY_BYTES)?,
+            registry_connections: icv(&REGISTRY_CONNECTIONS)?,
+            owner_net_bytes: icv(&OWNER_NET_BYTES)?,
+            ebpf_feature: igv(&EBPF_FEATURE)?,
+            kernel_capability: igv(&KERNEL_CAPABILITY)?,
+            map_entries: igv(&EBPF_MAP_ENTRIES)?,
+            map_capacity: igv(&EBPF_MAP_CAPACITY)?,
+            map_overflow: icv(&EBPF_MAP_OVERFLOW)?,
+        };
+        for owner in crate::core::workloads::Owner::ALL {
+            for dir in ["ingress", "egress"] {
+                m.owner_net_bytes.with_label_values(&[owner.as_str(), dir]);
+            }
+        }
+        Ok(m)
+    }
+}
 
 /// The pre-pull metrics: cheap clones of the same series, handed to every puller.
 #[derive(Clone)]
@@ -401,6 +579,7 @@ pub struct Metrics {
     pub process_fds: IntGauge,
     pub process_threads: IntGauge,
     pub prepull: PrepullMetrics,
+    pub insight: InsightMetrics,
     image_series: std::sync::Mutex<BTreeSet<String>>,
 }
 
@@ -453,6 +632,7 @@ impl Metrics {
             process_fds: reg(r, IntGauge::with_opts(opts(&PROCESS_FDS))?)?,
             process_threads: reg(r, IntGauge::with_opts(opts(&PROCESS_THREADS))?)?,
             prepull: PrepullMetrics::new(r)?,
+            insight: InsightMetrics::new(r)?,
             image_series: std::sync::Mutex::new(BTreeSet::new()),
             registry,
         };

@@ -183,6 +183,120 @@ pub fn live_ids(root: &Path) -> std::collections::HashSet<u64> {
     ids
 }
 
+/// The cgroup id of a cgroup2 directory: its inode number, what `bpf_skb_cgroup_id` and
+/// `bpf_get_current_cgroup_id` report.
+pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(dir)?.ino())
+}
+
+/// Every cgroup2 directory below (and including) `root`: id -> path relative to `root`
+/// (`/` for the root itself, `/k8s.io/<id>` below it).
+pub fn walk(root: &Path) -> std::collections::HashMap<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::HashMap::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        if let Ok(m) = std::fs::metadata(&dir) {
+            out.insert(
+                m.ino(),
+                if rel.is_empty() {
+                    "/".into()
+                } else {
+                    rel.clone()
+                },
+            );
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                stack.push((e.path(), format!("{rel}/{name}")));
+            }
+        }
+    }
+    out
+}
+
+/// The cgroup2 path of a process (`0::<path>` in /proc/<pid>/cgroup). Pure.
+pub fn parse_proc_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// The cgroup2 path of process `pid` (`self` for the agent).
+pub fn process_cgroup(pid: &str) -> Option<String> {
+    parse_proc_cgroup(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// CPU and memory of one container's cgroup, from whichever hierarchy has them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CgroupStats {
+    pub cpu_seconds: Option<f64>,
+    /// Usage minus inactive file pages (what the kubelet evicts on and OOM decisions follow).
+    pub working_set_bytes: Option<u64>,
+    /// OOM kills the memory controller recorded (v2 memory.events, v1 memory.oom_control).
+    pub oom_kills: Option<u64>,
+}
+
+/// A `key value` line of cpu.stat, memory.stat, memory.events or memory.oom_control. Pure.
+pub fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Working set from usage and inactive file bytes (never below zero). Pure.
+pub fn working_set(usage: u64, inactive_file: u64) -> u64 {
+    usage.saturating_sub(inactive_file)
+}
+
+/// Reads the figures of the cgroup at `rel` (a path relative to the cgroup roots, the same in
+/// every hierarchy under the cgroupfs driver): cgroup2 first, v1 controllers on a hybrid or
+/// legacy node. What no hierarchy has stays `None`.
+pub fn read_stats(layout: &CgroupLayout, rel: &str) -> CgroupStats {
+    let read = |base: Option<&PathBuf>, file: &str| -> Option<String> {
+        std::fs::read_to_string(base?.join(rel.trim_start_matches('/')).join(file)).ok()
+    };
+    let unified = layout.unified.as_ref();
+    let cpu_seconds = read(unified, "cpu.stat")
+        .and_then(|t| stat_value(&t, "usage_usec"))
+        .map(|us| us as f64 / 1e6)
+        .or_else(|| {
+            read(layout.v1.get("cpuacct"), "cpuacct.usage")
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .map(|ns| ns as f64 / 1e9)
+        });
+    let v2_memory = read(unified, "memory.current").and_then(|t| t.trim().parse::<u64>().ok());
+    let (working_set_bytes, oom_kills) = match v2_memory {
+        Some(usage) => {
+            let inactive = read(unified, "memory.stat")
+                .and_then(|t| stat_value(&t, "inactive_file"))
+                .unwrap_or(0);
+            let ooms = read(unified, "memory.events").and_then(|t| stat_value(&t, "oom_kill"));
+            (Some(working_set(usage, inactive)), ooms)
+        }
+        None => {
+            let mem = layout.v1.get("memory");
+            let usage = read(mem, "memory.usage_in_bytes").and_then(|t| t.trim().parse().ok());
+            let inactive = read(mem, "memory.stat")
+                .and_then(|t| stat_value(&t, "total_inactive_file"))
+                .unwrap_or(0);
+            let ooms = read(mem, "memory.oom_control").and_then(|t| stat_value(&t, "oom_kill"));
+            (usage.map(|u| working_set(u, inactive)), ooms)
+        }
+    };
+    CgroupStats {
+        cpu_seconds,
+        working_set_bytes,
+        oom_kills,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +367,44 @@ mod tests {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn stat_files_and_proc_cgroup() {
+        let cpu = "usage_usec 5694082\nuser_usec 1425804\nsystem_usec 4268277\n";
+        assert_eq!(stat_value(cpu, "usage_usec"), Some(5_694_082));
+        assert_eq!(stat_value(cpu, "user"), None);
+        let oom = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        assert_eq!(stat_value(oom, "oom_kill"), Some(2));
+        assert_eq!(working_set(100, 30), 70);
+        assert_eq!(working_set(10, 30), 0);
+        let pc = "9:name=systemd:/\n4:memory:/k8s.io/abc\n0::/k8s.io/abc\n";
+        assert_eq!(parse_proc_cgroup(pc).as_deref(), Some("/k8s.io/abc"));
+        assert_eq!(parse_proc_cgroup("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn stats_of_a_real_cgroup() {
+        // The agent's own cgroup exists on every node with cgroups; CPU is always readable.
+        let Ok(layout) = detect() else { return };
+        let Some(rel) = process_cgroup("self") else {
+            return;
+        };
+        let s = read_stats(&layout, &rel);
+        if layout.unified.is_some() || layout.v1.contains_key("cpuacct") {
+            assert!(s.cpu_seconds.is_some_and(|c| c > 0.0), "{s:?} at {rel}");
+        }
+        let ids = walk(
+            layout
+                .unified
+                .as_deref()
+                .unwrap_or(Path::new("/nonexistent")),
+        );
+        if let Some(u) = &layout.unified {
+            assert_eq!(
+                ids.get(&cgroup_id(u).unwrap()).map(String::as_str),
+                Some("/")
+            );
+        }
     }
 }

@@ -7,8 +7,9 @@ use std::{
 
 use containerd_client::{
     services::v1::{
-        GetImageRequest, InfoRequest, ListContainersRequest, ListImagesRequest, ReadContentRequest,
-        SubscribeRequest, containers_client::ContainersClient, content_client::ContentClient,
+        GetContainerRequest, GetImageRequest, InfoRequest, ListContainersRequest,
+        ListContentRequest, ListImagesRequest, ReadContentRequest, SubscribeRequest,
+        containers_client::ContainersClient, content_client::ContentClient,
         events_client::EventsClient, images_client::ImagesClient, version_client::VersionClient,
     },
     tonic::{Code, Request, Status, transport::Channel},
@@ -16,7 +17,10 @@ use containerd_client::{
 use futures::{Stream, StreamExt};
 use tracing::instrument;
 
-use crate::core::oci::Descriptor;
+use crate::core::{
+    oci::Descriptor,
+    pulls::{BlobInfo, ImageInfo},
+};
 
 /// The largest manifest, index or config ragent reads into memory.
 pub const MAX_METADATA_BLOB: u64 = 16 << 20;
@@ -295,6 +299,74 @@ impl Containerd {
             .collect())
     }
 
+    /// One container record by id, or None when it is gone.
+    pub async fn get_container(
+        &self,
+        id: &str,
+    ) -> Result<Option<ContainerRecord>, ContainerdError> {
+        match ContainersClient::new(self.channel.clone())
+            .get(self.request(GetContainerRequest { id: id.into() }))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().container.map(|c| ContainerRecord {
+                id: c.id,
+                image: c.image,
+                labels: c.labels.into_iter().collect(),
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(rpc("Containers.Get")(s)),
+        }
+    }
+
+    /// Every blob of the content store with its size, commit time and labels.
+    pub async fn list_content(&self) -> Result<Vec<BlobInfo>, ContainerdError> {
+        let mut stream = ContentClient::new(self.channel.clone())
+            .list(self.request(ListContentRequest { filters: vec![] }))
+            .await
+            .map_err(rpc("Content.List"))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(page) = stream.next().await {
+            for i in page.map_err(rpc("Content.List"))?.info {
+                out.push(BlobInfo {
+                    digest: i.digest,
+                    size: u64::try_from(i.size).unwrap_or(0),
+                    created_ms: i.created_at.map_or(0, timestamp_ms),
+                    labels: i.labels.into_iter().collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every image record's name, target and last change.
+    pub async fn list_image_infos(&self) -> Result<Vec<ImageInfo>, ContainerdError> {
+        let r = ImagesClient::new(self.channel.clone())
+            .list(self.request(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(rpc("Images.List"))?;
+        Ok(r.into_inner()
+            .images
+            .into_iter()
+            .filter_map(|i| {
+                let created = i.created_at.map_or(0, timestamp_ms);
+                let updated = i.updated_at.map_or(0, timestamp_ms);
+                Some(ImageInfo {
+                    target: i.target?.digest,
+                    name: i.name,
+                    updated_ms: created.max(updated),
+                })
+            })
+            .collect())
+    }
+
+    /// The pid of the containerd process behind the socket (SO_PEERCRED), to find its cgroup.
+    pub async fn server_pid(&self) -> Option<u32> {
+        let s = tokio::net::UnixStream::connect(&self.socket).await.ok()?;
+        let pid = s.peer_cred().ok()?.pid()?;
+        u32::try_from(pid).ok()
+    }
+
     /// Subscribes to this namespace's events. Call it before listing, so nothing that happens
     /// between the list and the subscription is missed.
     pub async fn subscribe(
@@ -332,6 +404,10 @@ fn image_record(i: containerd_client::services::v1::Image) -> Option<ImageRecord
             annotations: t.annotations.into_iter().collect(),
         },
     })
+}
+
+fn timestamp_ms(t: prost_types::Timestamp) -> u64 {
+    u64::try_from(t.seconds).unwrap_or(0) * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000
 }
 
 fn validate_namespace(ns: &str) -> Result<(), ContainerdError> {

@@ -222,3 +222,124 @@ impl CgroupNet {
         Ok(dead.len())
     }
 }
+
+// ---- TEMPORARY STUB (not committed): the API the kernel helper is building ----
+use std::{collections::HashSet, net::IpAddr, path::PathBuf};
+pub struct KernelOptions {
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub tracefs: PathBuf,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Feature {
+    Net,
+    Endpoints,
+    Connect,
+    Sched,
+    Oom,
+    CgroupPaths,
+}
+impl Feature {
+    pub const ALL: [Feature; 6] = [
+        Feature::Net,
+        Feature::Endpoints,
+        Feature::Connect,
+        Feature::Sched,
+        Feature::Oom,
+        Feature::CgroupPaths,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Net => "net",
+            Feature::Endpoints => "endpoints",
+            Feature::Connect => "connect",
+            Feature::Sched => "sched",
+            Feature::Oom => "oom",
+            Feature::CgroupPaths => "cgroup_paths",
+        }
+    }
+}
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureStatus {
+    pub feature: Feature,
+    pub available: bool,
+    pub detail: String,
+}
+#[derive(Clone, Debug, Default)]
+pub struct Probe {
+    pub btf: bool,
+    pub bpffs: Option<PathBuf>,
+    pub tracefs: Option<PathBuf>,
+    pub notes: Vec<String>,
+}
+pub struct Kernel {
+    net: CgroupNet,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub cgroup: u64,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+#[derive(Clone, Debug, Default)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+    pub overflow: u64,
+}
+#[derive(Clone, Debug, Default)]
+pub struct KernelSnapshot {
+    pub net: NetSnapshot,
+    pub endpoints: BTreeMap<Endpoint, NetCounters>,
+    pub connects: BTreeMap<Endpoint, u64>,
+    pub runq_ns: BTreeMap<u64, u64>,
+    pub oom_kills: BTreeMap<u64, u64>,
+    pub cgroup_paths: BTreeMap<u64, String>,
+    pub maps: Vec<MapFill>,
+}
+impl Kernel {
+    pub fn load(opts: &KernelOptions) -> (Option<Kernel>, Probe, Vec<FeatureStatus>) {
+        match CgroupNet::attach(&opts.cgroup_root) {
+            Ok(net) => (
+                Some(Kernel { net }),
+                Probe::default(),
+                vec![FeatureStatus {
+                    feature: Feature::Net,
+                    available: true,
+                    detail: String::new(),
+                }],
+            ),
+            Err(e) => (
+                None,
+                Probe::default(),
+                vec![FeatureStatus {
+                    feature: Feature::Net,
+                    available: false,
+                    detail: e.to_string(),
+                }],
+            ),
+        }
+    }
+    pub fn programs(&self) -> usize {
+        self.net.programs()
+    }
+    pub fn watch_cgroup(&mut self, _id: u64) -> Result<(), KernelError> {
+        Ok(())
+    }
+    pub fn unwatch_cgroup(&mut self, _id: u64) -> Result<(), KernelError> {
+        Ok(())
+    }
+    pub fn read(&mut self) -> Result<KernelSnapshot, KernelError> {
+        Ok(KernelSnapshot {
+            net: self.net.read()?,
+            ..Default::default()
+        })
+    }
+    pub fn retire_dead(&mut self, live: &HashSet<u64>) -> Result<usize, KernelError> {
+        self.net.retire_dead(live)
+    }
+    pub fn forget_paths(&mut self, _ids: &[u64]) -> Result<(), KernelError> {
+        Ok(())
+    }
+}

@@ -93,7 +93,7 @@ pub fn is_alias_name(name: &str) -> bool {
     name.starts_with("sha256:") || name.contains("@sha256:")
 }
 
-fn primary_name(names: &BTreeSet<String>) -> String {
+pub(crate) fn primary_name(names: &BTreeSet<String>) -> String {
     names
         .iter()
         .find(|n| !is_alias_name(n))

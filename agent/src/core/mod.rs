@@ -10,4 +10,6 @@ pub mod inventory;
 pub mod oci;
 pub mod policy;
 pub mod prepull;
+pub mod pulls;
 pub mod rate;
+pub mod workloads;
