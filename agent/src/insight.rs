@@ -222,8 +222,17 @@ impl Insight {
             image_pull: Ledger::default(),
             present_images: BTreeSet::new(),
         };
-        if let Some(id) = insight.cgroup_of_pid("self") {
-            insight.watch(id, Owner::Ragent);
+        // The agent's own pulls: its cgroup, unless that is the root (then it would count
+        // every process of the node that has no cgroup of its own).
+        match cgroupfs::process_cgroup("self").as_deref() {
+            Some("/") | None => info!(
+                "the agent runs in the root cgroup: its own registry traffic is not measured per registry"
+            ),
+            Some(_) => {
+                if let Some(id) = insight.cgroup_of_pid("self") {
+                    insight.watch(id, Owner::Ragent);
+                }
+            }
         }
         insight
     }
@@ -288,6 +297,12 @@ impl Insight {
         match c.server_pid().await {
             Some(pid) => match self.cgroup_of_pid(&pid.to_string()) {
                 Some(id) => {
+                    if cgroupfs::process_cgroup(&pid.to_string()).as_deref() == Some("/") {
+                        warn!(
+                            pid,
+                            "containerd runs in the root cgroup: outbound traffic of other processes there counts as registry traffic; run it in a service cgroup"
+                        );
+                    }
                     // A restarted containerd may sit elsewhere: forget the old one.
                     let old: Vec<u64> = self
                         .watched
@@ -515,7 +530,23 @@ impl Insight {
         if let Some(k) = self.kernel.as_mut()
             && unified.is_some()
         {
-            let ids: HashSet<u64> = live.keys().copied().collect();
+            // cgroup ids only grow: an id above every live one was created after the walk
+            // (and is alive), so it is kept; the others not in the walk were gone before the
+            // maps were read, and their last counts are in.
+            let max_live = live.keys().max().copied().unwrap_or(0);
+            let mut ids: HashSet<u64> = live.keys().copied().collect();
+            ids.extend(self.watched.keys().copied());
+            if let Some(snap) = &snap {
+                ids.extend(
+                    snap.net
+                        .by_cgroup
+                        .keys()
+                        .chain(snap.runq_ns.keys())
+                        .chain(snap.oom_kills.keys())
+                        .filter(|id| **id > max_live)
+                        .copied(),
+                );
+            }
             match k.retire_dead(&ids) {
                 Ok(n) if n > 0 => debug!(retired = n, "eBPF entries of gone cgroups retired"),
                 Ok(_) => {}
@@ -603,7 +634,10 @@ impl Insight {
             },
             None => None,
         };
-        for w in closed {
+        for mut w in closed {
+            if let Some((blobs, _)) = &listing {
+                self.name_window(&mut w, blobs).await;
+            }
             let a = match &listing {
                 Some((blobs, images)) => pulls::attribute(
                     &w,
@@ -636,6 +670,45 @@ impl Insight {
             );
         }
         self.export(now);
+    }
+
+    /// A window labelled by address (the registry's images were not in the store yet when its
+    /// traffic started) is renamed after the registry its blobs came from, when that registry
+    /// resolves to the address; later traffic then carries the name.
+    async fn name_window(&mut self, w: &mut pulls::Window, blobs: &[pulls::BlobInfo]) {
+        let Ok(addr) = w.registry.parse::<std::net::SocketAddr>() else {
+            return;
+        };
+        let slack = PULL_SLACK.as_millis() as u64;
+        let hosts: BTreeSet<&str> = blobs
+            .iter()
+            .filter(|b| {
+                b.created_ms + slack >= w.start_ms && b.created_ms <= w.last_ms + slack
+            })
+            .flat_map(|b| b.labels.keys())
+            .filter_map(|k| k.strip_prefix(pulls::DISTRIBUTION_SOURCE))
+            .collect();
+        for host in hosts {
+            if host == w.registry {
+                return;
+            }
+            let target = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+                host.to_string()
+            } else {
+                format!("{host}:443")
+            };
+            let Ok(Ok(mut addrs)) =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target)).await
+            else {
+                continue;
+            };
+            if addrs.any(|a| a == addr) {
+                self.registry_names
+                    .insert((addr.ip(), addr.port()), host.to_string());
+                w.registry = host.to_string();
+                return;
+            }
+        }
     }
 
     /// Writes the ledgers into the Prometheus series and drops expired ones.
