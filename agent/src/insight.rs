@@ -682,9 +682,7 @@ impl Insight {
         let slack = PULL_SLACK.as_millis() as u64;
         let hosts: BTreeSet<&str> = blobs
             .iter()
-            .filter(|b| {
-                b.created_ms + slack >= w.start_ms && b.created_ms <= w.last_ms + slack
-            })
+            .filter(|b| b.created_ms + slack >= w.start_ms && b.created_ms <= w.last_ms + slack)
             .flat_map(|b| b.labels.keys())
             .filter_map(|k| k.strip_prefix(pulls::DISTRIBUTION_SOURCE))
             .collect();
@@ -692,7 +690,10 @@ impl Insight {
             if host == w.registry {
                 return;
             }
-            let target = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            let target = if host
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 host.to_string()
             } else {
                 format!("{host}:443")
@@ -860,4 +861,29 @@ fn container_dirs(layout: &CgroupLayout, live: &HashMap<u64, String>) -> Vec<(St
     };
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_cgroups_are_found_among_the_live_ones() {
+        let id = "ab".repeat(32);
+        let layout = CgroupLayout {
+            mode: cgroupfs::CgroupMode::Hybrid,
+            unified: Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            v1: Default::default(),
+        };
+        let live = HashMap::from([
+            (1, "/".to_string()),
+            (2, "/k8s.io".to_string()),
+            (3, format!("/k8s.io/{id}")),
+            (4, "/system.slice/containerd.service".to_string()),
+        ]);
+        assert_eq!(
+            container_dirs(&layout, &live),
+            vec![(format!("/k8s.io/{id}"), id.clone())]
+        );
+    }
 }

@@ -731,6 +731,24 @@ mod tests {
     fn every_catalogued_metric_is_exported_with_its_type() {
         let m = Metrics::new(Registry::new()).unwrap();
         m.set_image_sizes(&[("a".into(), 1)]);
+        // Per-pod, per-image and per-map series exist once something is measured.
+        let i = &m.insight;
+        let c = ["ns", "pod", "c"];
+        i.pod_net_bytes.with_label_values(&["ns", "pod", "ingress"]);
+        i.pod_net_packets
+            .with_label_values(&["ns", "pod", "ingress"]);
+        i.container_cpu.with_label_values(&c);
+        i.container_memory.with_label_values(&c);
+        i.container_runq.with_label_values(&c);
+        i.container_oom.with_label_values(&c);
+        i.image_pull_bytes.with_label_values(&["img", "reg"]);
+        i.registry_bytes.with_label_values(&["reg", "ingress"]);
+        i.registry_connections.with_label_values(&["reg"]);
+        i.ebpf_feature.with_label_values(&["net"]);
+        i.kernel_capability.with_label_values(&["btf"]);
+        i.map_entries.with_label_values(&["M"]);
+        i.map_capacity.with_label_values(&["M"]);
+        i.map_overflow.with_label_values(&["M"]);
         let text = m.encode().unwrap();
         for d in CATALOGUE {
             assert!(
