@@ -26,7 +26,7 @@ use crate::{
     adapters::{
         cgroupfs,
         containerd::{Containerd, ContainerdError},
-        kernel::CgroupNet,
+        kernel::{Kernel, KernelOptions},
         procfs,
     },
     config::AgentConfig,
@@ -79,7 +79,7 @@ struct Shared {
     ready: AtomicBool,
     not_ready_reason: Mutex<String>,
     inventory: RwLock<Option<Inventory>>,
-    net: Mutex<Option<CgroupNet>>,
+    net: Mutex<Option<Kernel>>,
     /// Where the eBPF programs are attached (to find which cgroups still exist).
     cgroup_root: Option<std::path::PathBuf>,
     last_retire: Mutex<Option<Instant>>,
@@ -126,6 +126,7 @@ impl Shared {
         }
         match net.read() {
             Ok(snap) => {
+                let snap = snap.net;
                 let t = snap.total();
                 let m = &self.metrics;
                 metrics::advance_to(
@@ -274,7 +275,7 @@ pub async fn run(
 }
 
 /// Loads and attaches the eBPF programs, or says why not (the agent runs on without them).
-fn attach_ebpf(cfg: &AgentConfig) -> Option<(CgroupNet, std::path::PathBuf)> {
+fn attach_ebpf(cfg: &AgentConfig) -> Option<(Kernel, std::path::PathBuf)> {
     let root = cgroupfs::detect().and_then(|layout| {
         info!(mode = ?layout.mode, unified = ?layout.unified, "cgroup layout");
         cgroupfs::resolve_root(cfg.cgroup_root.as_deref(), &layout)
@@ -286,16 +287,20 @@ fn attach_ebpf(cfg: &AgentConfig) -> Option<(CgroupNet, std::path::PathBuf)> {
             return None;
         }
     };
-    match CgroupNet::attach(&root) {
-        Ok(net) => {
-            info!(cgroup_root = %root.display(), programs = net.programs(), "eBPF cgroup_skb counters attached");
-            Some((net, root))
-        }
-        Err(e) => {
-            warn!(error = %e, reason = e.metric_label(), "running without eBPF");
-            None
+    let (kernel, probe, features) = Kernel::load(&KernelOptions::new(&root));
+    for note in &probe.notes {
+        info!(btf = probe.btf, "{note}");
+    }
+    for f in &features {
+        if f.available {
+            info!(feature = f.feature.as_str(), "eBPF feature loaded");
+        } else {
+            warn!(feature = f.feature.as_str(), reason = %f.detail, "eBPF feature unavailable");
         }
     }
+    let kernel = kernel?;
+    info!(cgroup_root = %root.display(), programs = kernel.programs(), "eBPF programs attached");
+    Some((kernel, root))
 }
 
 async fn metrics_handler(
