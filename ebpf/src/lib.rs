@@ -1,21 +1,172 @@
 //! The kernel <-> user ABI of ragent's eBPF programs.
 //!
 //! This library is `no_std` so the eBPF binary (`src/main.rs`, built for `bpfel-unknown-none`)
-//! and the agent share one definition of every map key and value. The `user` feature adds the
-//! userspace-only `aya::Pod` impls.
+//! and the agent share one definition of every map key and value, map and program name, and the
+//! tracepoint field offsets the programs read. The `user` feature adds the userspace-only
+//! `aya::Pod` impls.
 #![no_std]
 
-/// Name of the per-CPU hash map: cgroup id (u64) -> [`NetCounters`].
+// ---- maps ----------------------------------------------------------------------------------
+
+/// Per-CPU hash: cgroup id (u64) -> [`NetCounters`] (every cgroup of the node).
 pub const MAP_CGROUP_NET: &str = "CGROUP_NET";
-/// Name of the per-CPU array with one slot per [`Overflow`] reason.
+/// Per-CPU array with one slot per [`Overflow`] reason.
 pub const MAP_OVERFLOW: &str = "OVERFLOW";
+/// Hash: cgroup id (u64) -> u8, the cgroups whose remote endpoints and connects are counted.
+/// Filled by user space.
+pub const MAP_WATCH: &str = "WATCH";
+/// Per-CPU hash: [`EndpointKey`] -> [`NetCounters`] for watched cgroups.
+pub const MAP_ENDPOINT_NET: &str = "ENDPOINT_NET";
+/// Per-CPU hash: [`EndpointKey`] -> u64 connect() calls of watched cgroups.
+pub const MAP_CONNECTS: &str = "CONNECTS";
+/// Hash: thread id (u32) -> ktime ns when it became runnable (woken, or preempted).
+pub const MAP_WAKE_TS: &str = "WAKE_TS";
+/// Per-CPU array, one slot: the run-queue wait (ns) of the task running on this CPU, not yet
+/// added to [`MAP_RUNQ`].
+pub const MAP_PENDING: &str = "PENDING";
+/// Per-CPU hash: cgroup id (u64) -> ns spent runnable but waiting for a CPU.
+pub const MAP_RUNQ: &str = "RUNQ";
+/// Hash: thread id (u32) -> u8, tasks the OOM killer chose and that have not exited yet.
+pub const MAP_VICTIMS: &str = "VICTIMS";
+/// Per-CPU hash: cgroup id (u64) -> OOM kills of tasks in that cgroup.
+pub const MAP_OOM_KILLS: &str = "OOM_KILLS";
+/// Hash: cgroup id (u64) -> [`CgroupPath`] of cgroup2 directories created since load.
+pub const MAP_CGROUP_PATHS: &str = "CGROUP_PATHS";
+
+pub const CGROUP_NET_MAX_ENTRIES: u32 = 16_384;
+pub const WATCH_MAX_ENTRIES: u32 = 64;
+pub const ENDPOINT_NET_MAX_ENTRIES: u32 = 4_096;
+pub const CONNECTS_MAX_ENTRIES: u32 = 4_096;
+pub const WAKE_TS_MAX_ENTRIES: u32 = 32_768;
+pub const RUNQ_MAX_ENTRIES: u32 = 16_384;
+pub const VICTIMS_MAX_ENTRIES: u32 = 1_024;
+pub const OOM_KILLS_MAX_ENTRIES: u32 = 4_096;
+pub const CGROUP_PATHS_MAX_ENTRIES: u32 = 8_192;
+
+// ---- programs ------------------------------------------------------------------------------
+
 /// Program names (the function names in `src/main.rs`).
 pub const PROG_INGRESS: &str = "cgroup_skb_ingress";
 pub const PROG_EGRESS: &str = "cgroup_skb_egress";
+pub const PROG_CONNECT4: &str = "connect4";
+pub const PROG_CONNECT6: &str = "connect6";
+pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
+pub const PROG_SCHED_WAKEUP_NEW: &str = "sched_wakeup_new";
+pub const PROG_SCHED_SWITCH: &str = "sched_switch";
+pub const PROG_OOM_MARK_VICTIM: &str = "oom_mark_victim";
+pub const PROG_PROCESS_EXIT: &str = "sched_process_exit";
+pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";
 
-/// Capacity of [`MAP_CGROUP_NET`]. When it is full, new cgroups are counted in
-/// [`Overflow::CgroupNetFull`] instead of silently dropped.
-pub const CGROUP_NET_MAX_ENTRIES: u32 = 16_384;
+// ---- classic tracepoints: the fields the programs read --------------------------------------
+
+/// One field of a tracepoint record as the programs read it. User space compares these with
+/// `<tracefs>/events/<category>/<name>/format` before attaching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpField {
+    pub name: &'static str,
+    pub offset: usize,
+    pub size: usize,
+}
+
+/// A tracepoint, the program attached to it and the fields that program reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracepoint {
+    pub category: &'static str,
+    pub name: &'static str,
+    pub program: &'static str,
+    pub fields: &'static [TpField],
+}
+
+pub const SCHED_WAKEUP_PID: TpField = TpField {
+    name: "pid",
+    offset: 24,
+    size: 4,
+};
+pub const SCHED_SWITCH_PREV_PID: TpField = TpField {
+    name: "prev_pid",
+    offset: 24,
+    size: 4,
+};
+pub const SCHED_SWITCH_PREV_STATE: TpField = TpField {
+    name: "prev_state",
+    offset: 32,
+    size: 8,
+};
+pub const SCHED_SWITCH_NEXT_PID: TpField = TpField {
+    name: "next_pid",
+    offset: 56,
+    size: 4,
+};
+pub const MARK_VICTIM_PID: TpField = TpField {
+    name: "pid",
+    offset: 8,
+    size: 4,
+};
+pub const CGROUP_MKDIR_ROOT: TpField = TpField {
+    name: "root",
+    offset: 8,
+    size: 4,
+};
+pub const CGROUP_MKDIR_ID: TpField = TpField {
+    name: "id",
+    offset: 16,
+    size: 8,
+};
+/// A `__data_loc` field: u32, low 16 bits the offset of the string in the record, high 16 its
+/// length (with the NUL).
+pub const CGROUP_MKDIR_PATH: TpField = TpField {
+    name: "path",
+    offset: 24,
+    size: 4,
+};
+
+/// The hierarchy id the kernel gives the cgroup2 (default) hierarchy: always 0 (v1
+/// hierarchies count from 1; see the `hierarchy` column of /proc/cgroups).
+pub const CGROUP2_HIERARCHY_ID: i32 = 0;
+
+pub const TP_SCHED_WAKEUP: Tracepoint = Tracepoint {
+    category: "sched",
+    name: "sched_wakeup",
+    program: PROG_SCHED_WAKEUP,
+    fields: &[SCHED_WAKEUP_PID],
+};
+pub const TP_SCHED_WAKEUP_NEW: Tracepoint = Tracepoint {
+    category: "sched",
+    name: "sched_wakeup_new",
+    program: PROG_SCHED_WAKEUP_NEW,
+    fields: &[SCHED_WAKEUP_PID],
+};
+pub const TP_SCHED_SWITCH: Tracepoint = Tracepoint {
+    category: "sched",
+    name: "sched_switch",
+    program: PROG_SCHED_SWITCH,
+    fields: &[
+        SCHED_SWITCH_PREV_PID,
+        SCHED_SWITCH_PREV_STATE,
+        SCHED_SWITCH_NEXT_PID,
+    ],
+};
+/// sched_process_exit: the program reads no field (the exiting task is the current one).
+pub const TP_PROCESS_EXIT: Tracepoint = Tracepoint {
+    category: "sched",
+    name: "sched_process_exit",
+    program: PROG_PROCESS_EXIT,
+    fields: &[],
+};
+pub const TP_OOM_MARK_VICTIM: Tracepoint = Tracepoint {
+    category: "oom",
+    name: "mark_victim",
+    program: PROG_OOM_MARK_VICTIM,
+    fields: &[MARK_VICTIM_PID],
+};
+pub const TP_CGROUP_MKDIR: Tracepoint = Tracepoint {
+    category: "cgroup",
+    name: "cgroup_mkdir",
+    program: PROG_CGROUP_MKDIR,
+    fields: &[CGROUP_MKDIR_ROOT, CGROUP_MKDIR_ID, CGROUP_MKDIR_PATH],
+};
+
+// ---- values --------------------------------------------------------------------------------
 
 /// Bytes and packets seen by the cgroup_skb programs for one cgroup, per CPU.
 #[repr(C)]
@@ -39,8 +190,38 @@ impl NetCounters {
     }
 }
 
-/// Slots of [`MAP_OVERFLOW`]: packets and bytes of cgroups that found [`MAP_CGROUP_NET`] full,
-/// by direction, so that node totals stay exact even then.
+/// AF_INET / AF_INET6 as the kernel reports them in `__sk_buff.family` and `bpf_sock_addr`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// A remote endpoint of a watched cgroup. IPv4 addresses are stored v4-mapped
+/// (`::ffff:a.b.c.d`); `family` is the socket's (an IPv6 socket may talk to a mapped address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub cgroup: u64,
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub pad: u32,
+}
+
+/// Longest cgroup path kept (bytes, with the NUL); longer ones are cut and their `len` says so.
+pub const CGROUP_PATH_MAX: usize = 256;
+
+/// A cgroup2 directory's path relative to the hierarchy root, as `cgroup/cgroup_mkdir` gives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupPath {
+    /// Bytes of `path` that hold the string, without the NUL.
+    pub len: u32,
+    pub path: [u8; CGROUP_PATH_MAX],
+}
+
+/// Slots of [`MAP_OVERFLOW`]. The first four keep the node's network totals exact when
+/// [`MAP_CGROUP_NET`] is full; the others count inserts that failed because their map was full
+/// (nothing is dropped silently).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overflow {
@@ -48,12 +229,23 @@ pub enum Overflow {
     IngressBytes = 1,
     EgressPackets = 2,
     EgressBytes = 3,
+    /// Packets of watched cgroups whose endpoint found ENDPOINT_NET full.
+    EndpointNet = 4,
+    Connects = 5,
+    WakeTs = 6,
+    Runq = 7,
+    Victims = 8,
+    OomKills = 9,
+    CgroupPaths = 10,
 }
 
-pub const OVERFLOW_SLOTS: u32 = 4;
+pub const OVERFLOW_SLOTS: u32 = 11;
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain `repr(C)` struct of u64s, no padding, any bit pattern is valid.
+    // SAFETY: plain `repr(C)` structs of integers with no implicit padding (EndpointKey's is
+    // the explicit `pad`); any bit pattern is valid.
     unsafe impl aya::Pod for super::NetCounters {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::CgroupPath {}
 }

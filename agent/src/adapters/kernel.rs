@@ -1,15 +1,40 @@
 //! The kernel: loading ragent's eBPF programs and reading their maps.
 //!
-//! The programs (see `ebpf/src/main.rs`) are attached once at the cgroup2 root; the links are
-//! owned by [`CgroupNet`] and detached when it is dropped.
-use std::{collections::BTreeMap, fs::File, path::Path};
+//! [`Kernel::load`] loads one eBPF object (see `ebpf/src/main.rs`) and then each [`Feature`]
+//! on its own: a feature whose programs the kernel refuses, whose tracepoint is missing or whose
+//! tracepoint record layout differs from the one the programs read is reported unavailable with
+//! a one-line reason; the others work. Nothing here panics or stops the agent.
+//!
+//! The cgroup programs attach at the cgroup2 root; the links are owned by [`Kernel`] and detached
+//! when it is dropped.
+mod probe;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, TracePoint,
+    },
 };
-use ragent_ebpf::{MAP_CGROUP_NET, MAP_OVERFLOW, NetCounters, Overflow, PROG_EGRESS, PROG_INGRESS};
+pub use probe::{FormatError, Probe, check_layout, parse_format};
+pub use ragent_ebpf::NetCounters;
+use ragent_ebpf::{
+    CGROUP_NET_MAX_ENTRIES, CGROUP_PATHS_MAX_ENTRIES, CONNECTS_MAX_ENTRIES, CgroupPath,
+    ENDPOINT_NET_MAX_ENTRIES, EndpointKey, MAP_CGROUP_NET, MAP_CGROUP_PATHS, MAP_CONNECTS,
+    MAP_ENDPOINT_NET, MAP_OOM_KILLS, MAP_OVERFLOW, MAP_RUNQ, MAP_VICTIMS, MAP_WAKE_TS, MAP_WATCH,
+    OOM_KILLS_MAX_ENTRIES, Overflow, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS,
+    RUNQ_MAX_ENTRIES, TP_CGROUP_MKDIR, TP_OOM_MARK_VICTIM, TP_PROCESS_EXIT, TP_SCHED_SWITCH,
+    TP_SCHED_WAKEUP, TP_SCHED_WAKEUP_NEW, Tracepoint, VICTIMS_MAX_ENTRIES, WAKE_TS_MAX_ENTRIES,
+    WATCH_MAX_ENTRIES,
+};
 
 /// The eBPF object built by agent/build.rs (empty when built with AYA_BUILD_SKIP=1).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ragent-ebpf"));
@@ -21,7 +46,7 @@ pub enum KernelError {
     )]
     NotBuilt,
     #[error(
-        "loading the eBPF object failed: {0}; the kernel may lack BTF or ragent may lack CAP_BPF/CAP_SYS_ADMIN"
+        "loading the eBPF object failed: {0}; ragent needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN or CAP_SYS_ADMIN)"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {what} named {name}")]
@@ -45,8 +70,12 @@ pub enum KernelError {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: MapError,
     },
+    #[error(
+        "cannot watch cgroup {id}: {WATCH_MAX_ENTRIES} cgroups are watched already; unwatch one first"
+    )]
+    WatchFull { id: u64 },
 }
 
 impl KernelError {
@@ -58,22 +87,110 @@ impl KernelError {
             KernelError::Program { .. } => "program",
             KernelError::Cgroup { .. } => "cgroup",
             KernelError::Map { .. } => "map",
+            KernelError::WatchFull { .. } => "watch_full",
         }
     }
 }
 
-/// Per-cgroup network counters from the cgroup_skb programs.
-pub struct CgroupNet {
-    // Keeps programs and links alive.
-    _ebpf: Ebpf,
-    net: PerCpuHashMap<MapData, u64, NetCounters>,
-    overflow: PerCpuArray<MapData, u64>,
-    programs: usize,
-    /// What cgroups that are gone had counted before their entries were deleted.
-    retired: NetCounters,
+/// Where to attach and what to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// The cgroup2 mount (or a directory below it) the cgroup programs attach to.
+    pub cgroup_root: PathBuf,
+    /// Where bpffs is expected (default /sys/fs/bpf; only reported, ragent pins nothing).
+    pub bpffs: PathBuf,
+    /// Where tracefs is (default /sys/kernel/tracing; mounted there when missing).
+    pub tracefs: PathBuf,
 }
 
-/// What a read of the maps gives.
+impl KernelOptions {
+    pub fn new(cgroup_root: impl Into<PathBuf>) -> KernelOptions {
+        KernelOptions {
+            cgroup_root: cgroup_root.into(),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            tracefs: PathBuf::from("/sys/kernel/tracing"),
+        }
+    }
+}
+
+/// What ragent's eBPF side can measure; each loads on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Feature {
+    /// Bytes and packets per cgroup (cgroup_skb at the cgroup2 root).
+    Net,
+    /// Bytes and packets per remote endpoint of watched cgroups (the same programs).
+    Endpoints,
+    /// connect() calls per destination of watched cgroups (cgroup sock_addr).
+    Connect,
+    /// Time runnable tasks wait for a CPU, per cgroup (sched tracepoints).
+    Sched,
+    /// OOM kills per cgroup (oom/mark_victim + sched/sched_process_exit).
+    Oom,
+    /// Paths of new cgroup2 directories (cgroup/cgroup_mkdir).
+    CgroupPaths,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 6] = [
+        Feature::Net,
+        Feature::Endpoints,
+        Feature::Connect,
+        Feature::Sched,
+        Feature::Oom,
+        Feature::CgroupPaths,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Net => "net",
+            Feature::Endpoints => "endpoints",
+            Feature::Connect => "connect",
+            Feature::Sched => "sched",
+            Feature::Oom => "oom",
+            Feature::CgroupPaths => "cgroup_paths",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureStatus {
+    pub feature: Feature,
+    pub available: bool,
+    /// When unavailable: what is missing and what to do, one line. Empty when available.
+    pub detail: String,
+}
+
+/// A remote endpoint of a watched cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub cgroup: u64,
+    /// IPv4 shown as IPv4 (not v4-mapped IPv6).
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl From<&EndpointKey> for Endpoint {
+    fn from(k: &EndpointKey) -> Endpoint {
+        let v6 = Ipv6Addr::from(k.addr);
+        Endpoint {
+            cgroup: k.cgroup,
+            addr: v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            port: k.port,
+        }
+    }
+}
+
+/// How full one map is.
+#[derive(Clone, Debug, Default)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+    /// Inserts that failed because the map was full (for CGROUP_NET: packets).
+    pub overflow: u64,
+}
+
+/// The network part of a read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetSnapshot {
     pub by_cgroup: BTreeMap<u64, NetCounters>,
@@ -92,115 +209,482 @@ impl NetSnapshot {
     }
 }
 
-impl CgroupNet {
-    /// Loads the programs and attaches them at `cgroup_root` (a cgroup2 directory).
-    pub fn attach(cgroup_root: &Path) -> Result<CgroupNet, KernelError> {
+/// One read of every map.
+#[derive(Clone, Debug, Default)]
+pub struct KernelSnapshot {
+    pub net: NetSnapshot,
+    pub endpoints: BTreeMap<Endpoint, NetCounters>,
+    pub connects: BTreeMap<Endpoint, u64>,
+    /// Nanoseconds tasks of each cgroup waited runnable for a CPU.
+    pub runq_ns: BTreeMap<u64, u64>,
+    pub oom_kills: BTreeMap<u64, u64>,
+    /// Path relative to the cgroup2 root, e.g. "/k8s.io/<id>", of cgroups created since load.
+    pub cgroup_paths: BTreeMap<u64, String>,
+    pub maps: Vec<MapFill>,
+}
+
+/// The loaded programs and their maps.
+pub struct Kernel {
+    // Keeps programs and links alive.
+    _ebpf: Ebpf,
+    programs: usize,
+    net: PerCpuHashMap<MapData, u64, NetCounters>,
+    overflow: PerCpuArray<MapData, u64>,
+    watch: HashMap<MapData, u64, u8>,
+    endpoints: PerCpuHashMap<MapData, EndpointKey, NetCounters>,
+    connects: PerCpuHashMap<MapData, EndpointKey, u64>,
+    wake_ts: HashMap<MapData, u32, u64>,
+    runq: PerCpuHashMap<MapData, u64, u64>,
+    victims: HashMap<MapData, u32, u8>,
+    oom_kills: PerCpuHashMap<MapData, u64, u64>,
+    paths: HashMap<MapData, u64, CgroupPath>,
+    /// What cgroups that are gone had counted before their CGROUP_NET entries were deleted.
+    retired: NetCounters,
+    /// Cgroups the last read returned something for: only their entries may be retired (so a
+    /// short-lived cgroup is read at least once before its entries go).
+    seen: HashSet<u64>,
+}
+
+/// The inode number of a cgroup2 directory: the id eBPF reports for it
+/// (`bpf_get_current_cgroup_id`, `bpf_skb_cgroup_id`).
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// A program load error on one line: the verifier's output is many lines; keep its verdict
+/// (the line before "verification time") and log the whole at debug level.
+fn refused(name: &str, e: &aya::programs::ProgramError) -> String {
+    let full = chain(e);
+    if !full.contains('\n') {
+        return format!("{name}: the kernel refused it: {full}");
+    }
+    tracing::debug!(program = name, verifier = %full, "program refused");
+    let lines: Vec<&str> = full.lines().collect();
+    let verdict = lines
+        .iter()
+        .position(|l| l.starts_with("verification time"))
+        .and_then(|i| i.checked_sub(1))
+        .map_or("", |i| lines[i]);
+    format!(
+        "{name}: the kernel's verifier refused it ({}: {verdict}); run with RUST_LOG=debug for its output",
+        lines[0]
+            .split(". Verifier output")
+            .next()
+            .unwrap_or(lines[0])
+    )
+}
+
+/// The message of an error and of each of its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    ebpf.take_map(name)
+        .ok_or(KernelError::Missing { what: "map", name })?
+        .try_into()
+        .map_err(|source| KernelError::Map { name, source })
+}
+
+/// Unloads (and so detaches) a program; used to undo a feature that attached only in part.
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let r = match ebpf.program_mut(name) {
+        Some(Program::CgroupSkb(p)) => p.unload(),
+        Some(Program::CgroupSockAddr(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::debug!(program = name, error = %e, "unloading a partly attached feature");
+    }
+}
+
+fn attach_skb(ebpf: &mut Ebpf, cgroup: &File, name: &'static str) -> Result<(), String> {
+    let kind = if name == PROG_INGRESS {
+        CgroupSkbAttachType::Ingress
+    } else {
+        CgroupSkbAttachType::Egress
+    };
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {}", chain(&e)))?;
+    prog.load().map_err(|e| refused(name, &e))?;
+    // AllowMultiple fails with EINVAL here (environment.md); links stack with Single.
+    prog.attach(cgroup, kind, CgroupAttachMode::Single)
+        .map_err(|e| format!("{name}: attaching failed: {}", chain(&e)))?;
+    Ok(())
+}
+
+fn attach_sock_addr(ebpf: &mut Ebpf, cgroup: &File, name: &'static str) -> Result<(), String> {
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {}", chain(&e)))?;
+    prog.load().map_err(|e| refused(name, &e))?;
+    prog.attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| format!("{name}: attaching failed: {}", chain(&e)))?;
+    Ok(())
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path, tp: &Tracepoint) -> Result<(), String> {
+    probe::verify_tracepoint(tracefs, tp)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(tp.program)
+        .ok_or_else(|| format!("the eBPF object has no program {}", tp.program))?
+        .try_into()
+        .map_err(|e| format!("{}: {}", tp.program, chain(&e)))?;
+    prog.load().map_err(|e| refused(tp.program, &e))?;
+    prog.attach(tp.category, tp.name).map_err(|e| {
+        format!(
+            "attaching to tracepoint {}/{} failed: {}",
+            tp.category,
+            tp.name,
+            chain(&e)
+        )
+    })?;
+    Ok(())
+}
+
+/// Attaches every program of one feature, or none: on a failure the ones attached are unloaded.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    names: &[&'static str],
+    mut attach: impl FnMut(&mut Ebpf, &'static str) -> Result<(), String>,
+) -> Result<usize, String> {
+    for (i, name) in names.iter().enumerate() {
+        if let Err(e) = attach(ebpf, name) {
+            for done in &names[..=i] {
+                unload(ebpf, done);
+            }
+            return Err(e);
+        }
+    }
+    Ok(names.len())
+}
+
+fn status(feature: Feature, r: &Result<usize, String>) -> FeatureStatus {
+    FeatureStatus {
+        feature,
+        available: r.is_ok(),
+        detail: r.as_ref().err().cloned().unwrap_or_default(),
+    }
+}
+
+impl Kernel {
+    /// Never panics, never fails the agent: loads what this kernel allows, each feature
+    /// independently. `None` when nothing could be attached (the statuses say why).
+    pub fn load(opts: &KernelOptions) -> (Option<Kernel>, Probe, Vec<FeatureStatus>) {
+        let probe = probe::probe(&opts.bpffs, &opts.tracefs);
+        let all_off = |detail: String| -> Vec<FeatureStatus> {
+            Feature::ALL
+                .iter()
+                .map(|&feature| FeatureStatus {
+                    feature,
+                    available: false,
+                    detail: detail.clone(),
+                })
+                .collect()
+        };
         if OBJECT.is_empty() {
-            return Err(KernelError::NotBuilt);
+            return (None, probe, all_off(KernelError::NotBuilt.to_string()));
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(KernelError::Load)?;
-        let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
-            path: cgroup_root.display().to_string(),
-            source,
-        })?;
-        let mut programs = 0;
-        for (name, kind) in [
-            (PROG_INGRESS, CgroupSkbAttachType::Ingress),
-            (PROG_EGRESS, CgroupSkbAttachType::Egress),
-        ] {
-            let prog: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Missing {
-                    what: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| KernelError::Program { name, source })?;
-            // AllowMultiple fails with EINVAL here (environment.md); links stack with Single.
-            prog.attach(&cgroup, kind, CgroupAttachMode::Single)
-                .map_err(|source| KernelError::Program { name, source })?;
-            programs += 1;
+        let mut ebpf = match EbpfLoader::new().load(OBJECT) {
+            Ok(e) => e,
+            Err(e) => {
+                let e = KernelError::Load(e);
+                return (None, probe, all_off(chain(&e)));
+            }
+        };
+
+        // cgroup programs: need the cgroup2 root.
+        let cgroup = if !probe::is_cgroup2(&opts.cgroup_root) {
+            Err(format!(
+                "{} is not a cgroup2 directory; pass --cgroup-root with the cgroup2 mount (e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified)",
+                opts.cgroup_root.display()
+            ))
+        } else {
+            File::open(&opts.cgroup_root)
+                .map_err(|e| format!("cannot open {}: {e}", opts.cgroup_root.display()))
+        };
+        let net = match &cgroup {
+            Ok(fd) => attach_all(&mut ebpf, &[PROG_INGRESS, PROG_EGRESS], |b, n| {
+                attach_skb(b, fd, n)
+            }),
+            Err(e) => Err(e.clone()),
+        };
+        let endpoints = match &net {
+            Ok(_) => Ok(0),
+            Err(e) => Err(format!("needs the net programs: {e}")),
+        };
+        let connect = match &cgroup {
+            Ok(fd) => attach_all(&mut ebpf, &[PROG_CONNECT4, PROG_CONNECT6], |b, n| {
+                attach_sock_addr(b, fd, n)
+            }),
+            Err(e) => Err(e.clone()),
+        };
+
+        // tracepoint programs: need tracefs (format files, and aya finds tracepoint ids there).
+        let tracefs = probe.tracefs.clone().ok_or_else(|| {
+            format!(
+                "tracefs is not mounted and ragent could not mount it: mount -t tracefs tracefs {}",
+                opts.tracefs.display()
+            )
+        });
+        let tps = |ebpf: &mut Ebpf, list: &[Tracepoint]| -> Result<usize, String> {
+            let dir = tracefs.as_ref().map_err(Clone::clone)?;
+            let names: Vec<&'static str> = list.iter().map(|t| t.program).collect();
+            attach_all(ebpf, &names, |b, n| {
+                let tp = list
+                    .iter()
+                    .find(|t| t.program == n)
+                    .ok_or_else(|| format!("no tracepoint for {n}"))?;
+                attach_tracepoint(b, dir, tp)
+            })
+        };
+        let sched = tps(
+            &mut ebpf,
+            &[TP_SCHED_WAKEUP, TP_SCHED_WAKEUP_NEW, TP_SCHED_SWITCH],
+        );
+        let oom = tps(&mut ebpf, &[TP_OOM_MARK_VICTIM, TP_PROCESS_EXIT]);
+        let paths = tps(&mut ebpf, &[TP_CGROUP_MKDIR]);
+
+        let statuses = vec![
+            status(Feature::Net, &net),
+            status(Feature::Endpoints, &endpoints),
+            status(Feature::Connect, &connect),
+            status(Feature::Sched, &sched),
+            status(Feature::Oom, &oom),
+            status(Feature::CgroupPaths, &paths),
+        ];
+        let programs: usize = [&net, &connect, &sched, &oom, &paths]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .sum();
+        if programs == 0 {
+            return (None, probe, statuses);
         }
-        let net = ebpf
-            .take_map(MAP_CGROUP_NET)
-            .ok_or(KernelError::Missing {
-                what: "map",
-                name: MAP_CGROUP_NET,
-            })?
-            .try_into()
-            .map_err(|source| KernelError::Map {
-                name: MAP_CGROUP_NET,
-                source,
-            })?;
-        let overflow = ebpf
-            .take_map(MAP_OVERFLOW)
-            .ok_or(KernelError::Missing {
-                what: "map",
-                name: MAP_OVERFLOW,
-            })?
-            .try_into()
-            .map_err(|source| KernelError::Map {
-                name: MAP_OVERFLOW,
-                source,
-            })?;
-        Ok(CgroupNet {
+        match Kernel::from_ebpf(ebpf, programs) {
+            Ok(k) => (Some(k), probe, statuses),
+            Err(e) => {
+                let detail = chain(&e);
+                (None, probe, all_off(detail))
+            }
+        }
+    }
+
+    fn from_ebpf(mut ebpf: Ebpf, programs: usize) -> Result<Kernel, KernelError> {
+        Ok(Kernel {
+            net: take(&mut ebpf, MAP_CGROUP_NET)?,
+            overflow: take(&mut ebpf, MAP_OVERFLOW)?,
+            watch: take(&mut ebpf, MAP_WATCH)?,
+            endpoints: take(&mut ebpf, MAP_ENDPOINT_NET)?,
+            connects: take(&mut ebpf, MAP_CONNECTS)?,
+            wake_ts: take(&mut ebpf, MAP_WAKE_TS)?,
+            runq: take(&mut ebpf, MAP_RUNQ)?,
+            victims: take(&mut ebpf, MAP_VICTIMS)?,
+            oom_kills: take(&mut ebpf, MAP_OOM_KILLS)?,
+            paths: take(&mut ebpf, MAP_CGROUP_PATHS)?,
             _ebpf: ebpf,
-            net,
-            overflow,
             programs,
             retired: NetCounters::default(),
+            seen: HashSet::new(),
         })
     }
 
+    /// Programs attached.
     pub fn programs(&self) -> usize {
         self.programs
     }
 
-    /// Sums the per-CPU values of every cgroup.
-    pub fn read(&self) -> Result<NetSnapshot, KernelError> {
-        let mut snap = NetSnapshot::default();
-        for item in self.net.iter() {
-            let (cgroup, per_cpu) = item.map_err(|source| KernelError::Map {
-                name: MAP_CGROUP_NET,
+    /// Counts the remote endpoints and connects of cgroup `id` from now on.
+    pub fn watch_cgroup(&mut self, id: u64) -> Result<(), KernelError> {
+        match self.watch.insert(id, 1, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(KernelError::WatchFull { id })
+            }
+            Err(source) => Err(KernelError::Map {
+                name: MAP_WATCH,
+                source,
+            }),
+        }
+    }
+
+    pub fn unwatch_cgroup(&mut self, id: u64) -> Result<(), KernelError> {
+        match self.watch.remove(&id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(KernelError::Map {
+                name: MAP_WATCH,
+                source,
+            }),
+        }
+    }
+
+    fn overflow_slot(&self, s: Overflow) -> Result<u64, KernelError> {
+        let v = self
+            .overflow
+            .get(&(s as u32), 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_OVERFLOW,
                 source,
             })?;
+        Ok(v.iter().copied().fold(0u64, u64::saturating_add))
+    }
+
+    /// Sums the per-CPU values of every map.
+    pub fn read(&mut self) -> Result<KernelSnapshot, KernelError> {
+        let mut snap = KernelSnapshot::default();
+        let err = |name: &'static str| move |source| KernelError::Map { name, source };
+        for item in self.net.iter() {
+            let (cgroup, per_cpu) = item.map_err(err(MAP_CGROUP_NET))?;
             let sum = per_cpu
                 .iter()
                 .fold(NetCounters::default(), |acc, c| acc.add(c));
-            snap.by_cgroup.insert(cgroup, sum);
+            snap.net.by_cgroup.insert(cgroup, sum);
         }
-        let slot = |s: Overflow| -> Result<u64, KernelError> {
-            let v = self
-                .overflow
-                .get(&(s as u32), 0)
-                .map_err(|source| KernelError::Map {
-                    name: MAP_OVERFLOW,
-                    source,
-                })?;
-            Ok(v.iter().copied().fold(0u64, u64::saturating_add))
+        snap.net.overflow = NetCounters {
+            rx_packets: self.overflow_slot(Overflow::IngressPackets)?,
+            rx_bytes: self.overflow_slot(Overflow::IngressBytes)?,
+            tx_packets: self.overflow_slot(Overflow::EgressPackets)?,
+            tx_bytes: self.overflow_slot(Overflow::EgressBytes)?,
         };
-        snap.overflow = NetCounters {
-            rx_packets: slot(Overflow::IngressPackets)?,
-            rx_bytes: slot(Overflow::IngressBytes)?,
-            tx_packets: slot(Overflow::EgressPackets)?,
-            tx_bytes: slot(Overflow::EgressBytes)?,
+        snap.net.retired = self.retired;
+
+        let mut endpoint_keys = 0;
+        for item in self.endpoints.iter() {
+            let (key, per_cpu) = item.map_err(err(MAP_ENDPOINT_NET))?;
+            endpoint_keys += 1;
+            let sum = per_cpu
+                .iter()
+                .fold(NetCounters::default(), |acc, c| acc.add(c));
+            // An IPv4 peer seen from an IPv4 and an IPv6 socket is one endpoint.
+            let e = snap.endpoints.entry(Endpoint::from(&key)).or_default();
+            *e = e.add(&sum);
+        }
+        let mut connect_keys = 0;
+        for item in self.connects.iter() {
+            let (key, per_cpu) = item.map_err(err(MAP_CONNECTS))?;
+            connect_keys += 1;
+            let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
+            *snap.connects.entry(Endpoint::from(&key)).or_default() += n;
+        }
+        for item in self.runq.iter() {
+            let (cgroup, per_cpu) = item.map_err(err(MAP_RUNQ))?;
+            let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
+            snap.runq_ns.insert(cgroup, n);
+        }
+        for item in self.oom_kills.iter() {
+            let (cgroup, per_cpu) = item.map_err(err(MAP_OOM_KILLS))?;
+            let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
+            snap.oom_kills.insert(cgroup, n);
+        }
+        for item in self.paths.iter() {
+            let (id, p) = item.map_err(err(MAP_CGROUP_PATHS))?;
+            let len = (p.len as usize).min(p.path.len());
+            snap.cgroup_paths
+                .insert(id, String::from_utf8_lossy(&p.path[..len]).into_owned());
+        }
+        let wake_entries = self.wake_ts.keys().filter(Result::is_ok).count();
+        let victim_entries = self.victims.keys().filter(Result::is_ok).count();
+
+        let fill = |name, entries, capacity, overflow| MapFill {
+            name,
+            entries,
+            capacity,
+            overflow,
         };
-        snap.retired = self.retired;
+        snap.maps = vec![
+            fill(
+                MAP_CGROUP_NET,
+                snap.net.by_cgroup.len(),
+                CGROUP_NET_MAX_ENTRIES,
+                snap.net
+                    .overflow
+                    .rx_packets
+                    .saturating_add(snap.net.overflow.tx_packets),
+            ),
+            fill(
+                MAP_ENDPOINT_NET,
+                endpoint_keys,
+                ENDPOINT_NET_MAX_ENTRIES,
+                self.overflow_slot(Overflow::EndpointNet)?,
+            ),
+            fill(
+                MAP_CONNECTS,
+                connect_keys,
+                CONNECTS_MAX_ENTRIES,
+                self.overflow_slot(Overflow::Connects)?,
+            ),
+            fill(
+                MAP_WAKE_TS,
+                wake_entries,
+                WAKE_TS_MAX_ENTRIES,
+                self.overflow_slot(Overflow::WakeTs)?,
+            ),
+            fill(
+                MAP_RUNQ,
+                snap.runq_ns.len(),
+                RUNQ_MAX_ENTRIES,
+                self.overflow_slot(Overflow::Runq)?,
+            ),
+            fill(
+                MAP_VICTIMS,
+                victim_entries,
+                VICTIMS_MAX_ENTRIES,
+                self.overflow_slot(Overflow::Victims)?,
+            ),
+            fill(
+                MAP_OOM_KILLS,
+                snap.oom_kills.len(),
+                OOM_KILLS_MAX_ENTRIES,
+                self.overflow_slot(Overflow::OomKills)?,
+            ),
+            fill(
+                MAP_CGROUP_PATHS,
+                snap.cgroup_paths.len(),
+                CGROUP_PATHS_MAX_ENTRIES,
+                self.overflow_slot(Overflow::CgroupPaths)?,
+            ),
+        ];
+
+        self.seen = snap
+            .endpoints
+            .keys()
+            .chain(snap.connects.keys())
+            .map(|e| e.cgroup)
+            .chain(snap.runq_ns.keys().copied())
+            .chain(snap.oom_kills.keys().copied())
+            .chain(snap.cgroup_paths.keys().copied())
+            .collect();
         Ok(snap)
     }
 
-    /// Deletes the entries of cgroups not in `live` (cgroup ids of existing cgroups), keeping
-    /// their counts in the retired total, so the map holds only what exists. Returns how many.
-    pub fn retire_dead(
-        &mut self,
-        live: &std::collections::HashSet<u64>,
-    ) -> Result<usize, KernelError> {
-        let map_err = |source| KernelError::Map {
-            name: MAP_CGROUP_NET,
-            source,
-        };
+    /// Deletes entries of cgroups not in `live` (ids of existing cgroups) from every per-cgroup
+    /// map. CGROUP_NET's go at once, their counts kept in the retired total; the other maps'
+    /// entries go only once a [`Kernel::read`] has returned them, so a cgroup that lived for a
+    /// moment is still reported once. Returns how many entries were deleted.
+    pub fn retire_dead(&mut self, live: &HashSet<u64>) -> Result<usize, KernelError> {
+        let mut n = 0;
         let dead: Vec<u64> = self
             .net
             .keys()
@@ -214,132 +698,134 @@ impl CgroupNet {
                     .fold(NetCounters::default(), |acc, c| acc.add(c));
                 self.retired = self.retired.add(&sum);
             }
-            match self.net.remove(id) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(e)),
-            }
+            n += gone(self.net.remove(id), MAP_CGROUP_NET)?;
         }
-        Ok(dead.len())
+        let retire = |id: &u64| !live.contains(id) && self.seen.contains(id);
+        let keys: Vec<EndpointKey> = self
+            .endpoints
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| retire(&k.cgroup))
+            .collect();
+        for k in &keys {
+            n += gone(self.endpoints.remove(k), MAP_ENDPOINT_NET)?;
+        }
+        let keys: Vec<EndpointKey> = self
+            .connects
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| retire(&k.cgroup))
+            .collect();
+        for k in &keys {
+            n += gone(self.connects.remove(k), MAP_CONNECTS)?;
+        }
+        let ids: Vec<u64> = self
+            .runq
+            .keys()
+            .filter_map(Result::ok)
+            .filter(retire)
+            .collect();
+        for id in &ids {
+            n += gone(self.runq.remove(id), MAP_RUNQ)?;
+        }
+        let ids: Vec<u64> = self
+            .oom_kills
+            .keys()
+            .filter_map(Result::ok)
+            .filter(retire)
+            .collect();
+        for id in &ids {
+            n += gone(self.oom_kills.remove(id), MAP_OOM_KILLS)?;
+        }
+        let ids: Vec<u64> = self
+            .paths
+            .keys()
+            .filter_map(Result::ok)
+            .filter(retire)
+            .collect();
+        for id in &ids {
+            n += gone(self.paths.remove(id), MAP_CGROUP_PATHS)?;
+        }
+        // A dead cgroup cannot send anything: stop watching it.
+        let ids: Vec<u64> = self
+            .watch
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in &ids {
+            n += gone(self.watch.remove(id), MAP_WATCH)?;
+        }
+        Ok(n)
+    }
+
+    /// Removes CGROUP_PATHS entries user space has consumed.
+    pub fn forget_paths(&mut self, ids: &[u64]) -> Result<(), KernelError> {
+        for id in ids {
+            gone(self.paths.remove(id), MAP_CGROUP_PATHS)?;
+        }
+        Ok(())
     }
 }
 
-// ---- TEMPORARY STUB (not committed): the API the kernel helper is building ----
-use std::{collections::HashSet, net::IpAddr, path::PathBuf};
-pub struct KernelOptions {
-    pub cgroup_root: PathBuf,
-    pub bpffs: PathBuf,
-    pub tracefs: PathBuf,
-}
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Feature {
-    Net,
-    Endpoints,
-    Connect,
-    Sched,
-    Oom,
-    CgroupPaths,
-}
-impl Feature {
-    pub const ALL: [Feature; 6] = [
-        Feature::Net,
-        Feature::Endpoints,
-        Feature::Connect,
-        Feature::Sched,
-        Feature::Oom,
-        Feature::CgroupPaths,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Feature::Net => "net",
-            Feature::Endpoints => "endpoints",
-            Feature::Connect => "connect",
-            Feature::Sched => "sched",
-            Feature::Oom => "oom",
-            Feature::CgroupPaths => "cgroup_paths",
-        }
+/// 1 when a delete removed an entry, 0 when it was gone already (another delete won).
+fn gone(r: Result<(), MapError>, name: &'static str) -> Result<usize, KernelError> {
+    match r {
+        Ok(()) => Ok(1),
+        Err(MapError::KeyNotFound) => Ok(0),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+        Err(source) => Err(KernelError::Map { name, source }),
     }
 }
-#[derive(Clone, Debug, PartialEq)]
-pub struct FeatureStatus {
-    pub feature: Feature,
-    pub available: bool,
-    pub detail: String,
-}
-#[derive(Clone, Debug, Default)]
-pub struct Probe {
-    pub btf: bool,
-    pub bpffs: Option<PathBuf>,
-    pub tracefs: Option<PathBuf>,
-    pub notes: Vec<String>,
-}
-pub struct Kernel {
-    net: CgroupNet,
-}
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Endpoint {
-    pub cgroup: u64,
-    pub addr: IpAddr,
-    pub port: u16,
-}
-#[derive(Clone, Debug, Default)]
-pub struct MapFill {
-    pub name: &'static str,
-    pub entries: usize,
-    pub capacity: u32,
-    pub overflow: u64,
-}
-#[derive(Clone, Debug, Default)]
-pub struct KernelSnapshot {
-    pub net: NetSnapshot,
-    pub endpoints: BTreeMap<Endpoint, NetCounters>,
-    pub connects: BTreeMap<Endpoint, u64>,
-    pub runq_ns: BTreeMap<u64, u64>,
-    pub oom_kills: BTreeMap<u64, u64>,
-    pub cgroup_paths: BTreeMap<u64, String>,
-    pub maps: Vec<MapFill>,
-}
-impl Kernel {
-    pub fn load(opts: &KernelOptions) -> (Option<Kernel>, Probe, Vec<FeatureStatus>) {
-        match CgroupNet::attach(&opts.cgroup_root) {
-            Ok(net) => (
-                Some(Kernel { net }),
-                Probe::default(),
-                vec![FeatureStatus {
-                    feature: Feature::Net,
-                    available: true,
-                    detail: String::new(),
-                }],
-            ),
-            Err(e) => (
-                None,
-                Probe::default(),
-                vec![FeatureStatus {
-                    feature: Feature::Net,
-                    available: false,
-                    detail: e.to_string(),
-                }],
-            ),
-        }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_names_are_stable() {
+        let names: Vec<&str> = Feature::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "net",
+                "endpoints",
+                "connect",
+                "sched",
+                "oom",
+                "cgroup_paths"
+            ]
+        );
     }
-    pub fn programs(&self) -> usize {
-        self.net.programs()
+
+    #[test]
+    fn endpoints_show_ipv4_as_ipv4() {
+        let mut k = EndpointKey {
+            cgroup: 7,
+            port: 443,
+            family: ragent_ebpf::AF_INET,
+            ..EndpointKey::default()
+        };
+        k.addr[10] = 0xff;
+        k.addr[11] = 0xff;
+        k.addr[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let e = Endpoint::from(&k);
+        assert_eq!(e.addr, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!((e.cgroup, e.port), (7, 443));
+        k.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(
+            Endpoint::from(&k).addr,
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        );
     }
-    pub fn watch_cgroup(&mut self, _id: u64) -> Result<(), KernelError> {
-        Ok(())
-    }
-    pub fn unwatch_cgroup(&mut self, _id: u64) -> Result<(), KernelError> {
-        Ok(())
-    }
-    pub fn read(&mut self) -> Result<KernelSnapshot, KernelError> {
-        Ok(KernelSnapshot {
-            net: self.net.read()?,
-            ..Default::default()
-        })
-    }
-    pub fn retire_dead(&mut self, live: &HashSet<u64>) -> Result<usize, KernelError> {
-        self.net.retire_dead(live)
-    }
-    pub fn forget_paths(&mut self, _ids: &[u64]) -> Result<(), KernelError> {
-        Ok(())
+
+    #[test]
+    fn error_chains_read_as_one_line() {
+        let inner = std::io::Error::other("inner cause");
+        let e = KernelError::Cgroup {
+            path: "/x".into(),
+            source: inner,
+        };
+        assert_eq!(chain(&e), "cannot open cgroup /x: inner cause");
     }
 }
