@@ -686,27 +686,29 @@ impl Insight {
             .flat_map(|b| b.labels.keys())
             .filter_map(|k| k.strip_prefix(pulls::DISTRIBUTION_SOURCE))
             .collect();
+        // The labels name the host without the port: the window's port completes it.
         for host in hosts {
-            if host == w.registry {
-                return;
-            }
-            let target = if host
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                host.to_string()
-            } else {
-                format!("{host}:443")
-            };
-            let Ok(Ok(mut addrs)) =
-                tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target)).await
+            let Ok(Ok(mut addrs)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::lookup_host((host, addr.port())),
+            )
+            .await
             else {
                 continue;
             };
-            if addrs.any(|a| a == addr) {
-                self.registry_names
-                    .insert((addr.ip(), addr.port()), host.to_string());
-                w.registry = host.to_string();
+            if addrs.any(|a| a.ip() == addr.ip()) {
+                let name = if addr.port() == 443 {
+                    host.to_string()
+                } else if host.contains(':') {
+                    format!("[{host}]:{}", addr.port())
+                } else {
+                    format!("{host}:{}", addr.port())
+                };
+                if name != w.registry {
+                    self.registry_names
+                        .insert((addr.ip(), addr.port()), name.clone());
+                    w.registry = name;
+                }
                 return;
             }
         }

@@ -238,14 +238,27 @@ pub fn attribute(
 }
 
 /// A blob without source labels may have come from anywhere (counted); one with source labels
-/// counts only for those registries.
+/// counts only for those registries. containerd's label names the host without the port (label
+/// keys cannot hold ':'), so `127.0.0.1:5000` matches `...distribution.source.127.0.0.1`.
 fn from_registry(b: &BlobInfo, registry: &str) -> bool {
+    let host = host_of(registry);
     let mut sources = b
         .labels
         .keys()
         .filter_map(|k| k.strip_prefix(DISTRIBUTION_SOURCE))
         .peekable();
-    sources.peek().is_none() || sources.any(|s| s == registry)
+    sources.peek().is_none() || sources.any(|s| s == registry || s == host)
+}
+
+/// A registry's host without its port (`[::1]:5000` -> `::1`, `ghcr.io` -> `ghcr.io`).
+pub fn host_of(registry: &str) -> &str {
+    if let Some(rest) = registry.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(h, _)| h);
+    }
+    match registry.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.parse::<u16>().is_ok() => h,
+        _ => registry,
+    }
 }
 
 fn is_id(name: &str) -> bool {
@@ -267,7 +280,9 @@ mod tests {
     const REG: &str = "127.0.0.1:5000";
 
     fn blob(digest: &str, size: u64, t: u64, refs: &[&str]) -> BlobInfo {
-        let mut labels = BTreeMap::from([(format!("{DISTRIBUTION_SOURCE}{REG}"), "app".into())]);
+        // As containerd writes it: the host without the port.
+        let mut labels =
+            BTreeMap::from([(format!("{DISTRIBUTION_SOURCE}127.0.0.1"), "app".into())]);
         for (i, r) in refs.iter().enumerate() {
             labels.insert(format!("{GC_REF_CONTENT}l.{i}"), r.to_string());
         }
@@ -306,6 +321,14 @@ mod tests {
         assert_eq!(registry_of("localhost/x"), "localhost");
         assert_eq!(registry_of("library/busybox:1"), "docker.io");
         assert_eq!(registry_of("busybox"), "docker.io");
+    }
+
+    #[test]
+    fn hosts_without_ports() {
+        assert_eq!(host_of("127.0.0.1:5000"), "127.0.0.1");
+        assert_eq!(host_of("ghcr.io"), "ghcr.io");
+        assert_eq!(host_of("[::1]:5000"), "::1");
+        assert_eq!(host_of("registry.local:443"), "registry.local");
     }
 
     #[test]
