@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod faults;
 mod images;
+mod insight;
 mod kernel;
 mod pod;
 mod prepull;

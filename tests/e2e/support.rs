@@ -108,6 +108,38 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Like [`wait_for`], for checks that are async (CRI calls).
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a test's precondition holds; if not, says why it skips, or fails under
+/// `cargo xtask test` (RAGENT_STRICT_TESTS=1), where nothing may skip silently.
+pub fn require(ok: bool, why: &str) -> bool {
+    if !ok {
+        assert!(
+            std::env::var_os("RAGENT_STRICT_TESTS").is_none(),
+            "cannot run: {why}"
+        );
+        eprintln!("skipping: {why}");
+    }
+    ok
+}
+
 /// A running `ragent agent`, killed on drop if the test did not stop it.
 pub struct Agent {
     pub child: Child,

@@ -27,6 +27,31 @@ pub fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
         .fold((0, 0), |(b, n), x| (b + x, n + 1))
 }
 
+/// The body bytes of one access-log line if it is any registry GET (blob or manifest)
+/// answered with 200.
+pub fn get_bytes(line: &str) -> Option<u64> {
+    let i = line.find("\"GET /v2/")?;
+    let rest = &line[i..];
+    if !rest.contains("/blobs/sha256:") && !rest.contains("/manifests/") {
+        return None;
+    }
+    let after = rest.splitn(3, '"').nth(2).unwrap_or("");
+    let mut f = after.split_whitespace();
+    if f.next() != Some("200") {
+        return None;
+    }
+    Some(f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+}
+
+/// Bytes the registry served for manifest and blob GETs (status 200) in `log` after line
+/// `from`, and how many such GETs there were: everything a pull fetched.
+pub fn served_pull_bytes(log: &str, from: usize) -> (u64, usize) {
+    log.lines()
+        .skip(from)
+        .filter_map(get_bytes)
+        .fold((0, 0), |(b, n), x| (b + x, n + 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +67,6 @@ mod tests {
         );
         assert_eq!(served_blob_bytes(log, 0), (107, 2));
         assert_eq!(served_blob_bytes(log, 1), (7, 1));
+        assert_eq!(served_pull_bytes(log, 0), (1007, 3));
     }
 }

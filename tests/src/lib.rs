@@ -1,9 +1,15 @@
 //! ragent's test kit: the deterministic CNB sample images, the local node (containerd with CRI,
-//! a registry, Prometheus), registries that demand credentials (`auth`) and small helpers the
-//! end-to-end tests and `cargo xtask` share.
+//! a registry, Prometheus), registries that demand credentials (`auth`), cgroup files as ground
+//! truth (`cgroups`), pods through CRI as kubelet makes them (`pod`), loopback endpoints with
+//! known payloads (`payload`), a reader of the Prometheus text format (`promtext`) and small
+//! helpers the end-to-end tests and `cargo xtask` share.
 pub mod accesslog;
 pub mod auth;
+pub mod cgroups;
 pub mod fixtures;
 pub mod http;
 pub mod node;
+pub mod payload;
+pub mod pod;
+pub mod promtext;
 pub mod proxy;

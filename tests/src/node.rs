@@ -5,6 +5,7 @@
 //! end-to-end tests load its state file to find sockets and to restart containerd.
 use std::{
     collections::BTreeMap,
+    ffi::CString,
     fs,
     net::SocketAddr,
     os::unix::process::CommandExt,
@@ -293,13 +294,38 @@ impl Node {
         self.stop_service("registry", Duration::from_secs(5))
     }
 
-    /// Starts containerd and waits until its socket answers.
+    /// The PID of the containerd this node started, while it runs.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.pids
+            .get("containerd")
+            .copied()
+            .filter(|p| pid_alive(*p))
+    }
+
+    /// The cgroup2 directory containerd (and the shims it starts) runs in, as systemd would put
+    /// it in `containerd.service`: `<cgroup2 mount>/<node dir name>/containerd`, e.g.
+    /// `/sys/fs/cgroup/unified/ragent-test-2/containerd` on a hybrid host. None when the host
+    /// has no cgroup2 mount (containerd then runs in the caller's cgroup).
+    pub fn containerd_cgroup(&self) -> Option<PathBuf> {
+        containerd_cgroup_dir(&self.config.dir)
+    }
+
+    /// Starts containerd in its own cgroup2 directory ([`Node::containerd_cgroup`], created
+    /// when missing) and waits until its socket answers.
     pub fn start_containerd(&mut self) -> Result<()> {
         let cfg = self.config.dir.join("containerd.toml");
-        let pid = self.spawn(
-            "containerd",
-            Command::new("containerd").arg("--config").arg(&cfg),
-        )?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&cfg);
+        if let Some(cg) = self.containerd_cgroup() {
+            fs::create_dir_all(&cg).with_context(|| {
+                format!(
+                    "creating the cgroup {} for containerd (needs root)",
+                    cg.display()
+                )
+            })?;
+            join_cgroup_on_exec(&mut cmd, &cg)?;
+        }
+        let pid = self.spawn("containerd", &mut cmd)?;
         self.pids.insert("containerd".into(), pid);
         self.save()?;
         let sock = self.socket();
@@ -508,12 +534,95 @@ impl Node {
         done.extend(stop_shims(&dir.join("containerd.sock")));
         done.extend(unmount_below(dir));
         done.extend(remove_leftover_cgroups(&ids));
+        done.extend(remove_containerd_cgroup(dir));
         if dir.exists() {
             fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
             done.push(format!("removed {}", dir.display()));
         }
         Ok(done)
     }
+}
+
+/// The first cgroup2 mount point in /proc/self/mountinfo: `/sys/fs/cgroup` on a pure cgroup v2
+/// host, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    cgroup2_mount_in(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+pub(crate) fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS`
+        let (left, right) = l.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        left.split(' ').nth(4).map(PathBuf::from)
+    })
+}
+
+/// `<cgroup2 mount>/<file name of the node dir>/containerd`.
+fn containerd_cgroup_dir(node_dir: &Path) -> Option<PathBuf> {
+    let name = node_dir.file_name()?;
+    Some(cgroup2_mount()?.join(name).join("containerd"))
+}
+
+/// Makes the child write itself into `<cgroup>/cgroup.procs` between fork and exec, so it
+/// and everything it starts run there from their first instruction.
+fn join_cgroup_on_exec(cmd: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = CString::new(cgroup.join("cgroup.procs").display().to_string())?;
+    // SAFETY: the closure only calls open(2), write(2) and close(2), which are
+    // async-signal-safe, on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" is the writing process itself.
+            let n = libc::write(fd, c"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Removes containerd's cgroup2 directory and its parent (both named after the node dir, so
+/// only ones the kit created), once containerd and its shims are gone.
+fn remove_containerd_cgroup(node_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let Some(cg) = containerd_cgroup_dir(node_dir) else {
+        return done;
+    };
+    for d in [cg.as_path(), cg.parent().unwrap_or(&cg)] {
+        if !d.is_dir() {
+            continue;
+        }
+        // A cgroup goes only once its last process has exited: wait a little for killed ones.
+        let start = Instant::now();
+        let mut r = fs::remove_dir(d);
+        while r.is_err() && start.elapsed() < Duration::from_secs(5) {
+            sleep(Duration::from_millis(100));
+            r = fs::remove_dir(d);
+        }
+        match r {
+            Ok(()) => done.push(format!("removed cgroup {}", d.display())),
+            Err(e) => done.push(format!(
+                "could not remove cgroup {} ({e}): processes left in it: {}",
+                d.display(),
+                fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+        }
+    }
+    done
 }
 
 /// Shims outlive containerd: stops those whose `-address` is `socket`, by PID.
@@ -690,5 +799,25 @@ impl Drop for TmpfsContainerd {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_pure_v2_hosts() {
+        let hybrid = "30 23 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                      41 30 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let v2 = "25 23 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(cgroup2_mount_in(v2), Some(PathBuf::from("/sys/fs/cgroup")));
+        let v1 = "31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(cgroup2_mount_in(v1), None);
     }
 }
