@@ -99,6 +99,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The ledger source of one direction of a cgroup's counters (a source has one reading).
+fn directed(cgroup: u64, dir: &str) -> u64 {
+    (cgroup << 1) | u64::from(dir == "egress")
+}
+
 /// A stable source id for a cgroup path (cgroupfs readings on nodes without cgroup2 ids).
 fn path_source(rel: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -119,14 +124,15 @@ impl Insight {
                 None
             }
         };
+        // The cgroup2 directory the network programs attach to (`--cgroup-root` or detected).
+        let root = layout
+            .as_ref()
+            .ok_or_else(|| "the cgroup layout could not be read".to_string())
+            .and_then(|l| {
+                cgroupfs::resolve_root(opts.cgroup_root.as_deref(), l).map_err(|e| e.to_string())
+            });
+        let cgroup2 = root.is_ok();
         let (kernel, probe, features) = if opts.ebpf {
-            let root = layout
-                .as_ref()
-                .ok_or_else(|| "the cgroup layout could not be read".to_string())
-                .and_then(|l| {
-                    cgroupfs::resolve_root(opts.cgroup_root.as_deref(), l)
-                        .map_err(|e| e.to_string())
-                });
             match root {
                 Ok(cgroup_root) => Kernel::load(&KernelOptions {
                     cgroup_root,
@@ -177,7 +183,6 @@ impl Insight {
         for note in &probe.notes {
             info!(note = %note, "kernel probe");
         }
-        let cgroup2 = layout.as_ref().is_some_and(|l| l.unified.is_some());
         for (cap, ok) in [
             ("btf", probe.btf),
             ("bpffs", probe.bpffs.is_some()),
@@ -463,18 +468,20 @@ impl Insight {
                             ("ingress", c.rx_bytes, c.rx_packets),
                             ("egress", c.tx_bytes, c.tx_packets),
                         ] {
-                            self.pod_bytes.observe(*id, &(pod.clone(), dir), bytes, now);
+                            // One reading per source: each direction is its own source.
+                            let src = directed(*id, dir);
+                            self.pod_bytes.observe(src, &(pod.clone(), dir), bytes, now);
                             self.pod_packets
-                                .observe(*id, &(pod.clone(), dir), packets, now);
+                                .observe(src, &(pod.clone(), dir), packets, now);
                             self.owner_bytes
-                                .observe(*id, &(Owner::Pods, dir), bytes, now);
+                                .observe(src, &(Owner::Pods, dir), bytes, now);
                         }
                     }
                     Err(owner) => {
-                        self.owner_bytes
-                            .observe(*id, &(owner, "ingress"), c.rx_bytes, now);
-                        self.owner_bytes
-                            .observe(*id, &(owner, "egress"), c.tx_bytes, now);
+                        for (dir, bytes) in [("ingress", c.rx_bytes), ("egress", c.tx_bytes)] {
+                            self.owner_bytes
+                                .observe(directed(*id, dir), &(owner, dir), bytes, now);
+                        }
                     }
                 }
             }
@@ -515,6 +522,13 @@ impl Insight {
                 }
                 let s = cgroupfs::read_stats(&layout, &rel);
                 let src = path_source(&rel);
+                // Every live container has its OOM series (0 until a kill) and, when the
+                // scheduler feature runs, its run-queue series: dashboards and alerts see 0,
+                // not "no data".
+                self.ooms.add(&w, 0, now);
+                if self.available(Feature::Sched) {
+                    self.runq_ns.add(&w, 0, now);
+                }
                 if let Some(cpu) = s.cpu_seconds {
                     self.cpu_us.observe(src, &w, (cpu * 1e6) as u64, now);
                 }

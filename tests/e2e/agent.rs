@@ -237,6 +237,42 @@ async fn prometheus_scrapes_the_agent() {
     // Some image on the node, so per-image panels have a series.
     cri_pull(&node, &fixtures(&node).reference("ragent/app-py-web", "v1")).await;
     let agent = Agent::start(&node, node.config.agent_port, &[]);
+    // A pod that moves bytes and keeps running, and a pull while the agent watches, so the
+    // per-pod, per-container and per-image panels have series.
+    let server = ragent_testkit::payload::PayloadServer::start(1 << 20, Duration::from_secs(300))
+        .expect("payload server");
+    let _pod = ragent_testkit::pod::Pod::start(
+        &node,
+        ragent_testkit::pod::PodSpec::new(
+            "ragent-e2e-dash",
+            "dash",
+            &fixtures(&node).reference("ragent/run", "v1"),
+        )
+        .container("fetch")
+        .shell(&format!(
+            "/bin/busybox wget -q -O /dev/null {}; exec /bin/busybox sleep 600",
+            server.url()
+        )),
+    )
+    .await
+    .expect("a pod for the per-pod panels");
+    let batch = fixtures(&node).reference("ragent/app-jvm-batch", "v1");
+    let _ = node
+        .ctr("k8s.io")
+        .args(["images", "rm", "--sync", &batch])
+        .output();
+    cri_pull(&node, &batch).await;
+    // The pull is attributed once the registry is quiet; by then the inventory is current.
+    wait_for(
+        "the agent to attribute the pull",
+        Duration::from_secs(30),
+        || {
+            agent
+                .metrics()
+                .contains(&format!("ragent_image_pull_bytes_total{{image=\"{batch}\""))
+                .then_some(())
+        },
+    );
     let want = agent.value("ragent_images").expect("images");
     let prom = node.prometheus_addr();
     let got = wait_for(

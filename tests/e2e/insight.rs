@@ -439,6 +439,16 @@ async fn two_concurrent_pulls_sharing_layers_add_up_to_the_access_log() {
         served > MIB && served < shared * 11 / 10,
         "{served} vs {shared}"
     );
+    // The agent attributes a registry's bytes once the registry has been quiet for a moment:
+    // wait for the count to move, then for it to settle.
+    let start = Instant::now();
+    while promtext::sum(&scrape(&agent), metric, &[]) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no pull bytes were counted within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let after = settled_sum(&agent, metric);
     let counted = after - before;
     let s = served as f64;
