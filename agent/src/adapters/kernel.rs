@@ -238,6 +238,8 @@ pub struct Kernel {
     victims: HashMap<MapData, u32, u8>,
     oom_kills: PerCpuHashMap<MapData, u64, u64>,
     paths: HashMap<MapData, u64, CgroupPath>,
+    /// Reads the programs' aya-log records (rare: a map's first overflow) into the agent's log.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// What cgroups that are gone had counted before their CGROUP_NET entries were deleted.
     retired: NetCounters,
     /// Cgroups the last read returned something for: only their entries may be retired (so a
@@ -490,7 +492,16 @@ impl Kernel {
     }
 
     fn from_ebpf(mut ebpf: Ebpf, programs: usize) -> Result<Kernel, KernelError> {
+        // The `log` records go to the agent's tracing subscriber (tracing-log).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::info!(error = %e, "eBPF programs' log records will not be shown");
+                None
+            }
+        };
         Ok(Kernel {
+            logger,
             net: take(&mut ebpf, MAP_CGROUP_NET)?,
             overflow: take(&mut ebpf, MAP_OVERFLOW)?,
             watch: take(&mut ebpf, MAP_WATCH)?,
@@ -553,6 +564,9 @@ impl Kernel {
 
     /// Sums the per-CPU values of every map.
     pub fn read(&mut self) -> Result<KernelSnapshot, KernelError> {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
         let mut snap = KernelSnapshot::default();
         let err = |name: &'static str| move |source| KernelError::Map { name, source };
         for item in self.net.iter() {
