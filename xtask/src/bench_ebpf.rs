@@ -204,14 +204,12 @@ fn sink() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     std::thread::spawn(move || {
-        for s in l.incoming() {
-            if let Ok(mut s) = s {
-                std::thread::spawn(move || {
-                    let mut b = [0u8; 4096];
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                    while matches!(s.read(&mut b), Ok(n) if n > 0) {}
-                });
-            }
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+            });
         }
     });
     Ok(port)
