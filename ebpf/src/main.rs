@@ -84,11 +84,30 @@ mod prog {
     const PASS: i32 = 1;
     const ALLOW: i32 = 1;
 
+    /// Per CPU and [`Overflow`] slot: 1 once the first overflow was logged.
+    #[map]
+    static LOGGED: PerCpuArray<u8> = PerCpuArray::with_max_entries(OVERFLOW_SLOTS, 0);
+
+    /// Counts `by` in an overflow slot; the first time on this CPU, also says so through
+    /// aya-log (the agent logs it), so a full map shows in the log without polling.
     #[inline(always)]
-    fn bump_overflow(slot: Overflow, by: u64) {
+    fn bump_overflow<C: EbpfContext>(ctx: &C, slot: Overflow, by: u64) {
         if let Some(p) = OVERFLOW.get_ptr_mut(slot as u32) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
             unsafe { *p = (*p).wrapping_add(by) };
+        }
+        if let Some(l) = LOGGED.get_ptr_mut(slot as u32) {
+            // SAFETY: as above.
+            unsafe {
+                if *l == 0 {
+                    *l = 1;
+                    aya_log_ebpf::warn!(
+                        ctx,
+                        "eBPF map full: overflow slot {} counts what did not fit (logged once per CPU)",
+                        slot as u32
+                    );
+                }
+            }
         }
     }
 
@@ -139,7 +158,13 @@ mod prog {
 
     /// Adds `by` to a per-CPU u64 counter `map[key]`; counts a full map in `slot`.
     #[inline(always)]
-    fn add_u64<K>(map: &PerCpuHashMap<K, u64>, key: &K, by: u64, slot: Overflow) {
+    fn add_u64<C: EbpfContext, K>(
+        ctx: &C,
+        map: &PerCpuHashMap<K, u64>,
+        key: &K,
+        by: u64,
+        slot: Overflow,
+    ) {
         if let Some(c) = map.get_ptr_mut(key) {
             // SAFETY: this CPU's copy of a per-CPU value.
             unsafe { *c += by };
@@ -151,7 +176,7 @@ mod prog {
         match map.get_ptr_mut(key) {
             // SAFETY: as above.
             Some(c) => unsafe { *c += by },
-            None => bump_overflow(slot, 1),
+            None => bump_overflow(ctx, slot, 1),
         }
     }
 
@@ -201,11 +226,11 @@ mod prog {
         let len = ctx.len() as u64;
         if !add_net(&CGROUP_NET, &cgroup, ingress, len) {
             if ingress {
-                bump_overflow(Overflow::IngressPackets, 1);
-                bump_overflow(Overflow::IngressBytes, len);
+                bump_overflow(ctx, Overflow::IngressPackets, 1);
+                bump_overflow(ctx, Overflow::IngressBytes, len);
             } else {
-                bump_overflow(Overflow::EgressPackets, 1);
-                bump_overflow(Overflow::EgressBytes, len);
+                bump_overflow(ctx, Overflow::EgressPackets, 1);
+                bump_overflow(ctx, Overflow::EgressBytes, len);
             }
         }
         if !watched(cgroup) {
@@ -251,7 +276,7 @@ mod prog {
             return;
         }
         if !add_net(&ENDPOINT_NET, &key, ingress, len) {
-            bump_overflow(Overflow::EndpointNet, 1);
+            bump_overflow(ctx, Overflow::EndpointNet, 1);
         }
     }
 
@@ -300,7 +325,7 @@ mod prog {
             family: family as u16,
             pad: 0,
         };
-        add_u64(&CONNECTS, &key, 1, Overflow::Connects);
+        add_u64(ctx, &CONNECTS, &key, 1, Overflow::Connects);
     }
 
     #[cgroup_sock_addr(connect4)]
@@ -326,28 +351,28 @@ mod prog {
     }
 
     #[inline(always)]
-    fn mark_runnable(pid: u32) {
+    fn mark_runnable(ctx: &TracePointContext, pid: u32) {
         if pid == 0 {
             return;
         }
         // SAFETY: the helper takes no arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         if WAKE_TS.insert(pid, now, BPF_ANY as u64).is_err() {
-            bump_overflow(Overflow::WakeTs, 1);
+            bump_overflow(ctx, Overflow::WakeTs, 1);
         }
     }
 
     #[tracepoint]
     pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
         // SAFETY: offset checked by user space.
-        mark_runnable(unsafe { field::<u32>(&ctx, SCHED_WAKEUP_PID.offset) });
+        mark_runnable(&ctx, unsafe { field::<u32>(&ctx, SCHED_WAKEUP_PID.offset) });
         0
     }
 
     #[tracepoint]
     pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
         // SAFETY: offset checked by user space.
-        mark_runnable(unsafe { field::<u32>(&ctx, SCHED_WAKEUP_PID.offset) });
+        mark_runnable(&ctx, unsafe { field::<u32>(&ctx, SCHED_WAKEUP_PID.offset) });
         0
     }
 
@@ -372,12 +397,12 @@ mod prog {
         if waited > 0 && prev_pid != 0 {
             // SAFETY: the helper takes no arguments.
             let cgroup = unsafe { bpf_get_current_cgroup_id() };
-            add_u64(&RUNQ, &cgroup, waited, Overflow::Runq);
+            add_u64(&ctx, &RUNQ, &cgroup, waited, Overflow::Runq);
         }
         // Still runnable (preempted; the tracepoint reports preemption as TASK_REPORT_MAX,
         // 0x100): it waits from now on.
         if prev_state & 0xff == 0 {
-            mark_runnable(prev_pid);
+            mark_runnable(&ctx, prev_pid);
         }
         let mut next_wait = 0;
         if next_pid != 0 {
@@ -400,13 +425,13 @@ mod prog {
         // SAFETY: offset checked by user space.
         let pid: u32 = unsafe { field(&ctx, MARK_VICTIM_PID.offset) };
         if VICTIMS.insert(pid, 1u8, BPF_ANY as u64).is_err() {
-            bump_overflow(Overflow::Victims, 1);
+            bump_overflow(&ctx, Overflow::Victims, 1);
         }
         0
     }
 
     #[tracepoint]
-    pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         // The exiting task is the current one; the low half is its thread id.
         // SAFETY: the helper takes no arguments.
         let pid = unsafe { bpf_get_current_pid_tgid() } as u32;
@@ -416,7 +441,7 @@ mod prog {
         let _ = VICTIMS.remove(pid);
         // SAFETY: the helper takes no arguments.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
-        add_u64(&OOM_KILLS, &cgroup, 1, Overflow::OomKills);
+        add_u64(&ctx, &OOM_KILLS, &cgroup, 1, Overflow::OomKills);
         0
     }
 
@@ -457,7 +482,7 @@ mod prog {
             .insert(id, unsafe { &*buf }, BPF_ANY as u64)
             .is_err()
         {
-            bump_overflow(Overflow::CgroupPaths, 1);
+            bump_overflow(&ctx, Overflow::CgroupPaths, 1);
         }
         0
     }

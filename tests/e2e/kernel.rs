@@ -376,3 +376,70 @@ fn kernel_counts_an_oom_kill_in_the_victims_cgroup() {
     );
     drop(limit_dir);
 }
+
+/// Captures `log` records (aya-log forwards the programs' records to the `log` facade).
+struct Captured(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(r.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURED: Captured = Captured(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn kernel_counts_what_does_not_fit_and_says_so_once() {
+    // Only this test in the e2e binary sets a logger; before the load, which hands the
+    // `log` logger of that moment to aya-log.
+    if log::set_logger(&CAPTURED).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+    let Some((mut kernel, root)) = load(&[Feature::CgroupPaths]) else {
+        return;
+    };
+    let parent = Dir::new(&root, "full");
+    let before = read(&mut kernel);
+    let fill = |s: &KernelSnapshot| {
+        s.maps
+            .iter()
+            .find(|m| m.name == "CGROUP_PATHS")
+            .cloned()
+            .expect("CGROUP_PATHS fill")
+    };
+    let was = fill(&before);
+    let cap = was.capacity;
+    // More directories than the map can hold.
+    let extra = 64;
+    let n = cap as usize - was.entries + extra;
+    let made: Vec<PathBuf> = (0..n).map(|i| parent.0.join(format!("c{i}"))).collect();
+    for d in &made {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    let snap = read(&mut kernel);
+    for d in made.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+    let now = fill(&snap);
+    eprintln!("CGROUP_PATHS before {was:?}, after {now:?}");
+    assert_eq!(now.entries, cap as usize);
+    assert!(
+        now.overflow >= was.overflow + extra as u64,
+        "{now:?}: at least {extra} inserts found the map full"
+    );
+    let logs = CAPTURED.0.lock().expect("logs").clone();
+    let said = logs.iter().filter(|l| l.contains("eBPF map full")).count();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        (1..=cpus).contains(&said),
+        "{said} aya-log records of the overflow, want 1..={cpus} (once per CPU): {logs:?}"
+    );
+    let ids: Vec<u64> = snap.cgroup_paths.keys().copied().collect();
+    kernel.forget_paths(&ids).expect("forget");
+}

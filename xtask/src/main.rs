@@ -8,7 +8,9 @@
 //! - `test`: the README's test command (what .ci/run runs): lints, unit tests, then end-to-end
 //!   tests against a real containerd, registry, kernel and Prometheus.
 //! - `bench prepull`: ragent's pre-pull against containerd's CRI pulls (docs/bench.md).
+//! - `bench ebpf`: what the eBPF programs and the agent cost the node (docs/bench.md).
 mod bench;
+mod bench_ebpf;
 
 use std::{
     path::{Path, PathBuf},
@@ -81,6 +83,9 @@ enum BenchCmd {
     /// Bytes on the wire, wall time, --max-rate, peak RSS and pod start of `ragent prepull`
     /// against containerd's own pulls through CRI, on loopback and a rate-limited link
     Prepull(bench::PrepullArgs),
+    /// Loopback throughput with and without ragent's eBPF programs, the agent's CPU and RSS
+    /// with many live cgroups, and /metrics scrape time with many cgroups in the maps
+    Ebpf(bench_ebpf::EbpfArgs),
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -99,6 +104,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/tc", "iproute2"),
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/jq", "jq"),
+    ("/usr/bin/iperf3", "iperf3"),
 ];
 
 /// The LLVM major the eBPF toolchain (nightly, or stable with RUSTC_BOOTSTRAP) and bpf-linker share.
@@ -452,6 +458,16 @@ fn bench_prepull(args: &bench::PrepullArgs) -> Result<()> {
     bench::prepull(args, &bin)
 }
 
+fn bench_ebpf(args: &bench_ebpf::EbpfArgs) -> Result<()> {
+    setup()?;
+    let bin = match &args.ragent {
+        Some(p) if p.exists() => p.canonicalize()?,
+        Some(p) => bail!("--ragent {}: no such file", p.display()),
+        None => build_ragent()?,
+    };
+    bench_ebpf::ebpf(args, &bin)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -466,6 +482,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Prepull(args),
         } => bench_prepull(&args),
+        Cmd::Bench {
+            what: BenchCmd::Ebpf(args),
+        } => bench_ebpf(&args),
         Cmd::Fixtures {
             dir,
             registry,

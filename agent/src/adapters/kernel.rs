@@ -7,6 +7,7 @@
 //!
 //! The cgroup programs attach at the cgroup2 root; the links are owned by [`Kernel`] and detached
 //! when it is dropped.
+mod batch;
 mod probe;
 
 use std::{
@@ -14,12 +15,13 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    Ebpf, EbpfLoader, Pod,
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, TracePoint,
     },
@@ -238,6 +240,10 @@ pub struct Kernel {
     victims: HashMap<MapData, u32, u8>,
     oom_kills: PerCpuHashMap<MapData, u64, u64>,
     paths: HashMap<MapData, u64, CgroupPath>,
+    /// Possible CPUs (the number of values of a per-CPU map entry).
+    cpus: usize,
+    /// Reads the programs' aya-log records (rare: a map's first overflow) into the agent's log.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// What cgroups that are gone had counted before their CGROUP_NET entries were deleted.
     retired: NetCounters,
     /// Cgroups the last read returned something for: only their entries may be retired (so a
@@ -490,7 +496,21 @@ impl Kernel {
     }
 
     fn from_ebpf(mut ebpf: Ebpf, programs: usize) -> Result<Kernel, KernelError> {
+        // The `log` records go to the agent's tracing subscriber (tracing-log).
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::info!(error = %e, "eBPF programs' log records will not be shown");
+                None
+            }
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cgroup {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: e,
+        })?;
         Ok(Kernel {
+            cpus,
+            logger,
             net: take(&mut ebpf, MAP_CGROUP_NET)?,
             overflow: take(&mut ebpf, MAP_OVERFLOW)?,
             watch: take(&mut ebpf, MAP_WATCH)?,
@@ -553,10 +573,12 @@ impl Kernel {
 
     /// Sums the per-CPU values of every map.
     pub fn read(&mut self) -> Result<KernelSnapshot, KernelError> {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
         let mut snap = KernelSnapshot::default();
-        let err = |name: &'static str| move |source| KernelError::Map { name, source };
-        for item in self.net.iter() {
-            let (cgroup, per_cpu) = item.map_err(err(MAP_CGROUP_NET))?;
+        let cpus = self.cpus;
+        for (cgroup, per_cpu) in per_cpu_entries(&self.net, cpus, MAP_CGROUP_NET)? {
             let sum = per_cpu
                 .iter()
                 .fold(NetCounters::default(), |acc, c| acc.add(c));
@@ -570,10 +592,9 @@ impl Kernel {
         };
         snap.net.retired = self.retired;
 
-        let mut endpoint_keys = 0;
-        for item in self.endpoints.iter() {
-            let (key, per_cpu) = item.map_err(err(MAP_ENDPOINT_NET))?;
-            endpoint_keys += 1;
+        let endpoints = per_cpu_entries(&self.endpoints, cpus, MAP_ENDPOINT_NET)?;
+        let endpoint_keys = endpoints.len();
+        for (key, per_cpu) in endpoints {
             let sum = per_cpu
                 .iter()
                 .fold(NetCounters::default(), |acc, c| acc.add(c));
@@ -581,31 +602,27 @@ impl Kernel {
             let e = snap.endpoints.entry(Endpoint::from(&key)).or_default();
             *e = e.add(&sum);
         }
-        let mut connect_keys = 0;
-        for item in self.connects.iter() {
-            let (key, per_cpu) = item.map_err(err(MAP_CONNECTS))?;
-            connect_keys += 1;
+        let connects = per_cpu_entries(&self.connects, cpus, MAP_CONNECTS)?;
+        let connect_keys = connects.len();
+        for (key, per_cpu) in connects {
             let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
             *snap.connects.entry(Endpoint::from(&key)).or_default() += n;
         }
-        for item in self.runq.iter() {
-            let (cgroup, per_cpu) = item.map_err(err(MAP_RUNQ))?;
+        for (cgroup, per_cpu) in per_cpu_entries(&self.runq, cpus, MAP_RUNQ)? {
             let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
             snap.runq_ns.insert(cgroup, n);
         }
-        for item in self.oom_kills.iter() {
-            let (cgroup, per_cpu) = item.map_err(err(MAP_OOM_KILLS))?;
+        for (cgroup, per_cpu) in per_cpu_entries(&self.oom_kills, cpus, MAP_OOM_KILLS)? {
             let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
             snap.oom_kills.insert(cgroup, n);
         }
-        for item in self.paths.iter() {
-            let (id, p) = item.map_err(err(MAP_CGROUP_PATHS))?;
+        for (id, p) in entries(&self.paths, MAP_CGROUP_PATHS)? {
             let len = (p.len as usize).min(p.path.len());
             snap.cgroup_paths
                 .insert(id, String::from_utf8_lossy(&p.path[..len]).into_owned());
         }
-        let wake_entries = self.wake_ts.keys().filter(Result::is_ok).count();
-        let victim_entries = self.victims.keys().filter(Result::is_ok).count();
+        let wake_entries = entries(&self.wake_ts, MAP_WAKE_TS)?.len();
+        let victim_entries = entries(&self.victims, MAP_VICTIMS)?.len();
 
         let fill = |name, entries, capacity, overflow| MapFill {
             name,
@@ -685,62 +702,56 @@ impl Kernel {
     /// moment is still reported once. Returns how many entries were deleted.
     pub fn retire_dead(&mut self, live: &HashSet<u64>) -> Result<usize, KernelError> {
         let mut n = 0;
-        let dead: Vec<u64> = self
-            .net
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !live.contains(id))
-            .collect();
-        for id in &dead {
-            if let Ok(per_cpu) = self.net.get(id, 0) {
-                let sum = per_cpu
-                    .iter()
-                    .fold(NetCounters::default(), |acc, c| acc.add(c));
+        let cpus = self.cpus;
+        for (id, per_cpu) in per_cpu_entries(&self.net, cpus, MAP_CGROUP_NET)? {
+            if live.contains(&id) {
+                continue;
+            }
+            let sum = per_cpu
+                .iter()
+                .fold(NetCounters::default(), |acc, c| acc.add(c));
+            let removed = gone(self.net.remove(&id), MAP_CGROUP_NET)?;
+            if removed == 1 {
                 self.retired = self.retired.add(&sum);
             }
-            n += gone(self.net.remove(id), MAP_CGROUP_NET)?;
+            n += removed;
         }
         let retire = |id: &u64| !live.contains(id) && self.seen.contains(id);
-        let keys: Vec<EndpointKey> = self
-            .endpoints
-            .keys()
-            .filter_map(Result::ok)
+        let keys: Vec<EndpointKey> = per_cpu_entries(&self.endpoints, cpus, MAP_ENDPOINT_NET)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| retire(&k.cgroup))
             .collect();
         for k in &keys {
             n += gone(self.endpoints.remove(k), MAP_ENDPOINT_NET)?;
         }
-        let keys: Vec<EndpointKey> = self
-            .connects
-            .keys()
-            .filter_map(Result::ok)
+        let keys: Vec<EndpointKey> = per_cpu_entries(&self.connects, cpus, MAP_CONNECTS)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| retire(&k.cgroup))
             .collect();
         for k in &keys {
             n += gone(self.connects.remove(k), MAP_CONNECTS)?;
         }
-        let ids: Vec<u64> = self
-            .runq
-            .keys()
-            .filter_map(Result::ok)
+        let ids: Vec<u64> = per_cpu_entries(&self.runq, cpus, MAP_RUNQ)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(retire)
             .collect();
         for id in &ids {
             n += gone(self.runq.remove(id), MAP_RUNQ)?;
         }
-        let ids: Vec<u64> = self
-            .oom_kills
-            .keys()
-            .filter_map(Result::ok)
+        let ids: Vec<u64> = per_cpu_entries(&self.oom_kills, cpus, MAP_OOM_KILLS)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(retire)
             .collect();
         for id in &ids {
             n += gone(self.oom_kills.remove(id), MAP_OOM_KILLS)?;
         }
-        let ids: Vec<u64> = self
-            .paths
-            .keys()
-            .filter_map(Result::ok)
+        let ids: Vec<u64> = entries(&self.paths, MAP_CGROUP_PATHS)?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(retire)
             .collect();
         for id in &ids {
@@ -765,6 +776,48 @@ impl Kernel {
             gone(self.paths.remove(id), MAP_CGROUP_PATHS)?;
         }
         Ok(())
+    }
+}
+
+/// Every entry of a per-CPU hash map with its per-CPU values: one batch read, or aya's
+/// per-key iteration where the kernel has no batch lookup.
+fn per_cpu_entries<K: Pod, V: Pod>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    cpus: usize,
+    name: &'static str,
+) -> Result<Vec<(K, Vec<V>)>, KernelError> {
+    let fd = IterableMap::map(map).fd().as_fd();
+    // SAFETY: K and V are the map's own Pod key and value types.
+    match unsafe { batch::lookup_all::<K, V>(fd, Some(cpus)) } {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            tracing::debug!(map = name, error = %e, "batch lookup refused; reading per key");
+            map.iter()
+                .map(|r| r.map(|(k, v)| (k, v.iter().copied().collect())))
+                .collect::<Result<_, _>>()
+                .map_err(|source| KernelError::Map { name, source })
+        }
+    }
+}
+
+/// Every entry of a hash map, as [`per_cpu_entries`].
+fn entries<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, KernelError> {
+    let fd = IterableMap::map(map).fd().as_fd();
+    // SAFETY: K and V are the map's own Pod key and value types.
+    match unsafe { batch::lookup_all::<K, V>(fd, None) } {
+        Ok(v) => Ok(v
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, *v.first()?)))
+            .collect()),
+        Err(e) => {
+            tracing::debug!(map = name, error = %e, "batch lookup refused; reading per key");
+            map.iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| KernelError::Map { name, source })
+        }
     }
 }
 
