@@ -264,9 +264,12 @@ fn start_node(config: NodeConfig, scale: u32) -> Result<(Node, FixtureSet)> {
     let t0 = Instant::now();
     let node = Node::up(config)?;
     println!(
-        "node: registry {}, containerd {}, Prometheus {} ({:.1} s)",
+        "node: registry {}, containerd {} (cgroup {}), Prometheus {} ({:.1} s)",
         node.registry(),
         node.socket().display(),
+        node.containerd_cgroup()
+            .map(|c| c.display().to_string())
+            .unwrap_or_else(|| "of the caller: no cgroup2 mount".into()),
         node.prometheus_addr(),
         t0.elapsed().as_secs_f64()
     );
