@@ -12,7 +12,7 @@ use ragent_testkit::{
     cgroups,
     node::Node,
     payload::{PayloadServer, TcpSink},
-    pod::{Pod, PodSpec},
+    pod::{CtrContainer, Pod, PodSpec},
     promtext::{self, Sample},
 };
 
@@ -600,6 +600,46 @@ async fn container_cpu_and_memory_come_from_its_cgroup() {
     // No OOM kill happened: the counter is absent or 0.
     let oom = promtext::value(&scrape(&agent), "ragent_container_oom_kills_total", &labels);
     assert!(oom.unwrap_or(0.0) == 0.0, "OOM kills {oom:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_without_kubernetes_labels_is_reported_under_its_id() {
+    if !require(is_root(), "needs root (the node runs containerd)") {
+        return;
+    }
+    const HELD: u64 = 16 * MIB;
+    let node = node();
+    let image = busybox_image(&node);
+    node.ctr_pull("k8s.io", &image)
+        .expect("pull the busybox image");
+    let agent = start_agent(&node);
+    let id = "insight-ctr-run";
+    let c = CtrContainer::start(
+        &node,
+        id,
+        &image,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!(
+                "/bin/busybox dd if=/dev/zero bs={HELD} count=1 2>/dev/null | /bin/busybox sleep 3600"
+            ),
+        ],
+    )
+    .expect("ctr run");
+    let pid = wait_for("the task's pid", Duration::from_secs(30), || c.pid());
+    wait_for(
+        "the container's cgroup to hold the buffer",
+        Duration::from_secs(30),
+        || cgroups::working_set_bytes(pid).filter(|w| *w >= HELD),
+    );
+    let labels = [("namespace", ""), ("pod", id), ("container", id)];
+    let ws = present(&agent, "ragent_container_memory_working_set_bytes", &labels);
+    assert!(
+        ws >= HELD as f64,
+        "working set {ws} < the {HELD} bytes held"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

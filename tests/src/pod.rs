@@ -5,7 +5,8 @@
 //! `/bin/busybox sh -c '...'` on `ragent/run:v1`.
 //!
 //! A [`Pod`] is always stopped and removed when it drops, together with the cgroup
-//! directories containerd leaves behind for its sandbox and container.
+//! directories containerd leaves behind for its sandbox and container. [`CtrContainer`] is a
+//! container started outside Kubernetes (`ctr run`, no `io.kubernetes.*` labels).
 use std::{
     collections::HashMap,
     fs,
@@ -424,6 +425,108 @@ impl Drop for Pod {
                 self.spec.namespace, self.spec.name, self.sandbox_id
             );
         }
+    }
+}
+
+/// A container started with `ctr run` in namespace `k8s.io`, outside Kubernetes: its record
+/// carries the image's labels but no `io.kubernetes.*` ones. Killed and removed on drop.
+pub struct CtrContainer {
+    id: String,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl CtrContainer {
+    /// Runs `argv` in a new container `id` from `image` (already pulled and unpacked in
+    /// `k8s.io`, e.g. with `Node::ctr_pull`), detached, its output in `<node dir>/ctr-<id>.log`.
+    pub fn start(node: &Node, id: &str, image: &str, argv: &[&str]) -> Result<CtrContainer> {
+        let log = node.dir().join(format!("ctr-{id}.log"));
+        let me = CtrContainer {
+            id: id.into(),
+            socket: node.socket(),
+            log: log.clone(),
+        };
+        me.remove();
+        let out = node
+            .ctr("k8s.io")
+            .args(["run", "-d", "--runc-root"])
+            .arg(node.dir().join("runc"))
+            .arg(format!("--log-uri=file://{}", log.display()))
+            .args([image, id])
+            .args(argv)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running ctr run")?;
+        if !out.status.success() {
+            bail!(
+                "ctr run {id} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(me)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What the container wrote so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The PID of its first process, while its task exists.
+    pub fn pid(&self) -> Option<u32> {
+        let out = self.ctr().args(["tasks", "ls"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == self.id).then_some(())?;
+            f.next()?.parse().ok()
+        })
+    }
+
+    fn ctr(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"]);
+        c
+    }
+
+    fn remove(&self) {
+        let quiet = |c: &mut std::process::Command| {
+            let _ = c
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        quiet(
+            self.ctr()
+                .args(["tasks", "kill", "-s", "SIGKILL", &self.id]),
+        );
+        // The task is gone once its exit was reaped: retry the delete for a few seconds.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            let deleted = self
+                .ctr()
+                .args(["tasks", "rm", &self.id])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if deleted || self.pid().is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        quiet(self.ctr().args(["containers", "rm", &self.id]));
+        remove_leftover_cgroups(std::slice::from_ref(&self.id));
+    }
+}
+
+impl Drop for CtrContainer {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
