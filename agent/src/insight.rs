@@ -25,7 +25,7 @@ use crate::{
     },
     core::{
         pulls::{self, UNATTRIBUTED, Windows},
-        workloads::{Gauges, Ledger, Owner, PodKey, Workload, container_id_in_path},
+        workloads::{Gauges, Ledger, Owner, PodKey, Workload, container_in_path},
     },
     metrics::{self, InsightMetrics},
 };
@@ -410,7 +410,7 @@ impl Insight {
         let Some(cid) = self
             .paths
             .get(&id)
-            .and_then(|(p, _)| container_id_in_path(p))
+            .and_then(|(p, _)| container_in_path(p, |id| self.containers.contains_key(id)))
             .map(str::to_string)
         else {
             return Err(Owner::Other);
@@ -513,7 +513,7 @@ impl Insight {
         }
         // 3. cgroupfs: CPU and memory of every live container.
         if let Some(layout) = self.layout.clone() {
-            let containers = container_dirs(&layout, &live);
+            let containers = container_dirs(&layout, &live, |id| self.containers.contains_key(id));
             let oom_from_cgroupfs = !self.available(Feature::Oom);
             for (rel, cid) in containers {
                 let w = self.workload_of(&cid).await;
@@ -857,10 +857,14 @@ impl Insight {
 
 /// The container cgroups among the live ones: (relative path, container id). Without cgroup2
 /// (a v1-only node) the memory (else cpuacct) hierarchy is walked instead.
-fn container_dirs(layout: &CgroupLayout, live: &HashMap<u64, String>) -> Vec<(String, String)> {
+fn container_dirs(
+    layout: &CgroupLayout,
+    live: &HashMap<u64, String>,
+    known: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = if layout.unified.is_some() {
         live.values()
-            .filter_map(|p| container_id_in_path(p).map(|id| (p.clone(), id.to_string())))
+            .filter_map(|p| container_in_path(p, &known).map(|id| (p.clone(), id.to_string())))
             .collect()
     } else {
         layout
@@ -870,7 +874,9 @@ fn container_dirs(layout: &CgroupLayout, live: &HashMap<u64, String>) -> Vec<(St
             .map(|root| {
                 cgroupfs::walk(root)
                     .into_values()
-                    .filter_map(|p| container_id_in_path(&p).map(|id| (p.clone(), id.to_string())))
+                    .filter_map(|p| {
+                        container_in_path(&p, &known).map(|id| (p.clone(), id.to_string()))
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -896,10 +902,16 @@ mod tests {
             (2, "/k8s.io".to_string()),
             (3, format!("/k8s.io/{id}")),
             (4, "/system.slice/containerd.service".to_string()),
+            (5, "/k8s.io/nightly-job".to_string()),
         ]);
         assert_eq!(
-            container_dirs(&layout, &live),
+            container_dirs(&layout, &live, |_| false),
             vec![(format!("/k8s.io/{id}"), id.clone())]
+        );
+        // A container containerd knows under an id of its own choosing.
+        assert_eq!(
+            container_dirs(&layout, &live, |c| c == "nightly-job").len(),
+            2
         );
     }
 }

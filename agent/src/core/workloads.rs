@@ -29,6 +29,16 @@ pub fn container_id_in_path(path: &str) -> Option<&str> {
     is_id.then_some(id)
 }
 
+/// Like [`container_id_in_path`], and also accepts any last path element that is a container
+/// id containerd knows (`ctr run` and other clients choose ids freely: `/k8s.io/my-job`).
+pub fn container_in_path<'a>(path: &'a str, known: impl Fn(&str) -> bool) -> Option<&'a str> {
+    if let Some(id) = container_id_in_path(path) {
+        return Some(id);
+    }
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    (!last.is_empty() && known(last)).then_some(last)
+}
+
 /// The Kubernetes identity of a container, as labelled in metrics.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Workload {
@@ -306,6 +316,18 @@ mod tests {
         ] {
             assert_eq!(container_id_in_path(p), None, "{p}");
         }
+    }
+
+    #[test]
+    fn containers_with_ids_of_their_own_are_found_when_known() {
+        let known = |id: &str| id == "nightly-job";
+        assert_eq!(
+            container_in_path("/k8s.io/nightly-job", known),
+            Some("nightly-job")
+        );
+        assert_eq!(container_in_path("/system.slice/cron.service", known), None);
+        assert_eq!(container_in_path(&format!("/k8s.io/{ID}"), known), Some(ID));
+        assert_eq!(container_in_path("/", known), None);
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
