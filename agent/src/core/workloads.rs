@@ -31,7 +31,7 @@ pub fn container_id_in_path(path: &str) -> Option<&str> {
 
 /// Like [`container_id_in_path`], and also accepts any last path element that is a container
 /// id containerd knows (`ctr run` and other clients choose ids freely: `/k8s.io/my-job`).
-pub fn container_in_path<'a>(path: &'a str, known: impl Fn(&str) -> bool) -> Option<&'a str> {
+pub fn container_in_path(path: &str, known: impl Fn(&str) -> bool) -> Option<&str> {
     if let Some(id) = container_id_in_path(path) {
         return Some(id);
     }
