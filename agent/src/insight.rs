@@ -34,8 +34,12 @@ use crate::{
 pub const PULL_QUIET: Duration = Duration::from_secs(2);
 /// The longest window (a registry that never rests is attributed window by window).
 pub const PULL_WINDOW_MAX: Duration = Duration::from_secs(600);
-/// Slack around a window for the gap between the last byte and containerd's commit.
-pub const PULL_SLACK: Duration = Duration::from_secs(2);
+/// How far around a window its blobs are looked for: before the first reading, one reading
+/// interval (plus scheduling); after the last, the gap to containerd's commit.
+pub const PULL_SLACK: pulls::Slack = pulls::Slack {
+    lead_ms: 750,
+    lag_ms: 2_000,
+};
 /// Distinct registry label values; more endpoints are counted under `other`.
 pub const MAX_REGISTRIES: usize = 32;
 /// How often the pull traffic is read.
@@ -653,13 +657,9 @@ impl Insight {
                 self.name_window(&mut w, blobs).await;
             }
             let a = match &listing {
-                Some((blobs, images)) => pulls::attribute(
-                    &w,
-                    blobs,
-                    images,
-                    PULL_SLACK.as_millis() as u64,
-                    &BTreeSet::new(),
-                ),
+                Some((blobs, images)) => {
+                    pulls::attribute(&w, blobs, images, PULL_SLACK, &BTreeSet::new())
+                }
                 None => pulls::Attribution {
                     unattributed: w.bytes,
                     ..Default::default()
@@ -693,10 +693,13 @@ impl Insight {
         let Ok(addr) = w.registry.parse::<std::net::SocketAddr>() else {
             return;
         };
-        let slack = PULL_SLACK.as_millis() as u64;
+        let slack = PULL_SLACK;
         let hosts: BTreeSet<&str> = blobs
             .iter()
-            .filter(|b| b.created_ms + slack >= w.start_ms && b.created_ms <= w.last_ms + slack)
+            .filter(|b| {
+                b.created_ms + slack.lead_ms >= w.start_ms
+                    && b.created_ms <= w.last_ms + slack.lag_ms
+            })
             .flat_map(|b| b.labels.keys())
             .filter_map(|k| k.strip_prefix(pulls::DISTRIBUTION_SOURCE))
             .collect();

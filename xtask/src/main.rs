@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 use ragent_testkit::{
     fixtures::{self, FixtureSet},
     node::{Node, NodeConfig},
+    pod,
 };
 
 #[derive(Parser)]
@@ -358,9 +359,65 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
     // Ctrl-C reaches the whole foreground group: the agent stops on it, xtask stays to say so.
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    // Workloads for the insight metrics, started through CRI as kubelet starts them while the
+    // agent watches: a CNB web app, and a pod that fetches from the registry every few seconds.
+    // A pull of the patched run image shows per-image pull traffic. They go when the agent stops.
+    let rt = tokio::runtime::Runtime::new()?;
+    let pods = rt.block_on(demo_workloads(&node, &set));
+    let pods = match pods {
+        Ok(p) => {
+            println!(
+                "demo pods running in namespace ragent-demo: {}; pulled {} through CRI\n                   curl -s {metrics} | grep -E '^ragent_(pod|container|image_pull|registry)'",
+                p.iter()
+                    .map(|p| p.spec().name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                set.reference("ragent/run", "v2"),
+            );
+            p
+        }
+        Err(e) => {
+            eprintln!("demo pods could not start ({e:#}); the agent runs on without them");
+            Vec::new()
+        }
+    };
     let status = agent.wait()?;
+    drop(pods);
     println!("ragent agent exited ({status}); the node keeps running until `cargo xtask down`");
     Ok(())
+}
+
+/// The local node's sample workloads (see `up`).
+async fn demo_workloads(node: &Node, set: &FixtureSet) -> Result<Vec<pod::Pod>> {
+    const NS: &str = "ragent-demo";
+    let web = pod::Pod::start(
+        node,
+        pod::PodSpec::new(NS, "web", &set.reference("ragent/app-py-web", "v1")).container("web"),
+    )
+    .await?;
+    let fetcher = pod::Pod::start(
+        node,
+        pod::PodSpec::new(NS, "fetcher", &set.reference("ragent/run", "v1"))
+            .container("fetch")
+            .shell(&format!(
+                "while true; do /bin/busybox wget -q -O /dev/null http://{}/v2/_catalog; /bin/busybox sleep 5; done",
+                node.registry()
+            )),
+    )
+    .await?;
+    let channel = containerd_client::connect(node.socket()).await?;
+    let mut images = k8s_cri::v1::image_service_client::ImageServiceClient::new(channel);
+    images
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec {
+                image: set.reference("ragent/run", "v2"),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await?;
+    Ok(vec![web, fetcher])
 }
 
 fn down(test: bool) -> Result<()> {

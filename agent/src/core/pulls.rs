@@ -129,18 +129,27 @@ pub struct Attribution {
     pub blob_bytes: u64,
 }
 
-/// Splits a closed window's bytes over the images whose blobs arrived in it. `slack_ms` widens
-/// the window on both sides for the gap between the last byte and the commit. `exclude` are
+/// How far a window reaches past its readings to find the blobs its bytes brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slack {
+    /// Before the first reading: the bytes it saw arrived up to one reading interval earlier
+    /// (a blob commits after its bytes, so never earlier than that).
+    pub lead_ms: u64,
+    /// After the last reading: the commit (and the image record) follow the last bytes.
+    pub lag_ms: u64,
+}
+
+/// Splits a closed window's bytes over the images whose blobs arrived in it. `exclude` are
 /// blobs another attribution already claimed (ragent's own pulls).
 pub fn attribute(
     w: &Window,
     blobs: &[BlobInfo],
     images: &[ImageInfo],
-    slack_ms: u64,
+    slack: Slack,
     exclude: &BTreeSet<String>,
 ) -> Attribution {
-    let from = w.start_ms.saturating_sub(slack_ms);
-    let to = w.last_ms.saturating_add(slack_ms);
+    let from = w.start_ms.saturating_sub(slack.lead_ms);
+    let to = w.last_ms.saturating_add(slack.lag_ms);
     let in_window = |t: u64| t >= from && t <= to;
     let fetched: Vec<&BlobInfo> = blobs
         .iter()
@@ -278,6 +287,10 @@ mod tests {
     use super::*;
 
     const REG: &str = "127.0.0.1:5000";
+    const SLACK: Slack = Slack {
+        lead_ms: 1_000,
+        lag_ms: 1_000,
+    };
 
     fn blob(digest: &str, size: u64, t: u64, refs: &[&str]) -> BlobInfo {
         // As containerd writes it: the host without the port.
@@ -371,7 +384,7 @@ mod tests {
             image(&format!("{REG}/app@sha256:m"), "m", 11_900),
             image("sha256:c", "m", 11_900),
         ];
-        let a = attribute(&window(102_000), &blobs, &images, 1_000, &BTreeSet::new());
+        let a = attribute(&window(102_000), &blobs, &images, SLACK, &BTreeSet::new());
         assert_eq!(a.blob_bytes, 100_000);
         assert_eq!(a.images.len(), 1, "{a:?}");
         assert_eq!(a.images[&format!("{REG}/app:v1")], 102_000);
@@ -391,7 +404,7 @@ mod tests {
             image(&format!("{REG}/a:1"), "ma", 11_900),
             image(&format!("{REG}/b:1"), "mb", 11_950),
         ];
-        let a = attribute(&window(100_001), &blobs, &images, 1_000, &BTreeSet::new());
+        let a = attribute(&window(100_001), &blobs, &images, SLACK, &BTreeSet::new());
         // a: 1000 + 30000 + 10000 = 41000; b: 1000 + 30000 + 28000 = 59000 (of 100000).
         assert_eq!(a.images[&format!("{REG}/a:1")], 41_000);
         assert_eq!(a.images[&format!("{REG}/b:1")], 59_000);
@@ -410,7 +423,7 @@ mod tests {
             image(&format!("{REG}/old:1"), "mo", 1_000),
             image(&format!("{REG}/new:1"), "mn", 11_900),
         ];
-        let a = attribute(&window(10_000), &blobs, &images, 1_000, &BTreeSet::new());
+        let a = attribute(&window(10_000), &blobs, &images, SLACK, &BTreeSet::new());
         assert_eq!(a.images.get(&format!("{REG}/old:1")), None);
         assert_eq!(a.images[&format!("{REG}/new:1")], 10_000);
     }
@@ -418,7 +431,7 @@ mod tests {
     #[test]
     fn bytes_nothing_explains_are_unattributed() {
         // A failed pull: traffic, but no blob committed.
-        let a = attribute(&window(5_000), &[], &[], 1_000, &BTreeSet::new());
+        let a = attribute(&window(5_000), &[], &[], SLACK, &BTreeSet::new());
         assert_eq!((a.images.len(), a.unattributed), (0, 5_000));
         // Blobs from another registry, or excluded (ragent's own), do not explain it either.
         let mut other = blob("x", 100, 11_000, &[]);
@@ -428,7 +441,7 @@ mod tests {
             &window(5_000),
             &[other, mine],
             &[],
-            1_000,
+            SLACK,
             &BTreeSet::from(["y".to_string()]),
         );
         assert_eq!(a.unattributed, 5_000);
@@ -440,7 +453,7 @@ mod tests {
             blob("orphan", 50_000, 11_000, &[]),
         ];
         let images = vec![image(&format!("{REG}/app:v1"), "m", 11_900)];
-        let a = attribute(&window(100_000), &blobs, &images, 1_000, &BTreeSet::new());
+        let a = attribute(&window(100_000), &blobs, &images, SLACK, &BTreeSet::new());
         assert_eq!(a.images[&format!("{REG}/app:v1")], 50_000);
         assert_eq!(a.unattributed, 50_000);
     }
