@@ -603,14 +603,14 @@ impl Insight {
         let Some(k) = self.kernel.as_mut() else {
             return;
         };
-        let snap = match k.read() {
+        let (endpoints, connects) = match k.read_pullers() {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "reading the endpoint maps failed");
                 return;
             }
         };
-        for (ep, n) in &snap.connects {
+        for (ep, n) in &connects {
             if !self.watched.contains_key(&ep.cgroup) {
                 continue;
             }
@@ -620,7 +620,7 @@ impl Insight {
             self.registry_connects
                 .add(&label, n.saturating_sub(last), now);
         }
-        for (ep, c) in &snap.endpoints {
+        for (ep, c) in &endpoints {
             if !self.watched.contains_key(&ep.cgroup)
                 || !self.outbound.contains(&(ep.addr, ep.port))
             {

@@ -696,6 +696,29 @@ impl Kernel {
         Ok(snap)
     }
 
+    /// Only the pullers' endpoint bytes and connects: what the pull-traffic reading needs twice
+    /// a second, without walking the per-cgroup maps.
+    #[allow(clippy::type_complexity)]
+    pub fn read_pullers(
+        &mut self,
+    ) -> Result<(BTreeMap<Endpoint, NetCounters>, BTreeMap<Endpoint, u64>), KernelError> {
+        let cpus = self.cpus;
+        let mut endpoints: BTreeMap<Endpoint, NetCounters> = BTreeMap::new();
+        for (key, per_cpu) in per_cpu_entries(&self.endpoints, cpus, MAP_ENDPOINT_NET)? {
+            let sum = per_cpu
+                .iter()
+                .fold(NetCounters::default(), |acc, c| acc.add(c));
+            let e = endpoints.entry(Endpoint::from(&key)).or_default();
+            *e = e.add(&sum);
+        }
+        let mut connects: BTreeMap<Endpoint, u64> = BTreeMap::new();
+        for (key, per_cpu) in per_cpu_entries(&self.connects, cpus, MAP_CONNECTS)? {
+            let n = per_cpu.iter().copied().fold(0u64, u64::saturating_add);
+            *connects.entry(Endpoint::from(&key)).or_default() += n;
+        }
+        Ok((endpoints, connects))
+    }
+
     /// Deletes entries of cgroups not in `live` (ids of existing cgroups) from every per-cgroup
     /// map. CGROUP_NET's go at once, their counts kept in the retired total; the other maps'
     /// entries go only once a [`Kernel::read`] has returned them, so a cgroup that lived for a
