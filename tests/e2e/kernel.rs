@@ -443,3 +443,37 @@ fn kernel_counts_what_does_not_fit_and_says_so_once() {
     let ids: Vec<u64> = snap.cgroup_paths.keys().copied().collect();
     kernel.forget_paths(&ids).expect("forget");
 }
+
+#[test]
+fn kernel_loads_each_feature_on_its_own() {
+    if !is_root() {
+        eprintln!("skipped: loading eBPF needs root");
+        return;
+    }
+    // A cgroup root that is not cgroup2: the cgroup features are refused with a reason that
+    // names the flag; the tracepoint features load all the same.
+    let not_cgroup = std::env::temp_dir();
+    let (kernel, _, statuses) = Kernel::load(&KernelOptions::new(&not_cgroup));
+    let by = |f: Feature| {
+        statuses
+            .iter()
+            .find(|s| s.feature == f)
+            .cloned()
+            .unwrap_or_else(|| panic!("no status for {f:?}"))
+    };
+    for f in [Feature::Net, Feature::Endpoints, Feature::Connect] {
+        let s = by(f);
+        assert!(!s.available, "{s:?}");
+        assert!(s.detail.contains("--cgroup-root"), "{s:?}");
+        assert!(!s.detail.contains('\n'), "one line: {s:?}");
+    }
+    let tracepoints = [Feature::Sched, Feature::Oom, Feature::CgroupPaths];
+    for f in tracepoints {
+        let s = by(f);
+        assert!(s.available, "{s:?}");
+        assert!(s.detail.is_empty(), "{s:?}");
+    }
+    assert_eq!(statuses.len(), Feature::ALL.len());
+    let kernel = kernel.expect("the tracepoint features loaded");
+    assert_eq!(kernel.programs(), 6, "3 sched + 2 oom + 1 cgroup_mkdir");
+}
