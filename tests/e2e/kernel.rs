@@ -209,7 +209,7 @@ fn kernel_counts_bytes_endpoints_and_connects_of_a_cgroup() {
         snap.connects
     );
     // Unwatched cgroups get no endpoint entries: this process's own is not watched.
-    let own = cgroupfs_own_id(&root);
+    let own = cgroupfs::pid_cgroup_id(&root, "self").expect("own cgroup");
     assert!(snap.endpoints.keys().all(|e| e.cgroup != own));
     kernel.unwatch_cgroup(id).expect("unwatch");
     drop(dir);
@@ -223,17 +223,6 @@ fn kernel_counts_bytes_endpoints_and_connects_of_a_cgroup() {
     assert!(after.net.retired.tx_bytes >= net.tx_bytes);
     let fills: Vec<_> = after.maps.iter().map(|m| m.name).collect();
     assert!(fills.contains(&"ENDPOINT_NET"), "{fills:?}");
-}
-
-fn cgroupfs_own_id(root: &Path) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup2 line");
-    std::fs::metadata(root.join(rel.trim_start_matches('/')))
-        .expect("own cgroup")
-        .ino()
 }
 
 #[test]

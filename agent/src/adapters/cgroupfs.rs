@@ -183,6 +183,25 @@ pub fn live_ids(root: &Path) -> std::collections::HashSet<u64> {
     ids
 }
 
+/// The cgroup2 path (relative to the cgroup2 root, e.g. "/k8s.io/abc") in the text of
+/// `/proc/<pid>/cgroup`: the `0::` line. Pure.
+pub fn unified_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The cgroup2 id of a process (e.g. containerd's, or ragent's own with `"self"`): what to
+/// pass to `Kernel::watch_cgroup`.
+pub fn pid_cgroup_id(root: &Path, pid: &str) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let rel = unified_path(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("process {pid} has no cgroup2 line in /proc/{pid}/cgroup"),
+        )
+    })?;
+    crate::adapters::kernel::cgroup_id(&root.join(rel.trim_start_matches('/')))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +265,14 @@ mod tests {
             resolve_root(None, &l).unwrap(),
             Path::new("/sys/fs/cgroup/unified")
         );
+    }
+
+    #[test]
+    fn unified_path_is_the_0_line() {
+        let hybrid = "4:memory:/process_api/x\n1:cpu:/\n0::/k8s.io/abc\n";
+        assert_eq!(unified_path(hybrid), Some("/k8s.io/abc"));
+        assert_eq!(unified_path("0::/\n"), Some("/"));
+        assert_eq!(unified_path("4:memory:/a\n"), None);
     }
 
     #[test]
