@@ -258,6 +258,14 @@ fn kernel_measures_run_queue_wait_of_a_cgroup() {
     );
     // No more than the loops could have waited (3 × the wall time).
     assert!(waited as f64 <= 3.0 * wall.as_secs_f64() * 1e9);
+    // Wake times are deleted when their task runs or sleeps: only runnable tasks have one.
+    let wake = snap
+        .maps
+        .iter()
+        .find(|m| m.name == "WAKE_TS")
+        .expect("WAKE_TS fill");
+    eprintln!("WAKE_TS: {wake:?}");
+    assert!(wake.entries < 1024 && wake.overflow == 0, "{wake:?}");
 }
 
 #[test]
