@@ -403,6 +403,11 @@ mod prog {
         // 0x100): it waits from now on.
         if prev_state & 0xff == 0 {
             mark_runnable(&ctx, prev_pid);
+        } else if prev_pid != 0 {
+            // Going to sleep (or exiting): a wake time recorded while it was still on the run
+            // queue (a wakeup that found it runnable) is stale; without this, threads that exit
+            // after such a wakeup would leave entries behind until WAKE_TS fills up.
+            let _ = WAKE_TS.remove(prev_pid);
         }
         let mut next_wait = 0;
         if next_pid != 0 {

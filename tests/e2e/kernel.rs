@@ -209,7 +209,9 @@ fn kernel_counts_bytes_endpoints_and_connects_of_a_cgroup() {
         snap.connects
     );
     // Unwatched cgroups get no endpoint entries: this process's own is not watched.
-    let own = cgroupfs_own_id(&root);
+    let own_path = cgroupfs::process_cgroup("self").expect("own cgroup");
+    let own =
+        cgroupfs::cgroup_id(&root.join(own_path.trim_start_matches('/'))).expect("own cgroup id");
     assert!(snap.endpoints.keys().all(|e| e.cgroup != own));
     kernel.unwatch_cgroup(id).expect("unwatch");
     drop(dir);
@@ -223,17 +225,6 @@ fn kernel_counts_bytes_endpoints_and_connects_of_a_cgroup() {
     assert!(after.net.retired.tx_bytes >= net.tx_bytes);
     let fills: Vec<_> = after.maps.iter().map(|m| m.name).collect();
     assert!(fills.contains(&"ENDPOINT_NET"), "{fills:?}");
-}
-
-fn cgroupfs_own_id(root: &Path) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup2 line");
-    std::fs::metadata(root.join(rel.trim_start_matches('/')))
-        .expect("own cgroup")
-        .ino()
 }
 
 #[test]
@@ -269,6 +260,14 @@ fn kernel_measures_run_queue_wait_of_a_cgroup() {
     );
     // No more than the loops could have waited (3 × the wall time).
     assert!(waited as f64 <= 3.0 * wall.as_secs_f64() * 1e9);
+    // Wake times are deleted when their task runs or sleeps: only runnable tasks have one.
+    let wake = snap
+        .maps
+        .iter()
+        .find(|m| m.name == "WAKE_TS")
+        .expect("WAKE_TS fill");
+    eprintln!("WAKE_TS: {wake:?}");
+    assert!(wake.entries < 1024 && wake.overflow == 0, "{wake:?}");
 }
 
 #[test]
@@ -442,4 +441,38 @@ fn kernel_counts_what_does_not_fit_and_says_so_once() {
     );
     let ids: Vec<u64> = snap.cgroup_paths.keys().copied().collect();
     kernel.forget_paths(&ids).expect("forget");
+}
+
+#[test]
+fn kernel_loads_each_feature_on_its_own() {
+    if !is_root() {
+        eprintln!("skipped: loading eBPF needs root");
+        return;
+    }
+    // A cgroup root that is not cgroup2: the cgroup features are refused with a reason that
+    // names the flag; the tracepoint features load all the same.
+    let not_cgroup = std::env::temp_dir();
+    let (kernel, _, statuses) = Kernel::load(&KernelOptions::new(&not_cgroup));
+    let by = |f: Feature| {
+        statuses
+            .iter()
+            .find(|s| s.feature == f)
+            .cloned()
+            .unwrap_or_else(|| panic!("no status for {f:?}"))
+    };
+    for f in [Feature::Net, Feature::Endpoints, Feature::Connect] {
+        let s = by(f);
+        assert!(!s.available, "{s:?}");
+        assert!(s.detail.contains("--cgroup-root"), "{s:?}");
+        assert!(!s.detail.contains('\n'), "one line: {s:?}");
+    }
+    let tracepoints = [Feature::Sched, Feature::Oom, Feature::CgroupPaths];
+    for f in tracepoints {
+        let s = by(f);
+        assert!(s.available, "{s:?}");
+        assert!(s.detail.is_empty(), "{s:?}");
+    }
+    assert_eq!(statuses.len(), Feature::ALL.len());
+    let kernel = kernel.expect("the tracepoint features loaded");
+    assert_eq!(kernel.programs(), 6, "3 sched + 2 oom + 1 cgroup_mkdir");
 }

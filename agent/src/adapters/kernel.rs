@@ -26,7 +26,7 @@ use aya::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, TracePoint,
     },
 };
-pub use probe::{FormatError, Probe, check_layout, parse_format};
+pub use probe::{FormatError, FormatField, Probe, check_layout, parse_format};
 pub use ragent_ebpf::NetCounters;
 use ragent_ebpf::{
     CGROUP_NET_MAX_ENTRIES, CGROUP_PATHS_MAX_ENTRIES, CONNECTS_MAX_ENTRIES, CgroupPath,
@@ -74,6 +74,11 @@ pub enum KernelError {
         #[source]
         source: MapError,
     },
+    #[error("cannot read the possible CPUs (/sys/devices/system/cpu/possible): {source}")]
+    PossibleCpus {
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "cannot watch cgroup {id}: {WATCH_MAX_ENTRIES} cgroups are watched already; unwatch one first"
     )]
@@ -89,6 +94,7 @@ impl KernelError {
             KernelError::Program { .. } => "program",
             KernelError::Cgroup { .. } => "cgroup",
             KernelError::Map { .. } => "map",
+            KernelError::PossibleCpus { .. } => "cpus",
             KernelError::WatchFull { .. } => "watch_full",
         }
     }
@@ -249,13 +255,6 @@ pub struct Kernel {
     /// Cgroups the last read returned something for: only their entries may be retired (so a
     /// short-lived cgroup is read at least once before its entries go).
     seen: HashSet<u64>,
-}
-
-/// The inode number of a cgroup2 directory: the id eBPF reports for it
-/// (`bpf_get_current_cgroup_id`, `bpf_skb_cgroup_id`).
-pub fn cgroup_id(path: &Path) -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(path)?.ino())
 }
 
 /// A program load error on one line: the verifier's output is many lines; keep its verdict
@@ -504,10 +503,8 @@ impl Kernel {
                 None
             }
         };
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Cgroup {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source: e,
-        })?;
+        let cpus =
+            aya::util::nr_cpus().map_err(|(_, source)| KernelError::PossibleCpus { source })?;
         Ok(Kernel {
             cpus,
             logger,
