@@ -565,10 +565,13 @@ impl Puller {
                 )
                 .await?;
         }
-        let mut labels = HashMap::from([(
-            "containerd.io/gc.ref.content.config".to_string(),
-            r.manifest.config.digest.clone(),
-        )]);
+        let mut labels = HashMap::from([
+            (
+                "containerd.io/gc.ref.content.config".to_string(),
+                r.manifest.config.digest.clone(),
+            ),
+            crate::core::pulls::distribution_source_label(&r.name),
+        ]);
         for (i, l) in r.manifest.layers.iter().enumerate() {
             labels.insert(
                 format!("containerd.io/gc.ref.content.l.{i}"),
@@ -799,6 +802,7 @@ async fn fetch_blob(
     progress: Option<Arc<Progress>>,
 ) -> Result<Fetched, PrepullError> {
     let ingest = format!("ragent-{}", desc.digest);
+    let source_label = HashMap::from([crate::core::pulls::distribution_source_label(reference)]);
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
     let mut retried = false;
@@ -817,7 +821,7 @@ async fn fetch_blob(
             let (limiter, progress) = (limiter.clone(), progress.clone());
             let size = desc.size;
             containerd
-                .write_blob(lease, &ingest, desc, HashMap::new(), move |offset| {
+                .write_blob(lease, &ingest, desc, source_label.clone(), move |offset| {
                     resumed.store(offset, Ordering::SeqCst);
                     inflight.start(size.saturating_sub(offset));
                     if let Some(p) = &progress {

@@ -112,6 +112,40 @@ async fn prepull_fetches_each_missing_blob_once_and_cri_sees_the_images() {
         assert!(unpacked(&node, &set, repo, tag), "{r} is not unpacked");
     }
 
+    // Blobs say where they came from, as containerd's own pulls do (the agent's pull-traffic
+    // attribution and containerd's cross-repository mounts read it).
+    let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("containerd");
+    let content = c.list_content().await.expect("Content.List");
+    let img = set.image(IMAGES[0].0, IMAGES[0].1).expect("fixture");
+    let (key, repo) = ragent::core::pulls::distribution_source_label(&refs[0]);
+    for digest in img
+        .layers
+        .iter()
+        .map(|l| &l.digest)
+        .chain([&img.manifest_digest])
+    {
+        let blob = content
+            .iter()
+            .find(|b| &b.digest == digest)
+            .expect("in the store");
+        // A blob fetched before (by another test, for another repository) keeps its labels.
+        if let Some(v) = blob.labels.get(&key) {
+            assert!(v.split(',').any(|r| r.starts_with("ragent/")), "{key}={v}");
+        }
+    }
+    let manifest = content
+        .iter()
+        .find(|b| b.digest == img.manifest_digest)
+        .expect("manifest");
+    assert_eq!(
+        manifest.labels.get(&key),
+        Some(&repo),
+        "{:?}",
+        manifest.labels
+    );
+
     // The run's lease is gone (nothing stays pinned by ragent).
     let leases = node
         .ctr("k8s.io")

@@ -50,6 +50,28 @@ pub fn registry_of(reference: &str) -> &str {
     }
 }
 
+/// The label containerd puts on a blob it fetched for `reference`
+/// (`containerd.io/distribution.source.<host>` = `<repository>`), which ragent sets too, so
+/// blobs it pre-pulls say where they came from like containerd's own.
+pub fn distribution_source_label(reference: &str) -> (String, String) {
+    let registry = registry_of(reference);
+    let path = match reference.split_once('/') {
+        Some((first, rest)) if first == registry => rest,
+        _ => reference,
+    };
+    let path = path.split_once('@').map_or(path, |(p, _)| p);
+    let repo = match path.rsplit_once(':') {
+        Some((p, tag)) if !tag.contains('/') => p,
+        _ => path,
+    };
+    let repo = if registry == "docker.io" && !repo.contains('/') {
+        format!("library/{repo}")
+    } else {
+        repo.to_string()
+    };
+    (format!("{DISTRIBUTION_SOURCE}{}", host_of(registry)), repo)
+}
+
 /// Traffic of one registry from its first byte until it has been quiet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
@@ -334,6 +356,33 @@ mod tests {
         assert_eq!(registry_of("localhost/x"), "localhost");
         assert_eq!(registry_of("library/busybox:1"), "docker.io");
         assert_eq!(registry_of("busybox"), "docker.io");
+    }
+
+    #[test]
+    fn distribution_source_labels_like_containerd() {
+        let l = |r| distribution_source_label(r);
+        assert_eq!(
+            l("127.0.0.1:5000/ragent/app:v1"),
+            (
+                format!("{DISTRIBUTION_SOURCE}127.0.0.1"),
+                "ragent/app".into()
+            )
+        );
+        assert_eq!(
+            l("ghcr.io/org/app@sha256:ab"),
+            (format!("{DISTRIBUTION_SOURCE}ghcr.io"), "org/app".into())
+        );
+        assert_eq!(
+            l("busybox:1.36"),
+            (
+                format!("{DISTRIBUTION_SOURCE}docker.io"),
+                "library/busybox".into()
+            )
+        );
+        assert_eq!(
+            l("localhost:5000/a/b"),
+            (format!("{DISTRIBUTION_SOURCE}localhost"), "a/b".into())
+        );
     }
 
     #[test]
