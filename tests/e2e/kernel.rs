@@ -476,3 +476,31 @@ fn kernel_loads_each_feature_on_its_own() {
     let kernel = kernel.expect("the tracepoint features loaded");
     assert_eq!(kernel.programs(), 6, "3 sched + 2 oom + 1 cgroup_mkdir");
 }
+
+#[test]
+fn kernel_probe_mounts_a_missing_bpffs_and_says_so() {
+    if !is_root() {
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ragent-bpffs-{}", std::process::id()));
+    let (kernel, probe, _) = Kernel::load(&KernelOptions {
+        cgroup_root: root(),
+        bpffs: dir.clone(),
+        tracefs: PathBuf::from("/sys/kernel/tracing"),
+    });
+    drop(kernel);
+    // Whatever happens below, the mount goes.
+    let c = std::ffi::CString::new(dir.to_string_lossy().as_bytes()).expect("path");
+    let mounted = probe.bpffs.as_deref() == Some(dir.as_path());
+    // SAFETY: a valid NUL-terminated path; unmounting what this test mounted.
+    let unmounted = unsafe { libc::umount2(c.as_ptr(), 0) } == 0;
+    let _ = std::fs::remove_dir(&dir);
+    assert!(mounted, "probe: {probe:?}");
+    assert!(unmounted, "bpffs was not mounted at {}", dir.display());
+    assert!(
+        probe.notes.iter().any(|n| n.contains("mounted bpffs")),
+        "{:?}",
+        probe.notes
+    );
+}

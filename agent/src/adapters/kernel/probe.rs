@@ -158,11 +158,10 @@ pub fn is_cgroup2(path: &Path) -> bool {
     fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
 }
 
-fn mount_tracefs(path: &Path) -> Result<(), std::io::Error> {
+fn mount_fs(path: &Path, fstype: &std::ffi::CStr) -> Result<(), std::io::Error> {
     std::fs::create_dir_all(path)?;
     let target = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let fstype = c"tracefs";
     // SAFETY: all pointers are valid NUL-terminated strings; no mount data.
     let rc = unsafe {
         libc::mount(
@@ -180,7 +179,9 @@ fn mount_tracefs(path: &Path) -> Result<(), std::io::Error> {
     }
 }
 
-/// Looks at BTF, bpffs and tracefs; mounts tracefs at `tracefs` when nothing is mounted there.
+/// Looks at BTF, bpffs and tracefs; mounts bpffs and tracefs where they are missing (ragent
+/// needs tracefs for its tracepoints; it pins nothing, but a node agent that loads eBPF leaves
+/// the node with bpffs where `bpftool` and other agents expect it).
 pub fn probe(bpffs: &Path, tracefs: &Path) -> Probe {
     let mut p = Probe {
         btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -194,15 +195,21 @@ pub fn probe(bpffs: &Path, tracefs: &Path) -> Probe {
     if fs_magic(bpffs) == Some(BPF_FS_MAGIC) {
         p.bpffs = Some(bpffs.to_path_buf());
     } else {
-        p.notes.push(format!(
-            "bpffs is not mounted at {} (ragent pins nothing, so it does not need it)",
-            bpffs.display()
-        ));
+        match mount_fs(bpffs, c"bpf") {
+            Ok(()) => {
+                p.notes.push(format!("mounted bpffs at {}", bpffs.display()));
+                p.bpffs = Some(bpffs.to_path_buf());
+            }
+            Err(e) => p.notes.push(format!(
+                "bpffs is not mounted at {} and mounting it failed: {e} (ragent pins nothing and runs on)",
+                bpffs.display()
+            )),
+        }
     }
     if fs_magic(tracefs) == Some(TRACEFS_MAGIC) {
         p.tracefs = Some(tracefs.to_path_buf());
     } else {
-        match mount_tracefs(tracefs) {
+        match mount_fs(tracefs, c"tracefs") {
             Ok(()) => {
                 p.notes
                     .push(format!("mounted tracefs at {}", tracefs.display()));
