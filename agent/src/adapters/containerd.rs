@@ -157,7 +157,7 @@ impl Containerd {
         let channel = tokio::time::timeout(CONNECT_TIMEOUT, containerd_client::connect(socket))
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| unreachable(super::error_chain(&e)))?;
         let c = Containerd {
             channel,
             socket: socket.to_path_buf(),
@@ -291,11 +291,7 @@ impl Containerd {
         Ok(r.into_inner()
             .containers
             .into_iter()
-            .map(|c| ContainerRecord {
-                id: c.id,
-                image: c.image,
-                labels: c.labels.into_iter().collect(),
-            })
+            .map(container_record)
             .collect())
     }
 
@@ -308,11 +304,7 @@ impl Containerd {
             .get(self.request(GetContainerRequest { id: id.into() }))
             .await
         {
-            Ok(r) => Ok(r.into_inner().container.map(|c| ContainerRecord {
-                id: c.id,
-                image: c.image,
-                labels: c.labels.into_iter().collect(),
-            })),
+            Ok(r) => Ok(r.into_inner().container.map(container_record)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(rpc("Containers.Get")(s)),
         }
@@ -390,6 +382,15 @@ impl Containerd {
     }
 }
 
+/// containerd's container record -> ours.
+fn container_record(c: containerd_client::services::v1::Container) -> ContainerRecord {
+    ContainerRecord {
+        id: c.id,
+        image: c.image,
+        labels: c.labels.into_iter().collect(),
+    }
+}
+
 /// containerd's image record -> ours; records without a target are skipped.
 fn image_record(i: containerd_client::services::v1::Image) -> Option<ImageRecord> {
     let t = i.target?;
@@ -429,20 +430,6 @@ fn validate_namespace(ns: &str) -> Result<(), ContainerdError> {
         ));
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

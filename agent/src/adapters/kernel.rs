@@ -260,7 +260,7 @@ pub struct Kernel {
 /// A program load error on one line: the verifier's output is many lines; keep its verdict
 /// (the line before "verification time") and log the whole at debug level.
 fn refused(name: &str, e: &aya::programs::ProgramError) -> String {
-    let full = chain(e);
+    let full = super::error_chain(e);
     if !full.contains('\n') {
         return format!("{name}: the kernel refused it: {full}");
     }
@@ -278,21 +278,6 @@ fn refused(name: &str, e: &aya::programs::ProgramError) -> String {
             .next()
             .unwrap_or(lines[0])
     )
-}
-
-/// The message of an error and of each of its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -328,11 +313,11 @@ fn attach_skb(ebpf: &mut Ebpf, cgroup: &File, name: &'static str) -> Result<(), 
         .program_mut(name)
         .ok_or_else(|| format!("the eBPF object has no program {name}"))?
         .try_into()
-        .map_err(|e| format!("{name}: {}", chain(&e)))?;
+        .map_err(|e| format!("{name}: {}", super::error_chain(&e)))?;
     prog.load().map_err(|e| refused(name, &e))?;
     // AllowMultiple fails with EINVAL here (environment.md); links stack with Single.
     prog.attach(cgroup, kind, CgroupAttachMode::Single)
-        .map_err(|e| format!("{name}: attaching failed: {}", chain(&e)))?;
+        .map_err(|e| format!("{name}: attaching failed: {}", super::error_chain(&e)))?;
     Ok(())
 }
 
@@ -341,10 +326,10 @@ fn attach_sock_addr(ebpf: &mut Ebpf, cgroup: &File, name: &'static str) -> Resul
         .program_mut(name)
         .ok_or_else(|| format!("the eBPF object has no program {name}"))?
         .try_into()
-        .map_err(|e| format!("{name}: {}", chain(&e)))?;
+        .map_err(|e| format!("{name}: {}", super::error_chain(&e)))?;
     prog.load().map_err(|e| refused(name, &e))?;
     prog.attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| format!("{name}: attaching failed: {}", chain(&e)))?;
+        .map_err(|e| format!("{name}: attaching failed: {}", super::error_chain(&e)))?;
     Ok(())
 }
 
@@ -354,14 +339,14 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tracefs: &Path, tp: &Tracepoint) -> Result
         .program_mut(tp.program)
         .ok_or_else(|| format!("the eBPF object has no program {}", tp.program))?
         .try_into()
-        .map_err(|e| format!("{}: {}", tp.program, chain(&e)))?;
+        .map_err(|e| format!("{}: {}", tp.program, super::error_chain(&e)))?;
     prog.load().map_err(|e| refused(tp.program, &e))?;
     prog.attach(tp.category, tp.name).map_err(|e| {
         format!(
             "attaching to tracepoint {}/{} failed: {}",
             tp.category,
             tp.name,
-            chain(&e)
+            super::error_chain(&e)
         )
     })?;
     Ok(())
@@ -414,7 +399,7 @@ impl Kernel {
             Ok(e) => e,
             Err(e) => {
                 let e = KernelError::Load(e);
-                return (None, probe, all_off(chain(&e)));
+                return (None, probe, all_off(super::error_chain(&e)));
             }
         };
 
@@ -488,7 +473,7 @@ impl Kernel {
         match Kernel::from_ebpf(ebpf, programs) {
             Ok(k) => (Some(k), probe, statuses),
             Err(e) => {
-                let detail = chain(&e);
+                let detail = super::error_chain(&e);
                 (None, probe, all_off(detail))
             }
         }
@@ -899,6 +884,9 @@ mod tests {
             path: "/x".into(),
             source: inner,
         };
-        assert_eq!(chain(&e), "cannot open cgroup /x: inner cause");
+        assert_eq!(
+            crate::adapters::error_chain(&e),
+            "cannot open cgroup /x: inner cause"
+        );
     }
 }
