@@ -21,7 +21,7 @@
 mod prog {
     use aya_ebpf::{
         EbpfContext,
-        bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST, bpf_sock_addr},
+        bindings::{__sk_buff, BPF_ANY, BPF_F_MMAPABLE, BPF_NOEXIST, bpf_sock_addr},
         helpers::generated::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
             bpf_probe_read_kernel_str, bpf_skb_cgroup_id,
@@ -60,8 +60,10 @@ mod prog {
     static CONNECTS: PerCpuHashMap<EndpointKey, u64> =
         PerCpuHashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
 
+    /// Mmapable, so user space counts the slots in use by scanning memory (a syscall read of
+    /// 65536 slots costs ~200 ms).
     #[map]
-    static WAKE_TS: Array<WakeSlot> = Array::with_max_entries(WAKE_TS_MAX_ENTRIES, 0);
+    static WAKE_TS: Array<WakeSlot> = Array::with_max_entries(WAKE_TS_MAX_ENTRIES, BPF_F_MMAPABLE);
 
     #[map]
     static PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
