@@ -19,8 +19,14 @@ pub const MAP_WATCH: &str = "WATCH";
 pub const MAP_ENDPOINT_NET: &str = "ENDPOINT_NET";
 /// Per-CPU hash: [`EndpointKey`] -> u64 connect() calls of watched cgroups.
 pub const MAP_CONNECTS: &str = "CONNECTS";
-/// Hash: thread id (u32) -> ktime ns when it became runnable (woken, or preempted).
+/// Array of [`WAKE_TS_MAX_ENTRIES`] [`WakeSlot`]s indexed by [`wake_slot`]`(thread id)`: when a
+/// thread became runnable (woken, or preempted). An array, not a hash: its lookups are a few
+/// instructions the verifier inlines, where a hash insert and delete cost hundreds of ns on
+/// every wakeup and switch.
 pub const MAP_WAKE_TS: &str = "WAKE_TS";
+/// Array, one u32 slot: how many cgroups [`MAP_WATCH`] holds (written by user space after every
+/// change), so the packet path skips the `WATCH` hash lookup while nothing is watched.
+pub const MAP_WATCH_COUNT: &str = "WATCH_COUNT";
 /// Per-CPU array, one slot: the run-queue wait (ns) of the task running on this CPU, not yet
 /// added to [`MAP_RUNQ`].
 pub const MAP_PENDING: &str = "PENDING";
@@ -37,7 +43,9 @@ pub const CGROUP_NET_MAX_ENTRIES: u32 = 16_384;
 pub const WATCH_MAX_ENTRIES: u32 = 64;
 pub const ENDPOINT_NET_MAX_ENTRIES: u32 = 4_096;
 pub const CONNECTS_MAX_ENTRIES: u32 = 4_096;
-pub const WAKE_TS_MAX_ENTRIES: u32 = 32_768;
+/// Slots of [`MAP_WAKE_TS`] (a power of two, above the usual `pid_max` of 32768, so thread ids
+/// below it never share a slot).
+pub const WAKE_TS_MAX_ENTRIES: u32 = 65_536;
 pub const RUNQ_MAX_ENTRIES: u32 = 16_384;
 pub const VICTIMS_MAX_ENTRIES: u32 = 1_024;
 pub const OOM_KILLS_MAX_ENTRIES: u32 = 4_096;
@@ -190,6 +198,60 @@ impl NetCounters {
     }
 }
 
+/// One slot of [`MAP_WAKE_TS`]: thread `pid` became runnable at ktime `ts` (ns); `ts` = 0 when
+/// the slot holds no pending wake time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WakeSlot {
+    pub pid: u32,
+    pub pad: u32,
+    pub ts: u64,
+}
+
+/// The [`MAP_WAKE_TS`] slot of thread `pid`.
+#[inline(always)]
+pub fn wake_slot(pid: u32) -> u32 {
+    pid & (WAKE_TS_MAX_ENTRIES - 1)
+}
+
+impl WakeSlot {
+    /// Thread `pid` became runnable at `now`. Returns true on a collision: the slot held
+    /// another thread's pending wake time, which is lost (the caller counts it as an overflow
+    /// of [`MAP_WAKE_TS`]).
+    #[inline(always)]
+    pub fn mark(&mut self, pid: u32, now: u64) -> bool {
+        let collided = self.ts != 0 && self.pid != pid;
+        self.pid = pid;
+        self.ts = now;
+        collided
+    }
+
+    /// Thread `pid` is switched in at `now`: the time it waited runnable (0 when no wake time
+    /// of it is pending), and the slot is cleared.
+    #[inline(always)]
+    pub fn take(&mut self, pid: u32, now: u64) -> u64 {
+        if self.pid != pid || self.ts == 0 {
+            return 0;
+        }
+        let waited = now.saturating_sub(self.ts);
+        self.ts = 0;
+        waited
+    }
+
+    /// Thread `pid` went to sleep or exited: a wake time of it still pending is stale.
+    #[inline(always)]
+    pub fn clear(&mut self, pid: u32) {
+        if self.pid == pid && self.ts != 0 {
+            self.ts = 0;
+        }
+    }
+
+    /// Whether a wake time is pending in this slot.
+    pub fn in_use(&self) -> bool {
+        self.ts != 0
+    }
+}
+
 /// AF_INET / AF_INET6 as the kernel reports them in `__sk_buff.family` and `bpf_sock_addr`.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -248,4 +310,58 @@ mod user {
     unsafe impl aya::Pod for super::NetCounters {}
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::CgroupPath {}
+    unsafe impl aya::Pod for super::WakeSlot {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_slot_masks_thread_ids() {
+        assert_eq!(wake_slot(5), 5);
+        assert_eq!(wake_slot(WAKE_TS_MAX_ENTRIES + 5), 5);
+        assert_eq!(wake_slot(u32::MAX), WAKE_TS_MAX_ENTRIES - 1);
+    }
+
+    #[test]
+    fn a_wake_time_is_taken_once_by_its_own_thread() {
+        let mut s = WakeSlot::default();
+        assert!(!s.mark(7, 100));
+        assert!(
+            !s.mark(7, 150),
+            "a second wakeup of the same thread is no collision"
+        );
+        assert_eq!(s.take(8, 400), 0, "another thread gets nothing");
+        assert_eq!(s.take(7, 400), 250);
+        assert!(!s.in_use());
+        assert_eq!(s.take(7, 500), 0, "taken once");
+    }
+
+    #[test]
+    fn sleeping_clears_only_its_own_wake_time() {
+        let mut s = WakeSlot::default();
+        s.mark(7, 100);
+        s.clear(8);
+        assert!(s.in_use());
+        s.clear(7);
+        assert!(!s.in_use());
+        assert_eq!(s.take(7, 200), 0);
+    }
+
+    #[test]
+    fn a_collision_is_reported_and_the_newer_thread_keeps_the_slot() {
+        let a = 7;
+        let b = 7 + WAKE_TS_MAX_ENTRIES;
+        assert_eq!(wake_slot(a), wake_slot(b));
+        let mut s = WakeSlot::default();
+        assert!(!s.mark(a, 100));
+        assert!(s.mark(b, 120), "b overwrote a's pending wake time");
+        assert_eq!(s.take(a, 300), 0, "a's sample is lost (and was counted)");
+        assert_eq!(s.take(b, 300), 180);
+        // A slot whose wake time was taken or cleared is free: no collision.
+        assert!(!s.mark(a, 400));
+        s.clear(a);
+        assert!(!s.mark(b, 500));
+    }
 }

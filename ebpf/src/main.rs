@@ -21,13 +21,13 @@
 mod prog {
     use aya_ebpf::{
         EbpfContext,
-        bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST, bpf_sock_addr},
+        bindings::{__sk_buff, BPF_ANY, BPF_F_MMAPABLE, BPF_NOEXIST, bpf_sock_addr},
         helpers::generated::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
             bpf_probe_read_kernel_str, bpf_skb_cgroup_id,
         },
         macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
-        maps::{HashMap, PerCpuArray, PerCpuHashMap},
+        maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
         programs::{SkBuffContext, SockAddrContext, TracePointContext},
     };
     use ragent_ebpf::{
@@ -36,7 +36,7 @@ mod prog {
         CONNECTS_MAX_ENTRIES, CgroupPath, ENDPOINT_NET_MAX_ENTRIES, EndpointKey, MARK_VICTIM_PID,
         NetCounters, OOM_KILLS_MAX_ENTRIES, OVERFLOW_SLOTS, Overflow, RUNQ_MAX_ENTRIES,
         SCHED_SWITCH_NEXT_PID, SCHED_SWITCH_PREV_PID, SCHED_SWITCH_PREV_STATE, SCHED_WAKEUP_PID,
-        VICTIMS_MAX_ENTRIES, WAKE_TS_MAX_ENTRIES, WATCH_MAX_ENTRIES,
+        VICTIMS_MAX_ENTRIES, WAKE_TS_MAX_ENTRIES, WATCH_MAX_ENTRIES, WakeSlot, wake_slot,
     };
 
     #[map]
@@ -50,6 +50,9 @@ mod prog {
     static WATCH: HashMap<u64, u8> = HashMap::with_max_entries(WATCH_MAX_ENTRIES, 0);
 
     #[map]
+    static WATCH_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+
+    #[map]
     static ENDPOINT_NET: PerCpuHashMap<EndpointKey, NetCounters> =
         PerCpuHashMap::with_max_entries(ENDPOINT_NET_MAX_ENTRIES, 0);
 
@@ -57,8 +60,10 @@ mod prog {
     static CONNECTS: PerCpuHashMap<EndpointKey, u64> =
         PerCpuHashMap::with_max_entries(CONNECTS_MAX_ENTRIES, 0);
 
+    /// Mmapable, so user space counts the slots in use by scanning memory (a syscall read of
+    /// 65536 slots costs ~200 ms).
     #[map]
-    static WAKE_TS: HashMap<u32, u64> = HashMap::with_max_entries(WAKE_TS_MAX_ENTRIES, 0);
+    static WAKE_TS: Array<WakeSlot> = Array::with_max_entries(WAKE_TS_MAX_ENTRIES, BPF_F_MMAPABLE);
 
     #[map]
     static PENDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -180,9 +185,15 @@ mod prog {
         }
     }
 
+    /// Whether `cgroup` is in `WATCH`. While nothing is watched (the usual case) the hash
+    /// lookup is skipped: `WATCH_COUNT` is an array, whose lookup the verifier inlines.
     #[inline(always)]
     fn watched(cgroup: u64) -> bool {
-        WATCH.get_ptr(cgroup).is_some()
+        match WATCH_COUNT.get_ptr(0) {
+            // SAFETY: a slot of an array map; user space writes it whole.
+            Some(n) if unsafe { core::ptr::read_volatile(n) } == 0 => false,
+            _ => WATCH.get_ptr(cgroup).is_some(),
+        }
     }
 
     /// A port from a context field that holds a network-order u16 in a u32. Depending on the
@@ -350,14 +361,23 @@ mod prog {
         unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const T) }
     }
 
+    /// Records that `pid` became runnable now in its `WAKE_TS` slot; a slot that held another
+    /// thread's pending wake time (only thread ids that are equal modulo the slot count share
+    /// one) loses that sample, counted as a `WakeTs` overflow.
     #[inline(always)]
     fn mark_runnable(ctx: &TracePointContext, pid: u32) {
         if pid == 0 {
             return;
         }
+        let Some(slot) = WAKE_TS.get_ptr_mut(wake_slot(pid)) else {
+            return;
+        };
         // SAFETY: the helper takes no arguments.
         let now = unsafe { bpf_ktime_get_ns() };
-        if WAKE_TS.insert(pid, now, BPF_ANY as u64).is_err() {
+        // SAFETY: a slot of an array map (only the slot of `pid` is written; two CPUs write the
+        // same slot only for the same thread or colliding ids, both rare and at worst one lost
+        // sample).
+        if unsafe { (*slot).mark(pid, now) } {
             bump_overflow(ctx, Overflow::WakeTs, 1);
         }
     }
@@ -405,23 +425,30 @@ mod prog {
             mark_runnable(&ctx, prev_pid);
         } else if prev_pid != 0 {
             // Going to sleep (or exiting): a wake time recorded while it was still on the run
-            // queue (a wakeup that found it runnable) is stale; without this, threads that exit
-            // after such a wakeup would leave entries behind until WAKE_TS fills up.
-            let _ = WAKE_TS.remove(prev_pid);
-        }
-        let mut next_wait = 0;
-        if next_pid != 0 {
-            // SAFETY: the helper takes no arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
-            // SAFETY: copied out before the delete below.
-            if let Some(ts) = unsafe { WAKE_TS.get(next_pid) } {
-                let ts = *ts;
-                next_wait = now.saturating_sub(ts);
-                let _ = WAKE_TS.remove(next_pid);
+            // queue (a wakeup that found it runnable) is stale; without this, such a slot would
+            // stay in use and count as a collision when another thread id lands on it.
+            if let Some(slot) = WAKE_TS.get_ptr_mut(wake_slot(prev_pid)) {
+                // SAFETY: a slot of an array map.
+                unsafe { (*slot).clear(prev_pid) };
             }
         }
-        // SAFETY: as above.
-        unsafe { *pending = next_wait };
+        let mut next_wait = 0;
+        if next_pid != 0
+            && let Some(slot) = WAKE_TS.get_ptr_mut(wake_slot(next_pid))
+        {
+            // SAFETY: a slot of an array map.
+            if unsafe { (*slot).ts } != 0 {
+                // SAFETY: the helper takes no arguments.
+                let now = unsafe { bpf_ktime_get_ns() };
+                // SAFETY: as above.
+                next_wait = unsafe { (*slot).take(next_pid, now) };
+            }
+        }
+        // Written only when it changes: most switches find it 0 and leave it 0.
+        if next_wait != waited {
+            // SAFETY: this CPU's slot of a per-CPU array.
+            unsafe { *pending = next_wait };
+        }
         0
     }
 

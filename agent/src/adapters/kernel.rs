@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, TracePoint,
     },
@@ -32,10 +32,10 @@ use ragent_ebpf::{
     CGROUP_NET_MAX_ENTRIES, CGROUP_PATHS_MAX_ENTRIES, CONNECTS_MAX_ENTRIES, CgroupPath,
     ENDPOINT_NET_MAX_ENTRIES, EndpointKey, MAP_CGROUP_NET, MAP_CGROUP_PATHS, MAP_CONNECTS,
     MAP_ENDPOINT_NET, MAP_OOM_KILLS, MAP_OVERFLOW, MAP_RUNQ, MAP_VICTIMS, MAP_WAKE_TS, MAP_WATCH,
-    OOM_KILLS_MAX_ENTRIES, Overflow, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_INGRESS,
-    RUNQ_MAX_ENTRIES, TP_CGROUP_MKDIR, TP_OOM_MARK_VICTIM, TP_PROCESS_EXIT, TP_SCHED_SWITCH,
-    TP_SCHED_WAKEUP, TP_SCHED_WAKEUP_NEW, Tracepoint, VICTIMS_MAX_ENTRIES, WAKE_TS_MAX_ENTRIES,
-    WATCH_MAX_ENTRIES,
+    MAP_WATCH_COUNT, OOM_KILLS_MAX_ENTRIES, Overflow, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS,
+    PROG_INGRESS, RUNQ_MAX_ENTRIES, TP_CGROUP_MKDIR, TP_OOM_MARK_VICTIM, TP_PROCESS_EXIT,
+    TP_SCHED_SWITCH, TP_SCHED_WAKEUP, TP_SCHED_WAKEUP_NEW, Tracepoint, VICTIMS_MAX_ENTRIES,
+    WAKE_TS_MAX_ENTRIES, WATCH_MAX_ENTRIES, WakeSlot,
 };
 
 /// The eBPF object built by agent/build.rs (empty when built with AYA_BUILD_SKIP=1).
@@ -239,9 +239,11 @@ pub struct Kernel {
     net: PerCpuHashMap<MapData, u64, NetCounters>,
     overflow: PerCpuArray<MapData, u64>,
     watch: HashMap<MapData, u64, u8>,
+    /// How many cgroups `watch` holds, for the packet path (0: it skips the `WATCH` lookup).
+    watch_count: Array<MapData, u32>,
     endpoints: PerCpuHashMap<MapData, EndpointKey, NetCounters>,
     connects: PerCpuHashMap<MapData, EndpointKey, u64>,
-    wake_ts: HashMap<MapData, u32, u64>,
+    wake_ts: Array<MapData, WakeSlot>,
     runq: PerCpuHashMap<MapData, u64, u64>,
     victims: HashMap<MapData, u32, u8>,
     oom_kills: PerCpuHashMap<MapData, u64, u64>,
@@ -496,6 +498,7 @@ impl Kernel {
             net: take(&mut ebpf, MAP_CGROUP_NET)?,
             overflow: take(&mut ebpf, MAP_OVERFLOW)?,
             watch: take(&mut ebpf, MAP_WATCH)?,
+            watch_count: take(&mut ebpf, MAP_WATCH_COUNT)?,
             endpoints: take(&mut ebpf, MAP_ENDPOINT_NET)?,
             connects: take(&mut ebpf, MAP_CONNECTS)?,
             wake_ts: take(&mut ebpf, MAP_WAKE_TS)?,
@@ -518,7 +521,7 @@ impl Kernel {
     /// Counts the remote endpoints and connects of cgroup `id` from now on.
     pub fn watch_cgroup(&mut self, id: u64) -> Result<(), KernelError> {
         match self.watch.insert(id, 1, 0) {
-            Ok(()) => Ok(()),
+            Ok(()) => self.sync_watch_count(),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 Err(KernelError::WatchFull { id })
             }
@@ -531,15 +534,28 @@ impl Kernel {
 
     pub fn unwatch_cgroup(&mut self, id: u64) -> Result<(), KernelError> {
         match self.watch.remove(&id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(source) => {
+                return Err(KernelError::Map {
+                    name: MAP_WATCH,
+                    source,
+                });
             }
-            Err(source) => Err(KernelError::Map {
-                name: MAP_WATCH,
-                source,
-            }),
         }
+        self.sync_watch_count()
+    }
+
+    /// Writes how many cgroups `WATCH` holds to `WATCH_COUNT` (after every change of `WATCH`:
+    /// inserts before, removals after, so the packet path never skips a watched cgroup).
+    fn sync_watch_count(&mut self) -> Result<(), KernelError> {
+        let n = self.watch.keys().filter(Result::is_ok).count() as u32;
+        self.watch_count
+            .set(0, n, 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_WATCH_COUNT,
+                source,
+            })
     }
 
     fn overflow_slot(&self, s: Overflow) -> Result<u64, KernelError> {
@@ -603,7 +619,7 @@ impl Kernel {
             snap.cgroup_paths
                 .insert(id, String::from_utf8_lossy(&p.path[..len]).into_owned());
         }
-        let wake_entries = entries(&self.wake_ts, MAP_WAKE_TS)?.len();
+        let wake_entries = self.wake_slots_in_use()?;
         let victim_entries = entries(&self.victims, MAP_VICTIMS)?.len();
 
         let fill = |name, entries, capacity, overflow| MapFill {
@@ -772,7 +788,60 @@ impl Kernel {
         for id in &ids {
             n += gone(self.watch.remove(id), MAP_WATCH)?;
         }
+        if !ids.is_empty() {
+            self.sync_watch_count()?;
+        }
         Ok(n)
+    }
+
+    /// `WAKE_TS` slots holding a pending wake time (its "entries"; capacity = the slot count).
+    fn wake_slots_in_use(&self) -> Result<usize, KernelError> {
+        let fd = IterableMap::map(&self.wake_ts).fd().as_fd();
+        // The array is mmapable: scanning its 1 MiB is ~100 µs, where a syscall read (even
+        // batched) copies slot by slot and took ~200 ms.
+        let len = WAKE_TS_MAX_ENTRIES as usize * std::mem::size_of::<WakeSlot>();
+        // SAFETY: a read-only shared mapping of the map's value area (BPF_F_MMAPABLE), unmapped
+        // below; slots are read with volatile loads (the programs write them concurrently).
+        let mapped = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if mapped != libc::MAP_FAILED {
+            let slots = mapped as *const WakeSlot;
+            let n = (0..WAKE_TS_MAX_ENTRIES as usize)
+                // SAFETY: inside the mapping of WAKE_TS_MAX_ENTRIES slots.
+                .filter(|&i| unsafe { std::ptr::read_volatile(&raw const (*slots.add(i)).ts) } != 0)
+                .count();
+            // SAFETY: the mapping made above, no longer used.
+            unsafe { libc::munmap(mapped, len) };
+            return Ok(n);
+        }
+        tracing::debug!(map = MAP_WAKE_TS, error = %std::io::Error::last_os_error(), "mmap refused; reading the slots");
+        // SAFETY: u32 index and WakeSlot are the array's key and value types.
+        match unsafe { batch::lookup_all::<u32, WakeSlot>(fd, None) } {
+            Ok(v) => Ok(v
+                .iter()
+                .filter(|(_, s)| s.first().is_some_and(WakeSlot::in_use))
+                .count()),
+            Err(e) => {
+                tracing::debug!(map = MAP_WAKE_TS, error = %e, "batch lookup refused; reading per slot");
+                let mut n = 0;
+                for s in self.wake_ts.iter() {
+                    let s = s.map_err(|source| KernelError::Map {
+                        name: MAP_WAKE_TS,
+                        source,
+                    })?;
+                    n += usize::from(s.in_use());
+                }
+                Ok(n)
+            }
+        }
     }
 
     /// Removes CGROUP_PATHS entries user space has consumed.
