@@ -42,6 +42,9 @@ pub const PULL_SLACK: pulls::Slack = pulls::Slack {
 };
 /// Distinct registry label values; more endpoints are counted under `other`.
 pub const MAX_REGISTRIES: usize = 32;
+/// How often the cgroup tree is walked (to retire what is gone and as a safety net for the
+/// kernel's record of new cgroups).
+pub const WALK_EVERY: Duration = Duration::from_secs(30);
 /// How often the pull traffic is read.
 pub const PULL_TICK: Duration = Duration::from_millis(500);
 
@@ -95,6 +98,8 @@ pub struct Insight {
     image_pull: Ledger<(String, String)>,
     /// Image names present in the store (their pull series stay while they do).
     present_images: BTreeSet<String>,
+    /// When the cgroup tree was last walked.
+    last_walk: Option<Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -230,6 +235,7 @@ impl Insight {
             ),
             image_pull: Ledger::default(),
             present_images: BTreeSet::new(),
+            last_walk: None,
         };
         // The agent's own pulls: its cgroup, unless that is the root (then it would count
         // every process of the node that has no cgroup of its own).
@@ -446,9 +452,19 @@ impl Insight {
         let now = self.now_s();
         // 1. The live cgroups (walk first, read after: an entry retired below was already dead
         //    when the maps were read, so its last count is in).
+        //    The kernel names new cgroups as they are made, so the tree is walked only every
+        //    WALK_EVERY (to retire what is gone), or at every refresh when that record is missing.
         let unified = self.layout.as_ref().and_then(|l| l.unified.clone());
-        let live = unified.as_deref().map(cgroupfs::walk).unwrap_or_default();
-        for (id, path) in &live {
+        let walk_due = self.last_walk.is_none_or(|t| t.elapsed() >= WALK_EVERY)
+            || !self.available(Feature::CgroupPaths);
+        let live = match (&unified, walk_due) {
+            (Some(u), true) => {
+                self.last_walk = Some(Instant::now());
+                Some(cgroupfs::walk(u))
+            }
+            _ => None,
+        };
+        for (id, path) in live.iter().flatten() {
             self.paths.insert(*id, (path.clone(), now));
         }
         // 2. The kernel's counters.
@@ -517,7 +533,15 @@ impl Insight {
         }
         // 3. cgroupfs: CPU and memory of every live container.
         if let Some(layout) = self.layout.clone() {
-            let containers = container_dirs(&layout, &live, |id| self.containers.contains_key(id));
+            let known: HashMap<u64, String> = match &live {
+                Some(l) => l.clone(),
+                None => self
+                    .paths
+                    .iter()
+                    .map(|(id, (p, _))| (*id, p.clone()))
+                    .collect(),
+            };
+            let containers = container_dirs(&layout, &known, |id| self.containers.contains_key(id));
             let oom_from_cgroupfs = !self.available(Feature::Oom);
             for (rel, cid) in containers {
                 let w = self.workload_of(&cid).await;
@@ -544,9 +568,9 @@ impl Insight {
                 }
             }
         }
-        // 4. Retire what is gone.
+        // 4. Retire what is gone (on the rounds that walked the tree).
         if let Some(k) = self.kernel.as_mut()
-            && unified.is_some()
+            && let Some(live) = &live
         {
             // cgroup ids only grow: an id above every live one was created after the walk
             // (and is alive), so it is kept; the others not in the walk were gone before the
@@ -570,11 +594,14 @@ impl Insight {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "retiring eBPF entries failed"),
             }
-            if let Some(snap) = &snap {
-                let consumed: Vec<u64> = snap.cgroup_paths.keys().copied().collect();
-                if let Err(e) = k.forget_paths(&consumed) {
-                    debug!(error = %e, "cannot clear consumed cgroup paths");
-                }
+        }
+        if let Some(k) = self.kernel.as_mut()
+            && let Some(snap) = &snap
+            && !snap.cgroup_paths.is_empty()
+        {
+            let consumed: Vec<u64> = snap.cgroup_paths.keys().copied().collect();
+            if let Err(e) = k.forget_paths(&consumed) {
+                debug!(error = %e, "cannot clear consumed cgroup paths");
             }
         }
         let grace = self.grace_s;
