@@ -30,7 +30,7 @@ use crate::{
     },
     config::AgentConfig,
     core::inventory::Inventory,
-    insight::{Insight, InsightOptions, PULL_TICK},
+    insight::{Insight, InsightOptions, PULL_TICK, WALK_EVERY},
     metrics::{self, Metrics},
     scan::Scanner,
 };
@@ -107,7 +107,7 @@ impl Shared {
         self.metrics
             .process_threads
             .set(i64::try_from(p.threads).unwrap_or(i64::MAX));
-        let totals = self.insight.lock().await.refresh().await;
+        let totals = self.insight.lock().await.refresh(None).await;
         if let Some((t, overflow)) = totals {
             let m = &self.metrics;
             for (dir, bytes, packets) in [
@@ -221,6 +221,7 @@ pub async fn run(
         ))
     });
     let pulls = tokio::spawn(watch_pull_traffic(shared.clone(), stop_rx.clone()));
+    let walks = tokio::spawn(walk_cgroups(shared.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
 
     shutdown.await;
@@ -231,6 +232,9 @@ pub async fn run(
     }
     if let Err(e) = pulls.await {
         warn!(error = %e, "the pull traffic watch ended abnormally");
+    }
+    if let Err(e) = walks.await {
+        warn!(error = %e, "the cgroup walk ended abnormally");
     }
     if let Some(w) = warm
         && let Err(e) = w.await
@@ -317,6 +321,32 @@ async fn watch_containerd(cfg: AgentConfig, shared: Arc<Shared>, mut stop: watch
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Walks the cgroup2 tree every [`WALK_EVERY`] (off the scrape path: the walk runs on a
+/// blocking thread without the insight lock) and hands it to a refresh, which retires what is
+/// gone. The first walk runs at once.
+async fn walk_cgroups(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(root) = shared.insight.lock().await.cgroup2_root() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(WALK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let r = root.clone();
+                match tokio::task::spawn_blocking(move || crate::adapters::cgroupfs::walk(&r)).await {
+                    Ok(live) => {
+                        let _one_at_a_time = shared.scrape.lock().await;
+                        shared.insight.lock().await.refresh(Some(live)).await;
+                    }
+                    Err(e) => warn!(error = %e, "walking the cgroup tree failed"),
+                }
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
     }
 }
 

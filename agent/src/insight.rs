@@ -98,8 +98,6 @@ pub struct Insight {
     image_pull: Ledger<(String, String)>,
     /// Image names present in the store (their pull series stay while they do).
     present_images: BTreeSet<String>,
-    /// When the cgroup tree was last walked.
-    last_walk: Option<Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -235,7 +233,6 @@ impl Insight {
             ),
             image_pull: Ledger::default(),
             present_images: BTreeSet::new(),
-            last_walk: None,
         };
         // The agent's own pulls: its cgroup, unless that is the root (then it would count
         // every process of the node that has no cgroup of its own).
@@ -268,6 +265,17 @@ impl Insight {
     /// What the kernel probe found or had to do (mounts), for the log and `/readyz`.
     pub fn probe(&self) -> &Probe {
         &self.probe
+    }
+
+    /// The cgroup2 mount, which the agent walks every [`WALK_EVERY`].
+    pub fn cgroup2_root(&self) -> Option<PathBuf> {
+        self.layout.as_ref()?.unified.clone()
+    }
+
+    /// Whether every refresh must walk the tree itself: without the kernel's record of new
+    /// cgroups, a container that started since the last walk would not be found.
+    pub fn walks_on_scrape(&self) -> bool {
+        !self.available(Feature::CgroupPaths)
     }
 
     fn available(&self, f: Feature) -> bool {
@@ -448,20 +456,22 @@ impl Insight {
 
     /// Brings every per-pod and per-container series up to date (at scrape time). Returns the
     /// node's totals (every socket, gone cgroups and map overflow included) and the overflow.
-    pub async fn refresh(&mut self) -> Option<(NetCounters, NetCounters)> {
+    ///
+    /// `walked` is a walk of the cgroup2 tree made just before (by the agent's periodic walk, off
+    /// the scrape path); rounds with a walk also retire what is gone. Without the kernel's record
+    /// of new cgroups, every refresh walks.
+    pub async fn refresh(
+        &mut self,
+        walked: Option<HashMap<u64, String>>,
+    ) -> Option<(NetCounters, NetCounters)> {
         let now = self.now_s();
         // 1. The live cgroups (walk first, read after: an entry retired below was already dead
         //    when the maps were read, so its last count is in).
         //    The kernel names new cgroups as they are made, so the tree is walked only every
         //    WALK_EVERY (to retire what is gone), or at every refresh when that record is missing.
-        let unified = self.layout.as_ref().and_then(|l| l.unified.clone());
-        let walk_due = self.last_walk.is_none_or(|t| t.elapsed() >= WALK_EVERY)
-            || !self.available(Feature::CgroupPaths);
-        let live = match (&unified, walk_due) {
-            (Some(u), true) => {
-                self.last_walk = Some(Instant::now());
-                Some(cgroupfs::walk(u))
-            }
+        let live = match (walked, self.cgroup2_root()) {
+            (Some(w), _) => Some(w),
+            (None, Some(u)) if self.walks_on_scrape() => Some(cgroupfs::walk(&u)),
             _ => None,
         };
         for (id, path) in live.iter().flatten() {
