@@ -375,9 +375,10 @@ async fn refresh(
         .iter()
         .flat_map(|i| i.names.iter().cloned())
         .collect();
+    let resolved = crate::insight::resolve_registries(&names).await;
     let mut insight = shared.insight.lock().await;
     insight.set_containers(&containers);
-    insight.set_images(names).await;
+    insight.set_images(names, resolved);
     Ok((inv, containers.len()))
 }
 

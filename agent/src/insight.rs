@@ -361,39 +361,11 @@ impl Insight {
         }
     }
 
-    /// The images in the store (their registries name endpoints; their series stay).
-    pub async fn set_images(&mut self, names: Vec<String>) {
-        let hosts: BTreeSet<String> = names
-            .iter()
-            .filter(|n| !n.starts_with("sha256:"))
-            .map(|n| pulls::registry_of(n).to_string())
-            .collect();
+    /// The images in the store (their series stay while they do) and the addresses their
+    /// registries resolve to (from [`resolve_registries`], called without the insight lock).
+    pub fn set_images(&mut self, names: Vec<String>, resolved: HashMap<(IpAddr, u16), String>) {
         self.present_images = names.into_iter().collect();
-        for host in hosts {
-            let target = if host == "docker.io" {
-                "registry-1.docker.io:443".to_string()
-            } else if host
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                host.clone()
-            } else {
-                format!("{host}:443")
-            };
-            let resolved = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::lookup_host(target.clone()),
-            )
-            .await;
-            match resolved {
-                Ok(Ok(addrs)) => {
-                    for a in addrs {
-                        self.registry_names.insert((a.ip(), a.port()), host.clone());
-                    }
-                }
-                _ => debug!(registry = %host, "cannot resolve the registry"),
-            }
-        }
+        self.registry_names.extend(resolved);
     }
 
     /// The label of a remote endpoint: its registry, else `addr:port`, bounded.
@@ -893,6 +865,38 @@ impl Insight {
         }
         // Owner and registry series are bounded by construction and stay.
     }
+}
+
+/// The addresses the registries of `names` (image references) resolve to, for naming the
+/// endpoints the pullers talk to. Each lookup is bounded (2 s); one that fails is skipped.
+pub async fn resolve_registries(names: &[String]) -> HashMap<(IpAddr, u16), String> {
+    let hosts: BTreeSet<&str> = names
+        .iter()
+        .filter(|n| !n.starts_with("sha256:"))
+        .map(|n| pulls::registry_of(n))
+        .collect();
+    let mut out = HashMap::new();
+    for host in hosts {
+        let target = if host == "docker.io" {
+            "registry-1.docker.io:443".to_string()
+        } else if host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            host.to_string()
+        } else {
+            format!("{host}:443")
+        };
+        match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(target)).await {
+            Ok(Ok(addrs)) => {
+                for a in addrs {
+                    out.insert((a.ip(), a.port()), host.to_string());
+                }
+            }
+            _ => debug!(registry = %host, "cannot resolve the registry"),
+        }
+    }
+    out
 }
 
 /// The container cgroups among the live ones: (relative path, container id). Without cgroup2
