@@ -269,14 +269,14 @@ def!(
     "ragent_image_pull_bytes_total",
     Counter,
     ["image", "registry"],
-    "Bytes registries sent to containerd and ragent for an image (IP level); image=\"unattributed\" holds what no image explains."
+    "Bytes registries sent to containerd and ragent for an image (TCP payload: HTTP headers and bodies); image=\"unattributed\" holds what no image explains."
 );
 def!(
     REGISTRY_BYTES,
     "ragent_registry_bytes_total",
     Counter,
     ["registry", "direction"],
-    "Bytes between the pullers (containerd, ragent) and each registry they connected to, by direction."
+    "TCP payload bytes between the pullers (containerd, ragent) and each registry they connected to, by direction."
 );
 def!(
     REGISTRY_CONNECTIONS,

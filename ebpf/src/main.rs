@@ -286,8 +286,43 @@ mod prog {
         if CONNECTS.get_ptr(&key).is_none() {
             return;
         }
-        if !add_net(&ENDPOINT_NET, &key, ingress, len) {
+        // Registry traffic is counted as TCP payload (the HTTP bytes), so it compares with
+        // what the registry says it served whatever the segment sizes on the path were.
+        let payload = len.saturating_sub(headers_len(ctx));
+        if !add_net(&ENDPOINT_NET, &key, ingress, payload) {
             bump_overflow(ctx, Overflow::EndpointNet, 1);
+        }
+    }
+
+    /// The IP and TCP header bytes at the start of the packet (cgroup_skb sees it from the
+    /// network header on). Only TCP's header is looked into; for anything else (or a packet
+    /// too short to read) the IP header alone, or 0.
+    /// The IP version is the packet's own (a dual-stack socket sends IPv4 packets).
+    #[inline(always)]
+    fn headers_len(ctx: &SkBuffContext) -> u64 {
+        const IPPROTO_TCP: u8 = 6;
+        let Ok(vihl) = ctx.load::<u8>(0) else {
+            return 0;
+        };
+        let (ip_len, proto) = if vihl >> 4 == 4 {
+            let Ok(proto) = ctx.load::<u8>(9) else {
+                return 0;
+            };
+            (((vihl & 0x0f) as usize) * 4, proto)
+        } else {
+            // The fixed IPv6 header; extension headers are not followed (TCP sockets do not
+            // send them).
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return 0;
+            };
+            (40usize, next)
+        };
+        if proto != IPPROTO_TCP || ip_len < 20 || ip_len > 60 {
+            return ip_len as u64;
+        }
+        match ctx.load::<u8>(ip_len + 12) {
+            Ok(off) => (ip_len + ((off >> 4) as usize) * 4) as u64,
+            Err(_) => ip_len as u64,
         }
     }
 
