@@ -499,6 +499,40 @@ async fn two_concurrent_pulls_sharing_layers_add_up_to_the_access_log() {
     );
 }
 
+/// A running pod whose container holds `held` bytes of anonymous memory (`dd` reads one block
+/// into a fresh buffer, then blocks writing to a pipe `sleep` never reads), followed by `more`
+/// in the same shell. Returns the pod, its pid and the working set its cgroup files show once
+/// they hold the buffer.
+async fn holding_pod(
+    node: &Node,
+    name: &str,
+    container: &str,
+    held: u64,
+    more: &str,
+) -> (Pod, u32, u64) {
+    let pod = Pod::start(
+        node,
+        PodSpec::new(NS, name, &busybox_image(node))
+            .container(container)
+            .shell(&format!(
+                "/bin/busybox dd if=/dev/zero bs={held} count=1 2>/dev/null | /bin/busybox sleep 3600{more}"
+            )),
+    )
+    .await
+    .expect("the pod");
+    pod.wait_running(Duration::from_secs(30))
+        .await
+        .expect("running");
+    let pid = pod.pid().await.expect("pid");
+    assert!(pid > 0);
+    let ws = wait_for(
+        "the container's cgroup to hold the buffer",
+        Duration::from_secs(30),
+        || cgroups::working_set_bytes(pid).filter(|w| *w >= held),
+    );
+    (pod, pid, ws)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_cpu_and_memory_come_from_its_cgroup() {
     if !require(is_root(), "needs root (the node runs containerd)") {
@@ -514,27 +548,8 @@ async fn container_cpu_and_memory_come_from_its_cgroup() {
     let node = node();
     let agent = Agent::start(&node, free_port(), &["--namespace", "k8s.io"]);
     let name = "insight-burn";
-    let pod = Pod::start(
-        &node,
-        PodSpec::new(NS, name, &busybox_image(&node))
-            .container("burn")
-            .shell(&format!(
-                "/bin/busybox dd if=/dev/zero bs={HELD} count=1 2>/dev/null | /bin/busybox sleep 3600 & while :; do :; done"
-            )),
-    )
-    .await
-    .expect("the pod");
-    pod.wait_running(Duration::from_secs(30))
-        .await
-        .expect("running");
-    let pid = pod.pid().await.expect("pid");
-    assert!(pid > 0);
     // Ground truth first: the cgroup holds the buffer (else the workload, not the agent, broke).
-    let ours = wait_for(
-        "the container's cgroup to hold the buffer",
-        Duration::from_secs(30),
-        || cgroups::working_set_bytes(pid).filter(|w| *w >= HELD),
-    );
+    let (_pod, pid, ours) = holding_pod(&node, name, "burn", HELD, " & while :; do :; done").await;
     eprintln!("the container's cgroup files: working set {ours} bytes");
     let labels = [("namespace", NS), ("pod", name), ("container", "burn")];
     let ws = present(&agent, "ragent_container_memory_working_set_bytes", &labels);
@@ -651,25 +666,7 @@ async fn the_agent_degrades_without_cgroup2_and_tracefs_and_keeps_cgroupfs_metri
     // A running pod whose cgroup holds a known buffer (see the CPU and memory test).
     const HELD: u64 = 16 * MIB;
     let name = "insight-degraded";
-    let pod = Pod::start(
-        &node,
-        PodSpec::new(NS, name, &busybox_image(&node))
-            .container("hold")
-            .shell(&format!(
-                "/bin/busybox dd if=/dev/zero bs={HELD} count=1 2>/dev/null | /bin/busybox sleep 3600"
-            )),
-    )
-    .await
-    .expect("the pod");
-    pod.wait_running(Duration::from_secs(30))
-        .await
-        .expect("running");
-    let pid = pod.pid().await.expect("pid");
-    wait_for(
-        "the container's cgroup to hold the buffer",
-        Duration::from_secs(30),
-        || cgroups::working_set_bytes(pid).filter(|w| *w >= HELD),
-    );
+    let (_pod, _pid, _) = holding_pod(&node, name, "hold", HELD, "").await;
 
     let dir = node.dir().join("insight-degraded");
     let not_cgroup = dir.join("not-cgroup2");

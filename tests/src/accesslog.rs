@@ -5,9 +5,14 @@
 ///
 /// Lines look like `... "GET /v2/REPO/blobs/sha256:... HTTP/1.1" 200 12345 "" "agent"`.
 pub fn blob_get_bytes(line: &str) -> Option<u64> {
+    ok_get_bytes(line, &["/blobs/sha256:"])
+}
+
+/// The body bytes of a GET answered with 200 whose path holds one of `kinds`.
+fn ok_get_bytes(line: &str, kinds: &[&str]) -> Option<u64> {
     let i = line.find("\"GET /v2/")?;
     let rest = &line[i..];
-    if !rest.contains("/blobs/sha256:") {
+    if !kinds.iter().any(|k| rest.contains(k)) {
         return None;
     }
     let after = rest.splitn(3, '"').nth(2).unwrap_or("");
@@ -30,17 +35,7 @@ pub fn served_blob_bytes(log: &str, from: usize) -> (u64, usize) {
 /// The body bytes of one access-log line if it is any registry GET (blob or manifest)
 /// answered with 200.
 pub fn get_bytes(line: &str) -> Option<u64> {
-    let i = line.find("\"GET /v2/")?;
-    let rest = &line[i..];
-    if !rest.contains("/blobs/sha256:") && !rest.contains("/manifests/") {
-        return None;
-    }
-    let after = rest.splitn(3, '"').nth(2).unwrap_or("");
-    let mut f = after.split_whitespace();
-    if f.next() != Some("200") {
-        return None;
-    }
-    Some(f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+    ok_get_bytes(line, &["/blobs/sha256:", "/manifests/"])
 }
 
 /// Bytes the registry served for manifest and blob GETs (status 200) in `log` after line

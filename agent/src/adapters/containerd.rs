@@ -199,15 +199,23 @@ impl Containerd {
     /// Every image record in the namespace.
     #[instrument(level = "debug", skip(self))]
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
+        Ok(self
+            .raw_images()
+            .await?
+            .into_iter()
+            .filter_map(image_record)
+            .collect())
+    }
+
+    /// containerd's image records as it sends them.
+    async fn raw_images(
+        &self,
+    ) -> Result<Vec<containerd_client::services::v1::Image>, ContainerdError> {
         let r = ImagesClient::new(self.channel.clone())
             .list(self.request(ListImagesRequest { filters: vec![] }))
             .await
             .map_err(rpc("Images.List"))?;
-        Ok(r.into_inner()
-            .images
-            .into_iter()
-            .filter_map(image_record)
-            .collect())
+        Ok(r.into_inner().images)
     }
 
     /// One image record by name, or None.
@@ -333,12 +341,9 @@ impl Containerd {
 
     /// Every image record's name, target and last change.
     pub async fn list_image_infos(&self) -> Result<Vec<ImageInfo>, ContainerdError> {
-        let r = ImagesClient::new(self.channel.clone())
-            .list(self.request(ListImagesRequest { filters: vec![] }))
-            .await
-            .map_err(rpc("Images.List"))?;
-        Ok(r.into_inner()
-            .images
+        Ok(self
+            .raw_images()
+            .await?
             .into_iter()
             .filter_map(|i| {
                 let created = i.created_at.map_or(0, timestamp_ms);
