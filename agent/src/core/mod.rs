@@ -12,4 +12,5 @@ pub mod policy;
 pub mod prepull;
 pub mod pulls;
 pub mod rate;
+pub mod rebase;
 pub mod workloads;
