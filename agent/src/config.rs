@@ -60,6 +60,56 @@ pub enum Command {
     Images(ImagesArgs),
     /// Fetch images into containerd, each unique layer once, shared layers first.
     Prepull(PrepullArgs),
+    /// Move a CNB app image onto a patched run image inside containerd (no rebuild, no
+    /// app-layer download); `--rollback` undoes an in-place rebase.
+    Rebase(RebaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// The app image (its name in containerd, e.g. registry/repository:tag)
+    #[arg(required = true, value_name = "IMAGE")]
+    pub image: String,
+    /// The new run image [default: chosen from the app's runImage.image and mirrors, preferring
+    /// the app's registry]
+    #[arg(long, value_name = "REF", conflicts_with = "rollback")]
+    pub run_image: Option<String>,
+    /// Write the result under a new name (the app's record stays as it is)
+    #[arg(long, value_name = "NEW_NAME", conflicts_with_all = ["in_place", "rollback"])]
+    pub tag: Option<String>,
+    /// Move the app's own name to the result; the previous image stays as IMAGE-ragent-rollback
+    /// (the default when --tag is not given)
+    #[arg(long)]
+    pub in_place: bool,
+    /// Print the plan (layers removed and added, labels changed, bytes to fetch); write nothing
+    #[arg(long, conflicts_with = "rollback")]
+    pub dry_run: bool,
+    /// Override what the lifecycle's -force overrides: rebasable=false, an os/architecture/
+    /// variant/distro mismatch, a run image not named in the app's metadata
+    #[arg(long, conflicts_with = "rollback")]
+    pub force: bool,
+    /// Restore the image an in-place rebase of IMAGE replaced
+    #[arg(long)]
+    pub rollback: bool,
+    /// A registry (HOST[:PORT]) to reach over plain HTTP; repeat for several
+    #[arg(
+        long = "insecure-registry",
+        env = "RAGENT_INSECURE_REGISTRY",
+        value_delimiter = ',',
+        value_name = "HOST[:PORT]"
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials for fetching the run image: a docker config.json, or a
+    /// kubernetes.io/dockerconfigjson secret
+    #[arg(long, env = "RAGENT_AUTH", value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+    /// Write a report like the lifecycle's report.toml (tags, image-id, digest, manifest-size)
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Print one JSON document (old/new digest, old/new run image, layers replaced, bytes
+    /// fetched, seconds) instead of text
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,5 +13,6 @@ pub mod insight;
 pub mod metrics;
 pub mod prepull;
 pub mod progress;
+pub mod rebase;
 pub mod scan;
 pub mod warm;

@@ -71,7 +71,7 @@ fn write_stdout(text: &str) -> std::io::Result<()> {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Prepull(args) => {
             let common = config::common(&cli, &FileConfig::default())?;
@@ -130,6 +130,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cfg.common.log_format);
             ragent::agent::run(cfg, shutdown_signal()).await?;
         }
+        Command::Rebase(args) => {
+            let common = config::common(&cli, &FileConfig::default())?;
+            init_logging(common.log_format);
+            let credentials = match &args.auth {
+                Some(path) => config::load_credentials(path)?,
+                None => ragent::core::credentials::Credentials::anonymous(),
+            };
+            let c = ragent::adapters::containerd::Containerd::connect(
+                &common.containerd,
+                &common.namespace,
+            )
+            .await?;
+            let outcome = if args.rollback {
+                ragent::rebase::rollback(&c, &args.image).await
+            } else {
+                let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::new(
+                    &args.insecure_registries,
+                    credentials,
+                ));
+                let opts = ragent::rebase::Options {
+                    run_image: args.run_image.clone(),
+                    output: match &args.tag {
+                        Some(t) => ragent::rebase::Output::Tag(t.clone()),
+                        None => ragent::rebase::Output::InPlace,
+                    },
+                    dry_run: args.dry_run,
+                    force: args.force,
+                };
+                ragent::rebase::rebase(&c, &registry, &args.image, &opts).await
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) if e.is_refusal() => {
+                    eprintln!("ragent: {e}");
+                    return Ok(ExitCode::from(ragent::rebase::EXIT_REFUSED));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(path) = &args.report {
+                if !outcome.dry_run {
+                    write_atomically(path, ragent::rebase::report_toml(&outcome).as_bytes())
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "rebased, but the report {} could not be written: {e}",
+                                path.display()
+                            )
+                        })?;
+                }
+            }
+            let text = if args.json {
+                serde_json::to_string_pretty(&outcome)? + "\n"
+            } else {
+                ragent::rebase::render(&outcome)
+            };
+            write_stdout(&text)?;
+        }
         Command::Images(args) => {
             let common = config::common(&cli, &FileConfig::default())?;
             init_logging(common.log_format);
@@ -142,7 +198,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_stdout(&text)?;
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a file through a temporary file and a rename: a reader never sees half of it.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("ragent-tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn main() -> ExitCode {
@@ -159,7 +222,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line, no backtrace: every error reads as a sentence that says what to do.
             eprintln!("ragent: {e:#}");

@@ -34,8 +34,10 @@ pub const RELEASE_V2: &str = "ragent-linux 1.0 run image v2 (patch level 1: CVE 
 pub const STACK_ID: &str = "io.ragent.stacks.sample";
 pub const DISTRO_NAME: &str = "ragent-linux";
 pub const MIXINS: &[&str] = &["ragent-tzdata", "ragent-ca-certs", "run:ragent-shell"];
-/// The mixins the legacy (platform API 0.10) app requires.
-pub const APP_MIXINS: &[&str] = &["ragent-tzdata", "build:ragent-gcc"];
+/// The mixins the legacy (platform API 0.10) app requires. Stage prefixes differ from the run
+/// image's on purpose: the lifecycle compares mixins without them (`build:ragent-ca-certs` is
+/// satisfied by `ragent-ca-certs`, `ragent-shell` by `run:ragent-shell`).
+pub const APP_MIXINS: &[&str] = &["ragent-tzdata", "build:ragent-ca-certs", "ragent-shell"];
 
 const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use containerd_client::{
     services::v1::{
-        AbortRequest, AddResourceRequest, ApplyRequest, CreateImageRequest,
+        AbortRequest, AddResourceRequest, ApplyRequest, CreateImageRequest, DeleteImageRequest,
         DeleteRequest as DeleteLeaseRequest, Image, Resource, StatusRequest, UpdateImageRequest,
         UpdateRequest, WriteAction, WriteContentRequest,
         content_client::ContentClient,
@@ -386,6 +386,22 @@ impl Containerd {
                 Ok(())
             }
             Err(s) => Err(rpc("Images.Create")(s)),
+        }
+    }
+
+    /// Deletes an image record (the content stays until GC finds nothing references it).
+    pub async fn delete_image(&self, name: &str) -> Result<(), ContainerdError> {
+        match ImagesClient::new(self.channel.clone())
+            .delete(self.request(DeleteImageRequest {
+                name: name.into(),
+                sync: false,
+                target: None,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(rpc("Images.Delete")(s)),
         }
     }
 

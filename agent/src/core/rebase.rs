@@ -631,17 +631,32 @@ fn new_reference(old: &str, run_name: &str, digest: &str) -> String {
     }
 }
 
-/// Plans the rebase of `app` onto `new_run`. `old_run`, when the node has it, lets the
-/// structural check compare the app's bottom layers with the old run image's.
-/// `same_image(a, b)` says whether two references name the same image (after normalization).
-pub fn plan(
-    app: &ImageBytes,
-    new_run: &ImageBytes,
-    old_run: Option<&ImageBytes>,
-    req: &Request,
-    same_image: &dyn Fn(&str, &str) -> bool,
-) -> Result<Plan, RebaseError> {
+/// What the app's own labels say about its run image, checked for rebasability: everything
+/// that can be refused before the new run image is known.
+#[derive(Debug, Clone)]
+pub struct AppView {
+    /// Index of `runImage.topLayer` among the app's diffIDs.
+    pub top_index: usize,
+    pub top_layer: String,
+    /// `runImage.reference`: the run image the app sits on now.
+    pub reference: String,
+    /// The run-image names the metadata allows (`runImage.image`/`stack.runImage.image`).
+    pub run_image: Option<String>,
+    pub mirrors: Vec<String>,
+}
+
+/// The checks that need only the app: a CNB app image, well-formed labels, a top layer among
+/// its layers. `old_run`, when the node has it, must be exactly the app's bottom layers.
+pub fn inspect_app(app: &ImageBytes, old_run: Option<&ImageBytes>) -> Result<AppView, RebaseError> {
     let a = parse(app)?;
+    inspect_parsed(app, &a, old_run).map(|(v, _)| v)
+}
+
+fn inspect_parsed(
+    app: &ImageBytes,
+    a: &Parsed,
+    old_run: Option<&ImageBytes>,
+) -> Result<(AppView, Map<String, Value>), RebaseError> {
     let cnb = cnb::parse(&a.config).map_err(|e| RebaseError::MalformedLabel {
         image: app.name.clone(),
         label: match &e {
@@ -663,12 +678,12 @@ pub fn plan(
         }
         Some(CnbKind::App) => {}
     }
-    let mut lifecycle = lifecycle_label(&app.name, &a.config)?;
+    let lifecycle = lifecycle_label(&app.name, &a.config)?;
     let lv = Value::Object(lifecycle.clone());
     let top = str_at(&lv, &["runImage", "topLayer"])
         .unwrap_or_default()
         .to_string();
-    let old_reference = str_at(&lv, &["runImage", "reference"])
+    let reference = str_at(&lv, &["runImage", "reference"])
         .unwrap_or_default()
         .to_string();
     if top.is_empty() {
@@ -713,7 +728,33 @@ pub fn plan(
             });
         }
     }
+    let (run_image, mirrors) = allowed_run_images(&lifecycle);
+    Ok((
+        AppView {
+            top_index,
+            top_layer: top,
+            reference,
+            run_image,
+            mirrors,
+        },
+        lifecycle,
+    ))
+}
 
+/// Plans the rebase of `app` onto `new_run`. `old_run`, when the node has it, lets the
+/// structural check compare the app's bottom layers with the old run image's.
+/// `same_image(a, b)` says whether two references name the same image (after normalization).
+pub fn plan(
+    app: &ImageBytes,
+    new_run: &ImageBytes,
+    old_run: Option<&ImageBytes>,
+    req: &Request,
+    same_image: &dyn Fn(&str, &str) -> bool,
+) -> Result<Plan, RebaseError> {
+    let a = parse(app)?;
+    let (view, mut lifecycle) = inspect_parsed(app, &a, old_run)?;
+    let top_index = view.top_index;
+    let old_reference = view.reference;
     let r = parse(new_run)?;
     if r.config.labels.contains_key(LABEL_LIFECYCLE) {
         return Err(RebaseError::NewRunImageIsApp {
@@ -734,7 +775,7 @@ pub fn plan(
     )?;
     // The run-image name check: the lifecycle makes it whatever the app's era (as a platform
     // at API 0.12 or later, which ragent is), looking at both metadata places.
-    let (allowed_image, allowed_mirrors) = allowed_run_images(&lifecycle);
+    let (allowed_image, allowed_mirrors) = (view.run_image, view.mirrors);
     let named = allowed_image
         .iter()
         .chain(allowed_mirrors.iter())

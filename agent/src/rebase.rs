@@ -1,0 +1,840 @@
+//! `ragent rebase`: moves a CNB app image onto a new run image inside containerd's store.
+//!
+//! The decisions (checks, the new manifest and config) are in [`crate::core::rebase`]; this
+//! module reads the images out of containerd, gets the new run image onto the node with the
+//! pre-pull engine (only its missing layers cross the network; the app's never do), and writes
+//! the result.
+//!
+//! Safety: everything is written under a lease that expires by itself. The config, the
+//! snapshots and the manifest (with its gc references) are in the store before any image record
+//! names them; with `--in-place`, the rollback record is written before the name moves. A
+//! crash at any point leaves every record pointing at complete content, and a rerun computes the
+//! same digests and finishes the job.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{TryStreamExt, stream};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    adapters::{
+        containerd::{Containerd, ContainerdError, ImageRecord},
+        containerd_write::SNAPSHOTTER,
+        registry::{self, Registry, RegistryError},
+    },
+    core::{
+        oci::{self, Descriptor, Platform, Target},
+        rebase::{self as plan, ImageBytes, LabelChange, PlanLayer, RebaseError},
+    },
+    prepull::{self, PrepullError, Puller},
+};
+
+/// How long the lease of a rebase lives if ragent dies before deleting it.
+pub const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+/// The tag suffix of the record that keeps an in-place rebase's previous image.
+pub const ROLLBACK_SUFFIX: &str = "-ragent-rollback";
+/// Labels ragent puts on the image records it writes.
+pub const LABEL_REBASED_FROM: &str = "io.ragent.rebase.from";
+pub const LABEL_RUN_IMAGE: &str = "io.ragent.rebase.run-image";
+pub const LABEL_ROLLBACK_OF: &str = "io.ragent.rebase.rollback-of";
+const LABEL_CRI: &str = "io.cri-containerd.image";
+/// Exit code of a refused rebase (the lifecycle uses 70–79 for rebase errors).
+pub const EXIT_REFUSED: u8 = 70;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot rebase {image}: {source}")]
+    Refused {
+        image: String,
+        #[source]
+        source: RebaseError,
+    },
+    #[error(
+        "no image {image} in containerd namespace {namespace}: `ragent images` lists the images there (or pass --namespace)"
+    )]
+    ImageNotFound { image: String, namespace: String },
+    #[error(
+        "run image {reference} not found: {detail}; check the name, or pull it and pass it with --run-image"
+    )]
+    RunImageNotFound { reference: String, detail: String },
+    #[error(
+        "the app's layer {digest} is not in containerd's content store (containerd may discard layers after unpacking): pull {image} again, then rebase; ragent never downloads an app's layers"
+    )]
+    AppLayerMissing { image: String, digest: String },
+    #[error(
+        "{image} is named by digest; an in-place rebase would make the name lie: pass --tag NEW_NAME"
+    )]
+    InPlaceDigest { image: String },
+    #[error(
+        "no rollback record {record} for {image}: only an image that `ragent rebase --in-place` moved can be rolled back, once"
+    )]
+    NoRollback { image: String, record: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Prepull(#[from] PrepullError),
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Refused { source, .. } => source.metric_label(),
+            Error::ImageNotFound { .. } => "image_not_found",
+            Error::RunImageNotFound { .. } => "run_image_not_found",
+            Error::AppLayerMissing { .. } => "app_layer_missing",
+            Error::InPlaceDigest { .. } | Error::Usage(_) => "usage",
+            Error::NoRollback { .. } => "no_rollback",
+            Error::Containerd(e) => e.metric_label(),
+            Error::Registry(e) => e.metric_label(),
+            Error::Prepull(e) => e.metric_label(),
+            Error::Oci(_) => "malformed",
+        }
+    }
+
+    /// A refusal (a check failed) rather than a failure of the machinery.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::Refused { .. } | Error::RunImageNotFound { .. } | Error::InPlaceDigest { .. }
+        )
+    }
+}
+
+/// Where the result goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A new image record.
+    Tag(String),
+    /// The image's own name moves to the result; the previous image stays under the rollback
+    /// name.
+    InPlace,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The new run image; None: chosen from the app's metadata.
+    pub run_image: Option<String>,
+    pub output: Output,
+    pub dry_run: bool,
+    pub force: bool,
+}
+
+/// What a rebase did (or, with `--dry-run`, would do). `--json` prints this.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub image: String,
+    /// The record the result is under.
+    pub name: String,
+    pub dry_run: bool,
+    /// The app sat on the new run image already: nothing was written.
+    pub already_current: bool,
+    pub old_digest: String,
+    pub new_digest: String,
+    pub new_config_digest: String,
+    pub manifest_size: u64,
+    pub old_run_image: String,
+    pub new_run_image: String,
+    pub new_run_image_digest: String,
+    pub layers_replaced: usize,
+    pub layers_removed: Vec<PlanLayer>,
+    pub layers_added: Vec<PlanLayer>,
+    pub layers_kept: Vec<PlanLayer>,
+    pub labels_changed: Vec<LabelChange>,
+    /// Checks that failed and `--force` overrode.
+    pub forced: Vec<String>,
+    /// Bytes of the new run image fetched from the registry (to fetch, with `--dry-run`).
+    pub bytes_fetched: u64,
+    /// The name of the record that keeps the previous image (in-place only).
+    pub rollback: Option<String>,
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+}
+
+/// The name of the record that keeps the image an in-place rebase of `name` replaced.
+pub fn rollback_name(name: &str) -> String {
+    format!("{name}{ROLLBACK_SUFFIX}")
+}
+
+fn normalized(reference: &str) -> String {
+    registry::normalize(reference).unwrap_or_else(|_| reference.to_string())
+}
+
+/// Whether two references name the same image once normalized (`docker.io/library/` etc.).
+pub fn same_image(a: &str, b: &str) -> bool {
+    normalized(a) == normalized(b)
+}
+
+/// The digest a `runImage.reference` names (a bare digest or `name@digest`).
+fn reference_digest(reference: &str) -> Option<&str> {
+    let d = reference.rsplit_once('@').map_or(reference, |(_, d)| d);
+    d.starts_with("sha256:").then_some(d)
+}
+
+/// An image record's manifest and config for this node's platform.
+pub async fn read_image(
+    c: &Containerd,
+    name: &str,
+    target: &Descriptor,
+) -> Result<(ImageBytes, Descriptor), Error> {
+    let bytes = c.read_blob(&target.digest).await?;
+    let (desc, manifest) = match oci::parse_target(&target.media_type, &target.digest, &bytes)? {
+        Target::Manifest(_) => (target.clone(), bytes),
+        Target::Index(index) => {
+            let d = oci::choose_platform(&target.digest, &index, &Platform::this_node())?.clone();
+            let b = c.read_blob(&d.digest).await?;
+            (d, b)
+        }
+    };
+    let m = oci::parse_manifest(&desc.digest, &manifest)?;
+    let config = c.read_blob(&m.config.digest).await?;
+    Ok((
+        ImageBytes {
+            name: name.to_string(),
+            manifest_digest: desc.digest.clone(),
+            manifest,
+            config,
+        },
+        desc,
+    ))
+}
+
+/// The record for a name as the user typed it, or normalized.
+async fn find_record(c: &Containerd, image: &str) -> Result<Option<ImageRecord>, Error> {
+    if let Some(r) = c.get_image(image).await? {
+        return Ok(Some(r));
+    }
+    let n = normalized(image);
+    if n != image {
+        return Ok(c.get_image(&n).await?);
+    }
+    Ok(None)
+}
+
+/// The new run image, on the node.
+struct RunImage {
+    name: String,
+    bytes: ImageBytes,
+    /// Blobs fetched (or, dry-run, to fetch).
+    bytes_fetched: u64,
+    warnings: Vec<String>,
+}
+
+/// Gets the run image `reference` onto the node (only its missing blobs; dry-run: reads it
+/// without writing). The registry comes first, so a moved tag is seen; when the registry does
+/// not know it or cannot be reached, a local record of that name is used, with a warning.
+async fn new_run_image(
+    c: &Containerd,
+    registry: &Arc<Registry>,
+    reference: &str,
+    dry_run: bool,
+) -> Result<RunImage, Error> {
+    let name = normalized(reference);
+    let resolved = registry.resolve(reference).await;
+    let local = find_record(c, reference).await?;
+    let resolved = match (resolved, local) {
+        (Ok(r), _) => r,
+        (Err(e), Some(rec)) => {
+            let (bytes, _) = read_image(c, &name, &rec.target).await?;
+            return Ok(RunImage {
+                name,
+                bytes,
+                bytes_fetched: 0,
+                warnings: vec![format!(
+                    "the registry could not resolve {reference} ({e}); used the node's own record of it"
+                )],
+            });
+        }
+        (Err(RegistryError::NotFound { detail, .. }), None) => {
+            return Err(Error::RunImageNotFound {
+                reference: reference.into(),
+                detail: format!(
+                    "the registry does not have it ({detail}) and the node has no image of that name"
+                ),
+            });
+        }
+        (Err(e), None) => return Err(e.into()),
+    };
+    let mut missing = 0;
+    for b in std::iter::once(&resolved.manifest.config).chain(&resolved.manifest.layers) {
+        if c.content_size(&b.digest).await?.is_none() {
+            missing += b.size;
+        }
+    }
+    if dry_run {
+        let config = match c.read_blob(&resolved.manifest.config.digest).await {
+            Ok(b) => b,
+            Err(ContainerdError::NotFound { .. }) => {
+                let cfg = &resolved.manifest.config;
+                registry
+                    .blob(&resolved.name, &cfg.digest, cfg.size, 0)
+                    .await?
+                    .try_fold(Vec::new(), |mut acc, chunk| async move {
+                        acc.extend_from_slice(&chunk);
+                        Ok(acc)
+                    })
+                    .await
+                    .map_err(|e| Error::RunImageNotFound {
+                        reference: reference.into(),
+                        detail: format!("its config could not be read: {e}"),
+                    })?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        return Ok(RunImage {
+            name,
+            bytes: ImageBytes {
+                name: resolved.name.clone(),
+                manifest_digest: resolved.manifest_desc.digest.clone(),
+                manifest: resolved.manifest_bytes.clone(),
+                config,
+            },
+            bytes_fetched: missing,
+            warnings: Vec::new(),
+        });
+    }
+    let metrics = crate::metrics::PrepullMetrics::new(&prometheus::Registry::new())
+        .map_err(PrepullError::from)?;
+    let puller = Puller::new(
+        c.clone(),
+        registry.clone(),
+        &prepull::Options::default(),
+        metrics,
+    );
+    let report = puller
+        .pull_resolved(std::slice::from_ref(&resolved), None)
+        .await?;
+    let config = c.read_blob(&resolved.manifest.config.digest).await?;
+    Ok(RunImage {
+        name,
+        bytes: ImageBytes {
+            name: resolved.name.clone(),
+            manifest_digest: resolved.manifest_desc.digest.clone(),
+            manifest: resolved.manifest_bytes.clone(),
+            config,
+        },
+        bytes_fetched: report.total.bytes_fetched,
+        warnings: Vec::new(),
+    })
+}
+
+/// The old run image, when the node has its manifest (for the structural check).
+async fn old_run_image(c: &Containerd, reference: &str) -> Option<ImageBytes> {
+    let digest = reference_digest(reference)?;
+    let target = Descriptor {
+        media_type: String::new(),
+        digest: digest.to_string(),
+        size: 0,
+        platform: None,
+        annotations: Default::default(),
+    };
+    let bytes = c.read_blob(digest).await.ok()?;
+    let mt = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("mediaType")
+        .and_then(|v| v.as_str())
+        .unwrap_or(oci::MEDIA_OCI_MANIFEST)
+        .to_string();
+    let target = Descriptor {
+        media_type: mt,
+        ..target
+    };
+    read_image(c, reference, &target).await.ok().map(|(b, _)| b)
+}
+
+/// Rebases `image` as `opts` say. With `registry`, a run image the node lacks is fetched;
+/// the app's layers never are.
+pub async fn rebase(
+    c: &Containerd,
+    registry: &Arc<Registry>,
+    image: &str,
+    opts: &Options,
+) -> Result<Outcome, Error> {
+    let t0 = Instant::now();
+    let record = find_record(c, image)
+        .await?
+        .ok_or_else(|| Error::ImageNotFound {
+            image: image.into(),
+            namespace: c.namespace().into(),
+        })?;
+    let name = record.name.clone();
+    if opts.output == Output::InPlace && name.contains('@') {
+        return Err(Error::InPlaceDigest { image: name });
+    }
+    let (app, _) = read_image(c, &name, &record.target).await?;
+    let refused = |source| Error::Refused {
+        image: name.clone(),
+        source,
+    };
+    // The old run image, when the node has it (for the structural check).
+    let reference_now = plan::inspect_app(&app, None).map_err(refused)?.reference;
+    let old = old_run_image(c, &reference_now).await;
+    // Checks that need only the app come before any network traffic.
+    let view = plan::inspect_app(&app, old.as_ref()).map_err(refused)?;
+    // Which run image: the flag, or what the metadata names (the lifecycle's choice).
+    let reference = match &opts.run_image {
+        Some(r) => r.clone(),
+        None => plan::choose_run_image(
+            view.run_image.as_deref(),
+            &view.mirrors,
+            plan::registry_of(&name),
+        )
+        .ok_or_else(|| {
+            refused(RebaseError::NoRunImageName {
+                image: name.clone(),
+            })
+        })?,
+    };
+    let run = new_run_image(c, registry, &reference, opts.dry_run).await?;
+    let p = plan::plan(
+        &app,
+        &run.bytes,
+        old.as_ref(),
+        &plan::Request {
+            force: opts.force,
+            run_image_name: run.name.clone(),
+        },
+        &same_image,
+    )
+    .map_err(refused)?;
+    let out_name = match &opts.output {
+        Output::Tag(t) => normalized(t),
+        Output::InPlace => name.clone(),
+    };
+    let mut warnings = run.warnings.clone();
+    if matches!(record.target.media_type.as_str(), t if oci::is_index(t)) {
+        warnings.push(format!(
+            "{name} is a multi-platform index: the result holds only this node's platform ({})",
+            Platform::this_node()
+        ));
+    }
+    for f in &p.forced {
+        warn!(image = %name, "forced: {f}");
+    }
+    let mut outcome = Outcome {
+        image: name.clone(),
+        name: out_name.clone(),
+        dry_run: opts.dry_run,
+        already_current: p.already_current,
+        old_digest: app.manifest_digest.clone(),
+        new_digest: if p.already_current {
+            app.manifest_digest.clone()
+        } else {
+            p.manifest_digest.clone()
+        },
+        new_config_digest: p.config_digest.clone(),
+        manifest_size: p.manifest.len() as u64,
+        old_run_image: p.old_run_reference.clone(),
+        new_run_image: run.name.clone(),
+        new_run_image_digest: run.bytes.manifest_digest.clone(),
+        layers_replaced: p.removed.len(),
+        layers_removed: p.removed.clone(),
+        layers_added: p.added.clone(),
+        layers_kept: p.kept.clone(),
+        labels_changed: p.labels_changed.clone(),
+        forced: p.forced.clone(),
+        bytes_fetched: run.bytes_fetched,
+        rollback: None,
+        warnings,
+        seconds: 0.0,
+    };
+    if p.already_current || opts.dry_run {
+        if p.already_current {
+            outcome.manifest_size = app.manifest.len() as u64;
+            outcome.layers_replaced = 0;
+        }
+        outcome.seconds = t0.elapsed().as_secs_f64();
+        return Ok(outcome);
+    }
+    // Every blob of the result must be here: the run image's were just pulled, the app's
+    // layers must be (they are never downloaded).
+    for l in &p.kept {
+        if c.content_size(&l.digest).await?.is_none() {
+            return Err(Error::AppLayerMissing {
+                image: name.clone(),
+                digest: l.digest.clone(),
+            });
+        }
+    }
+    let lease = c
+        .create_lease(
+            &format!("ragent-rebase-{}-{}", std::process::id(), nonce()),
+            LEASE_EXPIRY,
+        )
+        .await?;
+    let written = write(c, &lease, &record, &out_name, &opts.output, &p, &run).await;
+    let dropped = c.delete_lease(&lease, false).await;
+    outcome.rollback = written?;
+    dropped?;
+    outcome.seconds = t0.elapsed().as_secs_f64();
+    info!(
+        image = %name,
+        name = %out_name,
+        old = %outcome.old_digest,
+        new = %outcome.new_digest,
+        run_image = %run.name,
+        seconds = outcome.seconds,
+        "rebased"
+    );
+    Ok(outcome)
+}
+
+fn nonce() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Writes the planned image: config, snapshots, manifest with gc references, then the records.
+async fn write(
+    c: &Containerd,
+    lease: &str,
+    record: &ImageRecord,
+    out_name: &str,
+    output: &Output,
+    p: &plan::Plan,
+    run: &RunImage,
+) -> Result<Option<String>, Error> {
+    // Every layer under the lease first, so GC cannot take one while the image is assembled.
+    for l in &p.layers {
+        c.lease_content(lease, &l.digest).await?;
+        if c.content_size(&l.digest).await?.is_none() {
+            return Err(Error::AppLayerMissing {
+                image: record.name.clone(),
+                digest: l.digest.clone(),
+            });
+        }
+    }
+    let config_desc = Descriptor {
+        media_type: p.config_media_type.clone(),
+        digest: p.config_digest.clone(),
+        size: p.config.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+    };
+    put_blob(c, lease, &config_desc, &p.config, HashMap::new()).await?;
+    let top = c.unpack(lease, &p.layers, &p.diff_ids).await?;
+    if let Some(top) = top {
+        c.label_content(
+            &p.config_digest,
+            HashMap::from([(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top)]),
+        )
+        .await?;
+    }
+    let mut gc = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        p.config_digest.clone(),
+    )]);
+    for (i, l) in p.layers.iter().enumerate() {
+        gc.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
+    }
+    let manifest_desc = Descriptor {
+        media_type: p.manifest_media_type.clone(),
+        digest: p.manifest_digest.clone(),
+        size: p.manifest.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+    };
+    put_blob(c, lease, &manifest_desc, &p.manifest, gc.clone()).await?;
+    // If the manifest existed without our labels, label it now: the gc references must hold
+    // before a record names it.
+    c.label_content(&p.manifest_digest, gc).await?;
+
+    // The records. The rollback record first: a crash after it leaves the old image under two
+    // names, never under none.
+    let mut labels: HashMap<String, String> = record
+        .labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("io.ragent.rebase."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut rollback = None;
+    if *output == Output::InPlace {
+        let rb = rollback_name(&record.name);
+        let mut rb_labels = labels.clone();
+        rb_labels.insert(LABEL_ROLLBACK_OF.into(), record.name.clone());
+        c.put_image(lease, &rb, &record.target, rb_labels).await?;
+        rollback = Some(rb);
+    }
+    labels.insert(
+        LABEL_REBASED_FROM.into(),
+        format!("{}@{}", record.name, record.target.digest),
+    );
+    labels.insert(
+        LABEL_RUN_IMAGE.into(),
+        format!("{}@{}", run.name, run.bytes.manifest_digest),
+    );
+    c.put_image(lease, out_name, &manifest_desc, labels.clone())
+        .await?;
+    // Images that CRI manages get the records a CRI pull makes: repo@digest and the image ID.
+    if record.labels.get(LABEL_CRI).map(String::as_str) == Some("managed") {
+        let repo = repository_of(out_name);
+        let mut cri = BTreeMap::new();
+        cri.insert(format!("{repo}@{}", p.manifest_digest), ());
+        cri.insert(p.config_digest.clone(), ());
+        for alias in cri.keys() {
+            c.put_image(lease, alias, &manifest_desc, labels.clone())
+                .await?;
+        }
+    }
+    Ok(rollback)
+}
+
+/// `host/repo:tag` -> `host/repo` (a port colon is kept).
+fn repository_of(name: &str) -> &str {
+    let name = name.split_once('@').map_or(name, |(r, _)| r);
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
+}
+
+/// Writes a metadata blob from memory (a blob that is there already is only leased).
+async fn put_blob(
+    c: &Containerd,
+    lease: &str,
+    desc: &Descriptor,
+    bytes: &[u8],
+    labels: HashMap<String, String>,
+) -> Result<(), Error> {
+    let ingest = format!("ragent-{}", desc.digest);
+    c.write_blob(lease, &ingest, desc, labels, |off| {
+        let off = usize::try_from(off).unwrap_or(0).min(bytes.len());
+        stream::iter([Ok::<_, std::io::Error>(bytes[off..].to_vec())])
+    })
+    .await?;
+    Ok(())
+}
+
+/// Moves `image` back to the image an in-place rebase replaced, and drops the rollback record.
+pub async fn rollback(c: &Containerd, image: &str) -> Result<Outcome, Error> {
+    let t0 = Instant::now();
+    let record = find_record(c, image)
+        .await?
+        .ok_or_else(|| Error::ImageNotFound {
+            image: image.into(),
+            namespace: c.namespace().into(),
+        })?;
+    let rb = rollback_name(&record.name);
+    let Some(prev) = c.get_image(&rb).await? else {
+        return Err(Error::NoRollback {
+            image: record.name.clone(),
+            record: rb,
+        });
+    };
+    let lease = c
+        .create_lease(
+            &format!("ragent-rollback-{}-{}", std::process::id(), nonce()),
+            LEASE_EXPIRY,
+        )
+        .await?;
+    let labels: HashMap<String, String> = prev
+        .labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("io.ragent.rebase."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let moved = c
+        .put_image(&lease, &record.name, &prev.target, labels)
+        .await;
+    let result = match moved {
+        Ok(()) => c.delete_image(&rb).await.map_err(Error::from),
+        Err(e) => Err(e.into()),
+    };
+    let dropped = c.delete_lease(&lease, false).await;
+    result?;
+    dropped?;
+    Ok(Outcome {
+        image: record.name.clone(),
+        name: record.name.clone(),
+        dry_run: false,
+        already_current: false,
+        old_digest: record.target.digest.clone(),
+        new_digest: prev.target.digest.clone(),
+        new_config_digest: String::new(),
+        manifest_size: prev.target.size,
+        old_run_image: record
+            .labels
+            .get(LABEL_RUN_IMAGE)
+            .cloned()
+            .unwrap_or_default(),
+        new_run_image: String::new(),
+        new_run_image_digest: String::new(),
+        layers_replaced: 0,
+        layers_removed: Vec::new(),
+        layers_added: Vec::new(),
+        layers_kept: Vec::new(),
+        labels_changed: Vec::new(),
+        forced: Vec::new(),
+        bytes_fetched: 0,
+        rollback: None,
+        warnings: Vec::new(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn short(d: &str) -> &str {
+    let h = d.strip_prefix("sha256:").unwrap_or(d);
+    &h[..h.len().min(12)]
+}
+
+/// The text `ragent rebase` prints.
+pub fn render(o: &Outcome) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if o.already_current {
+        let _ = writeln!(
+            s,
+            "{} already sits on {} ({}): nothing to do",
+            o.image,
+            o.new_run_image,
+            short(&o.new_run_image_digest)
+        );
+        return s;
+    }
+    let verb = if o.dry_run { "would rebase" } else { "rebased" };
+    let _ = writeln!(
+        s,
+        "{verb} {} onto {} ({})",
+        o.image,
+        o.new_run_image,
+        short(&o.new_run_image_digest)
+    );
+    let _ = writeln!(
+        s,
+        "  image:    {} -> {}{}",
+        short(&o.old_digest),
+        short(&o.new_digest),
+        if o.name == o.image {
+            " (in place)".to_string()
+        } else {
+            format!(" as {}", o.name)
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  run image: {} -> {}",
+        o.old_run_image, o.new_run_image_digest
+    );
+    for l in &o.layers_removed {
+        let _ = writeln!(
+            s,
+            "  - {} {:>10}  (old run image)",
+            short(&l.digest),
+            crate::images::human_bytes(l.size)
+        );
+    }
+    for l in &o.layers_added {
+        let _ = writeln!(
+            s,
+            "  + {} {:>10}  (new run image)",
+            short(&l.digest),
+            crate::images::human_bytes(l.size)
+        );
+    }
+    let kept: u64 = o.layers_kept.iter().map(|l| l.size).sum();
+    let _ = writeln!(
+        s,
+        "  = {} app layers kept ({}, never downloaded)",
+        o.layers_kept.len(),
+        crate::images::human_bytes(kept)
+    );
+    for c in &o.labels_changed {
+        let _ = writeln!(
+            s,
+            "  label {}: {}",
+            c.key,
+            match (&c.old, &c.new) {
+                (None, _) => "added".to_string(),
+                (_, None) => "removed".to_string(),
+                _ => "changed".to_string(),
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {} {} from the registry",
+        if o.dry_run { "to fetch:" } else { "fetched:" },
+        crate::images::human_bytes(o.bytes_fetched)
+    );
+    if let Some(rb) = &o.rollback {
+        let _ = writeln!(
+            s,
+            "  previous image kept as {rb} (`ragent rebase --rollback {}` restores it)",
+            o.image
+        );
+    }
+    for f in &o.forced {
+        let _ = writeln!(s, "  forced: {f}");
+    }
+    for w in &o.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    if !o.dry_run {
+        let _ = writeln!(s, "  {:.3} s", o.seconds);
+    }
+    s
+}
+
+/// The report `--report FILE` writes, shaped like the lifecycle's report.toml.
+pub fn report_toml(o: &Outcome) -> String {
+    #[derive(Serialize)]
+    struct Report<'a> {
+        image: ReportImage<'a>,
+    }
+    #[derive(Serialize)]
+    struct ReportImage<'a> {
+        tags: Vec<&'a str>,
+        #[serde(rename = "image-id")]
+        image_id: &'a str,
+        digest: &'a str,
+        #[serde(rename = "manifest-size")]
+        manifest_size: u64,
+    }
+    toml::to_string(&Report {
+        image: ReportImage {
+            tags: vec![o.name.as_str()],
+            image_id: &o.new_config_digest,
+            digest: &o.new_digest,
+            manifest_size: o.manifest_size,
+        },
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_predictably() {
+        assert_eq!(
+            rollback_name("127.0.0.1:5000/ragent/app:v1"),
+            "127.0.0.1:5000/ragent/app:v1-ragent-rollback"
+        );
+        assert_eq!(
+            repository_of("127.0.0.1:5000/ragent/app:v1"),
+            "127.0.0.1:5000/ragent/app"
+        );
+        assert_eq!(repository_of("h:5000/r@sha256:ab"), "h:5000/r");
+        assert_eq!(repository_of("h:5000/r"), "h:5000/r");
+        assert_eq!(reference_digest("h/r@sha256:ab"), Some("sha256:ab"));
+        assert_eq!(reference_digest("sha256:ab"), Some("sha256:ab"));
+        assert_eq!(reference_digest("h/r:v1"), None);
+        assert!(same_image("ubuntu", "docker.io/library/ubuntu:latest"));
+        assert!(!same_image("h:5000/run:v1", "h:5000/run:v2"));
+    }
+}
