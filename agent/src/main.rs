@@ -168,16 +168,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if let Some(path) = &args.report {
-                if !outcome.dry_run {
-                    write_atomically(path, ragent::rebase::report_toml(&outcome).as_bytes())
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "rebased, but the report {} could not be written: {e}",
-                                path.display()
-                            )
-                        })?;
-                }
+            if let Some(path) = args.report.as_ref().filter(|_| !outcome.dry_run) {
+                write_atomically(path, ragent::rebase::report_toml(&outcome).as_bytes()).map_err(
+                    |e| {
+                        anyhow::anyhow!(
+                            "rebased, but the report {} could not be written: {e}",
+                            path.display()
+                        )
+                    },
+                )?;
             }
             let text = if args.json {
                 serde_json::to_string_pretty(&outcome)? + "\n"

@@ -75,14 +75,31 @@ pub enum Error {
     NoRollback { image: String, record: String },
     #[error("{0}")]
     Usage(String),
+    #[error(
+        "containerd stopped answering during the rebase ({source}); nothing is lost (no image record points at missing content): run the same command again once containerd is back"
+    )]
+    ContainerdGone {
+        #[source]
+        source: ContainerdError,
+    },
     #[error(transparent)]
-    Containerd(#[from] ContainerdError),
+    Containerd(ContainerdError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Prepull(#[from] PrepullError),
     #[error(transparent)]
     Oci(#[from] oci::OciError),
+}
+
+impl From<ContainerdError> for Error {
+    fn from(e: ContainerdError) -> Error {
+        if e.is_disconnect() {
+            Error::ContainerdGone { source: e }
+        } else {
+            Error::Containerd(e)
+        }
+    }
 }
 
 impl Error {
@@ -94,7 +111,7 @@ impl Error {
             Error::AppLayerMissing { .. } => "app_layer_missing",
             Error::InPlaceDigest { .. } | Error::Usage(_) => "usage",
             Error::NoRollback { .. } => "no_rollback",
-            Error::Containerd(e) => e.metric_label(),
+            Error::Containerd(e) | Error::ContainerdGone { source: e } => e.metric_label(),
             Error::Registry(e) => e.metric_label(),
             Error::Prepull(e) => e.metric_label(),
             Error::Oci(_) => "malformed",
@@ -174,6 +191,15 @@ pub fn same_image(a: &str, b: &str) -> bool {
     normalized(a) == normalized(b)
 }
 
+/// Whether two references name the same repository (registry and path; tag and digest
+/// ignored). The run-image name check uses this: the lifecycle compares whole tag references,
+/// but a patched run image is published under a new tag of the same repository as often as
+/// under the same tag (`run:v1` -> `run:v2`), and refusing that without `--force` would make
+/// every such rebase a forced one that rewrites `runImage.image` and drops the mirrors.
+pub fn same_repository(a: &str, b: &str) -> bool {
+    repository_of(&normalized(a)) == repository_of(&normalized(b))
+}
+
 /// The digest a `runImage.reference` names (a bare digest or `name@digest`).
 fn reference_digest(reference: &str) -> Option<&str> {
     let d = reference.rsplit_once('@').map_or(reference, |(_, d)| d);
@@ -220,49 +246,55 @@ async fn find_record(c: &Containerd, image: &str) -> Result<Option<ImageRecord>,
     Ok(None)
 }
 
-/// The new run image, on the node.
+/// The new run image: its manifest and config (read, not yet written), and how to get the
+/// rest onto the node.
 struct RunImage {
     name: String,
     bytes: ImageBytes,
-    /// Blobs fetched (or, dry-run, to fetch).
-    bytes_fetched: u64,
+    /// Resolved at the registry (None: the node's own record is used).
+    resolved: Option<registry::ResolvedRef>,
+    /// Bytes of its blobs the node lacks.
+    missing: u64,
     warnings: Vec<String>,
 }
 
-/// Gets the run image `reference` onto the node (only its missing blobs; dry-run: reads it
-/// without writing). The registry comes first, so a moved tag is seen; when the registry does
-/// not know it or cannot be reached, a local record of that name is used, with a warning.
-async fn new_run_image(
+/// Looks at the run image `reference` without writing anything: its manifest from the registry
+/// (so a moved tag is seen) and its config from the node, or else from the registry, in memory.
+/// When the registry does not know the name or cannot be reached, a local record of that name
+/// is used, with a warning.
+async fn peek_run_image(
     c: &Containerd,
     registry: &Arc<Registry>,
     reference: &str,
-    dry_run: bool,
 ) -> Result<RunImage, Error> {
     let name = normalized(reference);
     let resolved = registry.resolve(reference).await;
-    let local = find_record(c, reference).await?;
-    let resolved = match (resolved, local) {
-        (Ok(r), _) => r,
-        (Err(e), Some(rec)) => {
-            let (bytes, _) = read_image(c, &name, &rec.target).await?;
-            return Ok(RunImage {
-                name,
-                bytes,
-                bytes_fetched: 0,
-                warnings: vec![format!(
-                    "the registry could not resolve {reference} ({e}); used the node's own record of it"
-                )],
-            });
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            let local = find_record(c, reference).await?;
+            return match (e, local) {
+                (e, Some(rec)) => {
+                    let (bytes, _) = read_image(c, &name, &rec.target).await?;
+                    Ok(RunImage {
+                        name,
+                        bytes,
+                        resolved: None,
+                        missing: 0,
+                        warnings: vec![format!(
+                            "the registry could not resolve {reference} ({e}); used the node's own record of it"
+                        )],
+                    })
+                }
+                (RegistryError::NotFound { detail, .. }, None) => Err(Error::RunImageNotFound {
+                    reference: reference.into(),
+                    detail: format!(
+                        "the registry does not have it ({detail}) and the node has no image of that name"
+                    ),
+                }),
+                (e, None) => Err(e.into()),
+            };
         }
-        (Err(RegistryError::NotFound { detail, .. }), None) => {
-            return Err(Error::RunImageNotFound {
-                reference: reference.into(),
-                detail: format!(
-                    "the registry does not have it ({detail}) and the node has no image of that name"
-                ),
-            });
-        }
-        (Err(e), None) => return Err(e.into()),
     };
     let mut missing = 0;
     for b in std::iter::once(&resolved.manifest.config).chain(&resolved.manifest.layers) {
@@ -270,50 +302,23 @@ async fn new_run_image(
             missing += b.size;
         }
     }
-    if dry_run {
-        let config = match c.read_blob(&resolved.manifest.config.digest).await {
-            Ok(b) => b,
-            Err(ContainerdError::NotFound { .. }) => {
-                let cfg = &resolved.manifest.config;
-                registry
-                    .blob(&resolved.name, &cfg.digest, cfg.size, 0)
-                    .await?
-                    .try_fold(Vec::new(), |mut acc, chunk| async move {
-                        acc.extend_from_slice(&chunk);
-                        Ok(acc)
-                    })
-                    .await
-                    .map_err(|e| Error::RunImageNotFound {
-                        reference: reference.into(),
-                        detail: format!("its config could not be read: {e}"),
-                    })?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        return Ok(RunImage {
-            name,
-            bytes: ImageBytes {
-                name: resolved.name.clone(),
-                manifest_digest: resolved.manifest_desc.digest.clone(),
-                manifest: resolved.manifest_bytes.clone(),
-                config,
-            },
-            bytes_fetched: missing,
-            warnings: Vec::new(),
-        });
-    }
-    let metrics = crate::metrics::PrepullMetrics::new(&prometheus::Registry::new())
-        .map_err(PrepullError::from)?;
-    let puller = Puller::new(
-        c.clone(),
-        registry.clone(),
-        &prepull::Options::default(),
-        metrics,
-    );
-    let report = puller
-        .pull_resolved(std::slice::from_ref(&resolved), None)
-        .await?;
-    let config = c.read_blob(&resolved.manifest.config.digest).await?;
+    let cfg = &resolved.manifest.config;
+    let config = match c.read_blob(&cfg.digest).await {
+        Ok(b) => b,
+        Err(ContainerdError::NotFound { .. }) => registry
+            .blob(&resolved.name, &cfg.digest, cfg.size, 0)
+            .await?
+            .try_fold(Vec::new(), |mut acc, chunk| async move {
+                acc.extend_from_slice(&chunk);
+                Ok(acc)
+            })
+            .await
+            .map_err(|e| Error::RunImageNotFound {
+                reference: reference.into(),
+                detail: format!("its config could not be read: {e}"),
+            })?,
+        Err(e) => return Err(e.into()),
+    };
     Ok(RunImage {
         name,
         bytes: ImageBytes {
@@ -322,9 +327,57 @@ async fn new_run_image(
             manifest: resolved.manifest_bytes.clone(),
             config,
         },
-        bytes_fetched: report.total.bytes_fetched,
+        resolved: Some(resolved),
+        missing,
         warnings: Vec::new(),
     })
+}
+
+/// Gets the run image's missing blobs onto the node with the pre-pull engine (which also
+/// unpacks it and writes its record). Returns the bytes fetched.
+async fn pull_run_image(
+    c: &Containerd,
+    registry: &Arc<Registry>,
+    run: &RunImage,
+) -> Result<u64, Error> {
+    let Some(resolved) = &run.resolved else {
+        return Ok(0);
+    };
+    // The config was read to plan: it goes into the store from memory, so the pull does not
+    // fetch it a second time.
+    let lease = c
+        .create_lease(
+            &format!("ragent-rebase-config-{}-{}", std::process::id(), nonce()),
+            LEASE_EXPIRY,
+        )
+        .await?;
+    let cfg = &resolved.manifest.config;
+    let config_fetched = if c.content_size(&cfg.digest).await?.is_none() {
+        cfg.size
+    } else {
+        0
+    };
+    let pulled = async {
+        put_blob(c, &lease, cfg, &run.bytes.config, HashMap::new()).await?;
+        let metrics = crate::metrics::PrepullMetrics::new(&prometheus::Registry::new())
+            .map_err(PrepullError::from)?;
+        let puller = Puller::new(
+            c.clone(),
+            registry.clone(),
+            &prepull::Options::default(),
+            metrics,
+        );
+        let report = puller
+            .pull_resolved(std::slice::from_ref(resolved), None)
+            .await?;
+        Ok::<u64, Error>(report.total.bytes_fetched)
+    }
+    .await;
+    let dropped = c.delete_lease(&lease, false).await;
+    let fetched = pulled?;
+    dropped?;
+    // The config crossed the network when it was read for the plan.
+    Ok(fetched + config_fetched)
 }
 
 /// The old run image, when the node has its manifest (for the structural check).
@@ -394,7 +447,7 @@ pub async fn rebase(
             })
         })?,
     };
-    let run = new_run_image(c, registry, &reference, opts.dry_run).await?;
+    let run = peek_run_image(c, registry, &reference).await?;
     let p = plan::plan(
         &app,
         &run.bytes,
@@ -403,7 +456,7 @@ pub async fn rebase(
             force: opts.force,
             run_image_name: run.name.clone(),
         },
-        &same_image,
+        &same_repository,
     )
     .map_err(refused)?;
     let out_name = match &opts.output {
@@ -442,7 +495,7 @@ pub async fn rebase(
         layers_kept: p.kept.clone(),
         labels_changed: p.labels_changed.clone(),
         forced: p.forced.clone(),
-        bytes_fetched: run.bytes_fetched,
+        bytes_fetched: run.missing,
         rollback: None,
         warnings,
         seconds: 0.0,
@@ -455,8 +508,8 @@ pub async fn rebase(
         outcome.seconds = t0.elapsed().as_secs_f64();
         return Ok(outcome);
     }
-    // Every blob of the result must be here: the run image's were just pulled, the app's
-    // layers must be (they are never downloaded).
+    // The app's layers must be here: they are never downloaded. Checked before the run image
+    // is fetched, so a rebase that cannot finish fetches nothing.
     for l in &p.kept {
         if c.content_size(&l.digest).await?.is_none() {
             return Err(Error::AppLayerMissing {
@@ -465,6 +518,7 @@ pub async fn rebase(
             });
         }
     }
+    outcome.bytes_fetched = pull_run_image(c, registry, &run).await?;
     let lease = c
         .create_lease(
             &format!("ragent-rebase-{}-{}", std::process::id(), nonce()),
@@ -836,5 +890,9 @@ mod tests {
         assert_eq!(reference_digest("h/r:v1"), None);
         assert!(same_image("ubuntu", "docker.io/library/ubuntu:latest"));
         assert!(!same_image("h:5000/run:v1", "h:5000/run:v2"));
+        assert!(same_repository("h:5000/run:v1", "h:5000/run:v2"));
+        assert!(same_repository("h:5000/run:v1", "h:5000/run@sha256:ab"));
+        assert!(!same_repository("h:5000/run:v1", "h:5000/run-mirror:v1"));
+        assert!(same_repository("ubuntu:22.04", "docker.io/library/ubuntu"));
     }
 }

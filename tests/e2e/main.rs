@@ -12,6 +12,7 @@ mod insight;
 mod kernel;
 mod pod;
 mod prepull;
+mod rebase;
 mod store;
 mod support;
 mod warm;

@@ -68,6 +68,25 @@ pub async fn cri_pull(node: &Node, reference: &str) {
         .unwrap_or_else(|e| panic!("CRI PullImage {reference}: {e}"));
 }
 
+/// Whether CRI's ImageService knows `reference` (its image store follows containerd's image
+/// events, so a record written by ragent shows up a moment later).
+pub async fn cri_has_image(node: &Node, reference: &str) -> bool {
+    let channel = containerd_client::connect(node.socket())
+        .await
+        .expect("connecting to CRI");
+    ImageServiceClient::new(channel)
+        .image_status(Request::new(k8s_cri::v1::ImageStatusRequest {
+            image: Some(ImageSpec {
+                image: reference.to_string(),
+                ..Default::default()
+            }),
+            verbose: false,
+        }))
+        .await
+        .map(|r| r.into_inner().image.is_some())
+        .unwrap_or(false)
+}
+
 /// The size containerd's content store reports for a blob.
 pub async fn content_size(node: &Node, digest: &str) -> u64 {
     let c = ragent::adapters::containerd::Containerd::connect(&node.socket(), "k8s.io")

@@ -311,6 +311,8 @@ const ARM64: Arch = Arch {
 struct RunImage {
     image: Image,
     labels: BTreeMap<String, String>,
+    /// `created_by` of its history entries (an app built on it starts with the same).
+    history: Vec<String>,
 }
 
 /// What a run image is made of.
@@ -501,6 +503,10 @@ impl Builder {
             "io.buildpacks.base.maintainer".to_string(),
             "ragent samples".to_string(),
         );
+        let history = vec![
+            "ragent-samples: run image base".to_string(),
+            format!("ragent-samples: {}", release.1),
+        ];
         let config = json!({
             "architecture": arch.oci,
             "os": "linux",
@@ -513,10 +519,14 @@ impl Builder {
                 "Cmd": ["/bin/sh"],
             },
             "rootfs": {"type": "layers", "diff_ids": [base.diff_id, rel.diff_id]},
-            "history": Self::history(&["ragent-samples: run image base".into(), format!("ragent-samples: {}", release.1)]),
+            "history": Self::history(&history),
         });
         let image = self.image(repo, tag, purpose, arch, vec![base, rel], config)?;
-        Ok(RunImage { image, labels })
+        Ok(RunImage {
+            image,
+            labels,
+            history,
+        })
     }
 
     fn launcher(&mut self, arch: Arch) -> Result<Layer> {
@@ -689,9 +699,18 @@ impl Builder {
             env.push("JAVA_HOME=/layers/ragent-samples_jre/jre".into());
             env.push("JAVA_TOOL_OPTIONS=-Xmx384m -XX:MaxMetaspaceSize=96m -XX:ReservedCodeCacheSize=64m -Xss1m".into());
         }
-        let created_by: Vec<String> = layers
+        // As the lifecycle exports it: the run image's history entries, then one per layer
+        // above it.
+        let created_by: Vec<String> = spec
+            .run
+            .history
             .iter()
-            .map(|l| format!("ragent-samples: {} ({})", l.name, l.role))
+            .cloned()
+            .chain(
+                layers[spec.run.image.layers.len()..]
+                    .iter()
+                    .map(|l| format!("ragent-samples: {} ({})", l.name, l.role)),
+            )
             .collect();
         let config = json!({
             "architecture": arch.oci,
@@ -1069,7 +1088,7 @@ mod tests {
         if !busybox_available() {
             return;
         }
-        // Built on 2026-11-27 with busybox-static 1:1.35.0-4+deb12u1+b1 for registry
+        // Built on 2026-11-28 (apps inherit the run image's history) with busybox-static 1:1.35.0-4+deb12u1+b1 for registry
         // 127.0.0.1:5000 at scale 1. A change here means every sample digest changed (a crate
         // update altered tar/gzip/JSON output, or the builder changed): update the pins on purpose.
         let d = tmp("pin");
@@ -1089,11 +1108,11 @@ mod tests {
         );
         assert_eq!(
             digest("ragent/app-py-web", "v1"),
-            "sha256:3db3e7b758118672676ee00501e6337d03bcc8cf7f986cd237ee7349db082ffb"
+            "sha256:c11674c20f82919d9eef92a17abb293ca0298d0d3cb524c42f27c98d773871a4"
         );
         assert_eq!(
             s.indexes[0].digest,
-            "sha256:91aa99d7757099c762363afbda1b0098c4713a61376a6378af131048888bd63c"
+            "sha256:1a076235735db7289d0a54c372261bf24523bfc5564d5ce10b579848d1245021"
         );
         let _ = fs::remove_dir_all(&d);
     }

@@ -6,6 +6,7 @@
 pub mod accesslog;
 pub mod auth;
 pub mod cgroups;
+pub mod expect;
 pub mod fixtures;
 pub mod http;
 pub mod node;

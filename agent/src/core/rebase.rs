@@ -132,7 +132,7 @@ pub enum RebaseError {
         run: Vec<String>,
     },
     #[error(
-        "check run-image name: {run_image} is neither runImage.image ({}) nor one of its mirrors ({}); pass --force to rebase onto it anyway (it then becomes runImage.image and the mirrors are cleared)",
+        "check run-image name: {run_image} is in neither the repository of runImage.image ({}) nor one of its mirrors' ({}); pass --force to rebase onto it anyway (it then becomes runImage.image and the mirrors are cleared)",
         image.as_deref().unwrap_or("none"), if mirrors.is_empty() { "none".to_string() } else { mirrors.join(", ") }
     )]
     RunImageNotInMetadata {
@@ -743,7 +743,8 @@ fn inspect_parsed(
 
 /// Plans the rebase of `app` onto `new_run`. `old_run`, when the node has it, lets the
 /// structural check compare the app's bottom layers with the old run image's.
-/// `same_image(a, b)` says whether two references name the same image (after normalization).
+/// `same_image(a, b)` says whether a name from the metadata allows the new run image's name
+/// (ragent compares repositories, see `rebase::same_repository`).
 pub fn plan(
     app: &ImageBytes,
     new_run: &ImageBytes,
