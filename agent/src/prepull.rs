@@ -731,7 +731,7 @@ fn distinct_digests(needs: &[ImageNeed]) -> BTreeSet<&str> {
 }
 
 /// Nanoseconds since the epoch: makes lease IDs unique per run.
-fn nonce() -> u128 {
+pub(crate) fn nonce() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

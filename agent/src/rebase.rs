@@ -30,7 +30,7 @@ use crate::{
         oci::{self, Descriptor, Platform, Target},
         rebase::{self as plan, ImageBytes, LabelChange, PlanLayer, RebaseError},
     },
-    prepull::{self, PrepullError, Puller},
+    prepull::{self, PrepullError, Puller, nonce},
 };
 
 /// How long the lease of a rebase lives if ragent dies before deleting it.
@@ -540,13 +540,6 @@ pub async fn rebase(
         "rebased"
     );
     Ok(outcome)
-}
-
-fn nonce() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 /// Writes the planned image: config, snapshots, manifest with gc references, then the records.
