@@ -5,11 +5,12 @@
 //! pre-pull engine (only its missing layers cross the network; the app's never do), and writes
 //! the result.
 //!
-//! Safety: everything is written under a lease that expires by itself. The config, the
-//! snapshots and the manifest (with its gc references) are in the store before any image record
-//! names them; with `--in-place`, the rollback record is written before the name moves. A
-//! crash at any point leaves every record pointing at complete content, and a rerun computes the
-//! same digests and finishes the job.
+//! Safety: everything is written under a lease that expires by itself. The config and the
+//! manifest (with its gc references) are in the store before any image record names them; with
+//! `--in-place`, the rollback record is written before the name moves; the layers are unpacked
+//! after the records, still under the lease. A crash at any point leaves every record pointing
+//! at complete content, and a rerun computes the same digests and finishes the job (including
+//! an unpack that was cut short).
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -76,11 +77,12 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     #[error(
-        "containerd stopped answering during the rebase ({source}); nothing is lost (no image record points at missing content): run the same command again once containerd is back"
+        "containerd stopped answering during the rebase ({detail}); nothing is lost (no image record points at missing content): run the same command again once containerd is back"
     )]
     ContainerdGone {
-        #[source]
-        source: ContainerdError,
+        detail: String,
+        /// For the metric label.
+        label: &'static str,
     },
     #[error(transparent)]
     Containerd(ContainerdError),
@@ -95,7 +97,14 @@ pub enum Error {
 impl From<ContainerdError> for Error {
     fn from(e: ContainerdError) -> Error {
         if e.is_disconnect() {
-            Error::ContainerdGone { source: e }
+            let detail = match &e {
+                ContainerdError::Rpc { op, status } => format!("{op}: {}", status.message()),
+                other => other.to_string(),
+            };
+            Error::ContainerdGone {
+                detail,
+                label: e.metric_label(),
+            }
         } else {
             Error::Containerd(e)
         }
@@ -111,7 +120,8 @@ impl Error {
             Error::AppLayerMissing { .. } => "app_layer_missing",
             Error::InPlaceDigest { .. } | Error::Usage(_) => "usage",
             Error::NoRollback { .. } => "no_rollback",
-            Error::Containerd(e) | Error::ContainerdGone { source: e } => e.metric_label(),
+            Error::Containerd(e) => e.metric_label(),
+            Error::ContainerdGone { label, .. } => label,
             Error::Registry(e) => e.metric_label(),
             Error::Prepull(e) => e.metric_label(),
             Error::Oci(_) => "malformed",
@@ -174,7 +184,12 @@ pub struct Outcome {
     /// The name of the record that keeps the previous image (in-place only).
     pub rollback: Option<String>,
     pub warnings: Vec<String>,
+    /// The whole command: reading, checks, fetching the run image, writing, unpacking.
     pub seconds: f64,
+    /// Writing the config, the manifest and the records (the image is usable from here on).
+    pub write_seconds: f64,
+    /// Unpacking the result's layers into snapshots (after the records exist).
+    pub unpack_seconds: f64,
 }
 
 /// The name of the record that keeps the image an in-place rebase of `name` replaced.
@@ -499,7 +514,25 @@ pub async fn rebase(
         rollback: None,
         warnings,
         seconds: 0.0,
+        write_seconds: 0.0,
+        unpack_seconds: 0.0,
     };
+    if p.already_current && !opts.dry_run {
+        // Nothing to write; a run killed between the record and the unpack left it to this one.
+        let config_digest = oci::parse_manifest(&app.manifest_digest, &app.manifest)?
+            .config
+            .digest;
+        let lease = c
+            .create_lease(
+                &format!("ragent-rebase-{}-{}", std::process::id(), nonce()),
+                LEASE_EXPIRY,
+            )
+            .await?;
+        let unpacked = unpack(c, &lease, &p.layers, &p.diff_ids, &config_digest).await;
+        let dropped = c.delete_lease(&lease, false).await;
+        unpacked?;
+        dropped?;
+    }
     if p.already_current || opts.dry_run {
         if p.already_current {
             outcome.manifest_size = app.manifest.len() as u64;
@@ -525,10 +558,20 @@ pub async fn rebase(
             LEASE_EXPIRY,
         )
         .await?;
-    let written = write(c, &lease, &record, &out_name, &opts.output, &p, &run).await;
+    let t_write = Instant::now();
+    let written = async {
+        let rollback = write(c, &lease, &record, &out_name, &opts.output, &p, &run).await?;
+        let recorded = t_write.elapsed().as_secs_f64();
+        unpack(c, &lease, &p.layers, &p.diff_ids, &p.config_digest).await?;
+        Ok::<_, Error>((rollback, recorded))
+    }
+    .await;
     let dropped = c.delete_lease(&lease, false).await;
-    outcome.rollback = written?;
+    let (rollback, recorded) = written?;
     dropped?;
+    outcome.rollback = rollback;
+    outcome.write_seconds = recorded;
+    outcome.unpack_seconds = t_write.elapsed().as_secs_f64() - recorded;
     outcome.seconds = t0.elapsed().as_secs_f64();
     info!(
         image = %name,
@@ -542,7 +585,28 @@ pub async fn rebase(
     Ok(outcome)
 }
 
-/// Writes the planned image: config, snapshots, manifest with gc references, then the records.
+/// Unpacks an image's layers (snapshots that exist are kept) and records the top snapshot on
+/// its config, so GC keeps the snapshots as long as the image. Containers start from an
+/// unpacked image without waiting; CRI would unpack a missing one itself, at container start.
+async fn unpack(
+    c: &Containerd,
+    lease: &str,
+    layers: &[Descriptor],
+    diff_ids: &[String],
+    config_digest: &str,
+) -> Result<(), Error> {
+    if let Some(top) = c.unpack(lease, layers, diff_ids).await? {
+        c.label_content(
+            config_digest,
+            HashMap::from([(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top)]),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes the planned image: config, manifest with gc references, then the records (the
+/// caller unpacks afterwards).
 async fn write(
     c: &Containerd,
     lease: &str,
@@ -570,14 +634,6 @@ async fn write(
         annotations: Default::default(),
     };
     put_blob(c, lease, &config_desc, &p.config, HashMap::new()).await?;
-    let top = c.unpack(lease, &p.layers, &p.diff_ids).await?;
-    if let Some(top) = top {
-        c.label_content(
-            &p.config_digest,
-            HashMap::from([(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top)]),
-        )
-        .await?;
-    }
     let mut gc = HashMap::from([(
         "containerd.io/gc.ref.content.config".to_string(),
         p.config_digest.clone(),
@@ -730,6 +786,8 @@ pub async fn rollback(c: &Containerd, image: &str) -> Result<Outcome, Error> {
         rollback: None,
         warnings: Vec::new(),
         seconds: t0.elapsed().as_secs_f64(),
+        write_seconds: 0.0,
+        unpack_seconds: 0.0,
     })
 }
 
@@ -831,7 +889,11 @@ pub fn render(o: &Outcome) -> String {
         let _ = writeln!(s, "  warning: {w}");
     }
     if !o.dry_run {
-        let _ = writeln!(s, "  {:.3} s", o.seconds);
+        let _ = writeln!(
+            s,
+            "  {:.3} s (writing {:.3} s, unpacking {:.3} s)",
+            o.seconds, o.write_seconds, o.unpack_seconds
+        );
     }
     s
 }
@@ -887,5 +949,70 @@ mod tests {
         assert!(same_repository("h:5000/run:v1", "h:5000/run@sha256:ab"));
         assert!(!same_repository("h:5000/run:v1", "h:5000/run-mirror:v1"));
         assert!(same_repository("ubuntu:22.04", "docker.io/library/ubuntu"));
+    }
+
+    fn outcome() -> Outcome {
+        Outcome {
+            image: "h/app:v1".into(),
+            name: "h/app:v1".into(),
+            dry_run: false,
+            already_current: false,
+            old_digest: format!("sha256:{}", "a".repeat(64)),
+            new_digest: format!("sha256:{}", "b".repeat(64)),
+            new_config_digest: format!("sha256:{}", "c".repeat(64)),
+            manifest_size: 1234,
+            old_run_image: "sha256:old".into(),
+            new_run_image: "h/run:v2".into(),
+            new_run_image_digest: format!("sha256:{}", "d".repeat(64)),
+            layers_replaced: 1,
+            layers_removed: vec![PlanLayer {
+                digest: format!("sha256:{}", "e".repeat(64)),
+                diff_id: "sha256:x".into(),
+                size: 2048,
+            }],
+            layers_added: vec![],
+            layers_kept: vec![],
+            labels_changed: vec![],
+            forced: vec![],
+            bytes_fetched: 4096,
+            rollback: Some(rollback_name("h/app:v1")),
+            warnings: vec![],
+            seconds: 0.5,
+            write_seconds: 0.1,
+            unpack_seconds: 0.2,
+        }
+    }
+
+    #[test]
+    fn the_report_has_the_lifecycle_report_shape() {
+        let r: toml::Value = toml::from_str(&report_toml(&outcome())).unwrap();
+        assert_eq!(r["image"]["tags"][0].as_str(), Some("h/app:v1"));
+        assert_eq!(
+            r["image"]["digest"].as_str(),
+            Some(outcome().new_digest.as_str())
+        );
+        assert_eq!(r["image"]["manifest-size"].as_integer(), Some(1234));
+        assert!(r["image"]["image-id"].as_str().unwrap().ends_with("ccc"));
+    }
+
+    #[test]
+    fn the_text_says_what_happened_and_how_to_undo_it() {
+        let t = render(&outcome());
+        assert!(t.starts_with("rebased h/app:v1 onto h/run:v2"), "{t}");
+        assert!(
+            t.contains("(in place)") && t.contains("--rollback h/app:v1"),
+            "{t}"
+        );
+        let mut dry = outcome();
+        dry.dry_run = true;
+        dry.rollback = None;
+        let t = render(&dry);
+        assert!(
+            t.starts_with("would rebase") && t.contains("to fetch:"),
+            "{t}"
+        );
+        let mut current = outcome();
+        current.already_current = true;
+        assert!(render(&current).contains("nothing to do"));
     }
 }
