@@ -45,6 +45,9 @@ const MT_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MT_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
+/// Layers of `ragent/app-many-layers:v1`: run ×2, launcher, 15 buildpack layers, config, app.
+pub const MANY_LAYERS: usize = 20;
+
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
@@ -58,6 +61,9 @@ pub struct Options {
     pub scale: u32,
     /// The static busybox to embed.
     pub busybox: PathBuf,
+    /// Also build `ragent/app-many-layers:v1`, an app of [`MANY_LAYERS`] layers on `run:v1`
+    /// (`cargo xtask bench rebase`). Off by default: the other images are the same either way.
+    pub many_layers: bool,
 }
 
 impl Options {
@@ -66,6 +72,7 @@ impl Options {
             registry: registry.into(),
             scale: 1,
             busybox: PathBuf::from(BUSYBOX_PATH),
+            many_layers: false,
         }
     }
 }
@@ -986,6 +993,39 @@ pub fn build(dir: &Path, opts: &Options) -> Result<FixtureSet> {
         let img = b.app(spec)?;
         images.push(b.add_ref(img));
     }
+    if opts.many_layers {
+        // cpython and pip as app-py-web has them, then 13 dependency layers of 512 KiB.
+        const MANY: &[(&str, &str, &[&str])] = &[
+            ("ragent-samples/cpython", "3.12.1", &["cpython"]),
+            ("ragent-samples/pip", "24.0", &["pip-packages"]),
+            (
+                "ragent-samples/deps",
+                "1.0.0",
+                &[
+                    "deps-01", "deps-02", "deps-03", "deps-04", "deps-05", "deps-06", "deps-07",
+                    "deps-08", "deps-09", "deps-10", "deps-11", "deps-12", "deps-13",
+                ],
+            ),
+        ];
+        let img = b.app(&AppSpec {
+            name: "app-many-layers",
+            run: &run_v1,
+            arch: AMD64,
+            buildpacks: MANY,
+            jvm: false,
+            platform_api: "0.12",
+            extra_labels: &[],
+            purpose: "app-many-layers",
+            app_kib: 512,
+        })?;
+        if img.layers.len() != MANY_LAYERS {
+            bail!(
+                "app-many-layers has {} layers, not {MANY_LAYERS}",
+                img.layers.len()
+            );
+        }
+        images.push(b.add_ref(img));
+    }
 
     // A multi-platform app: one index over an amd64 and an arm64 manifest.
     let multi_amd = b.app(&AppSpec {
@@ -1203,6 +1243,41 @@ mod tests {
         }
         let loaded = FixtureSet::load(&d1).unwrap();
         assert_eq!(loaded, s1);
+        let _ = fs::remove_dir_all(&d1);
+        let _ = fs::remove_dir_all(&d2);
+    }
+
+    #[test]
+    fn the_many_layer_app_is_opt_in_and_changes_no_other_image() {
+        if !busybox_available() {
+            return;
+        }
+        let (d1, d2) = (tmp("m0"), tmp("m1"));
+        let plain = build(&d1, &Options::new("127.0.0.1:5000")).unwrap();
+        let mut opts = Options::new("127.0.0.1:5000");
+        opts.many_layers = true;
+        let many = build(&d2, &opts).unwrap();
+        assert!(plain.image("ragent/app-many-layers", "v1").is_none());
+        let app = many.image("ragent/app-many-layers", "v1").unwrap();
+        assert_eq!(app.layers.len(), MANY_LAYERS);
+        assert_eq!(
+            app.layers[..2],
+            many.image("ragent/run", "v1").unwrap().layers[..]
+        );
+        let roles: Vec<&str> = app.layers.iter().map(|l| l.role.as_str()).collect();
+        assert_eq!(roles.iter().filter(|r| **r == "buildpack").count(), 15);
+        assert_eq!(roles[2], "launcher");
+        assert_eq!(roles[18..], ["config", "app"]);
+        let others: Vec<&Image> = many
+            .images
+            .iter()
+            .filter(|i| i.repo != "ragent/app-many-layers")
+            .collect();
+        assert_eq!(others.len(), plain.images.len());
+        for (a, b) in plain.images.iter().zip(others) {
+            assert_eq!(a, b);
+        }
+        assert_eq!(plain.indexes, many.indexes);
         let _ = fs::remove_dir_all(&d1);
         let _ = fs::remove_dir_all(&d2);
     }
