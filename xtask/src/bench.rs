@@ -130,7 +130,7 @@ pub fn parse_rate(text: &str) -> Result<u64> {
 }
 
 /// Stops the bench node on drop (unless kept).
-struct NodeGuard {
+pub(crate) struct NodeGuard {
     dir: PathBuf,
     keep: bool,
 }
@@ -146,6 +146,25 @@ impl Drop for NodeGuard {
             Err(e) => eprintln!("bench: stopping the node in {}: {e:#}", self.dir.display()),
         }
     }
+}
+
+/// Starts a bench node (after stopping what an interrupted earlier run left in its directory),
+/// with the guard that stops it again unless `keep`, also when it fails to start.
+pub(crate) fn bench_node(cfg: &NodeConfig, keep: bool) -> Result<(Node, NodeGuard)> {
+    let _ = Node::down(&cfg.dir);
+    let guard = NodeGuard {
+        dir: cfg.dir.clone(),
+        keep,
+    };
+    Ok((Node::up(cfg.clone())?, guard))
+}
+
+/// `--down`: stops a bench node left by `--keep`.
+pub(crate) fn stop_bench_node(dir: &Path) -> Result<()> {
+    for d in Node::down(dir)? {
+        println!("down: {d}");
+    }
+    Ok(())
 }
 
 /// The network namespace, veth pair and the registry inside it; removed on drop.
@@ -468,9 +487,9 @@ async fn cri_pull(client: &mut ImageServiceClient<Channel>, reference: &str) -> 
 }
 
 /// What one `ragent` run left: its peak RSS (KiB) and stdout.
-struct RagentRun {
-    rss_kib: u64,
-    stdout: String,
+pub(crate) struct RagentRun {
+    pub(crate) rss_kib: u64,
+    pub(crate) stdout: String,
 }
 
 /// The process's peak resident set so far (VmHWM, KiB); None once it has exited.
@@ -485,7 +504,12 @@ fn vm_hwm_kib(pid: i32) -> Option<u64> {
 /// Runs ragent and kills it after `timeout`. Its peak RSS is the largest VmHWM seen while it
 /// runs (sampled every 2 ms): wait4's ru_maxrss would report xtask's own RSS here, because
 /// Linux carries the pre-exec (vfork-shared) high-water mark across exec.
-fn run_ragent(bin: &Path, node: &Node, args: &[String], timeout: Duration) -> Result<RagentRun> {
+pub(crate) fn run_ragent(
+    bin: &Path,
+    node: &Node,
+    args: &[String],
+    timeout: Duration,
+) -> Result<RagentRun> {
     let out_path = node.dir().join("ragent-bench.out");
     let err_path = node.dir().join("ragent-bench.err");
     let mut cmd = Command::new(bin);
@@ -548,11 +572,12 @@ fn run_ragent(bin: &Path, node: &Node, args: &[String], timeout: Duration) -> Re
     })
 }
 
-fn prepull_args(src: &Source, refs: &[String], extra: &[String]) -> Vec<String> {
+/// `ragent prepull --insecure-registry REGISTRY --json [EXTRA] REFS`
+pub(crate) fn prepull_args(registry: &str, refs: &[String], extra: &[String]) -> Vec<String> {
     let mut a = vec![
         "prepull".to_string(),
         "--insecure-registry".into(),
-        src.registry.clone(),
+        registry.to_string(),
         "--json".into(),
     ];
     a.extend_from_slice(extra);
@@ -590,7 +615,12 @@ async fn run_way(
             }
         }
         _ => {
-            let run = run_ragent(bin, node, &prepull_args(src, &refs, extra), PULL_TIMEOUT)?;
+            let run = run_ragent(
+                bin,
+                node,
+                &prepull_args(&src.registry, &refs, extra),
+                PULL_TIMEOUT,
+            )?;
             rss = Some(run.rss_kib);
             let v: serde_json::Value = serde_json::from_str(&run.stdout)
                 .with_context(|| format!("ragent prepull --json printed {:?}", run.stdout))?;
@@ -620,7 +650,7 @@ struct PodTimes {
     not_present: Vec<f64>,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
@@ -764,7 +794,7 @@ async fn pod_bench(node: &mut Node, set: &FixtureSet, bin: &Path) -> Result<PodT
     run_ragent(
         bin,
         node,
-        &prepull_args(&src, &by_ragent, &[]),
+        &prepull_args(&src.registry, &by_ragent, &[]),
         PULL_TIMEOUT,
     )?;
     let ch = containerd_client::connect(node.socket()).await?;
@@ -817,11 +847,22 @@ async fn pod_bench(node: &mut Node, set: &FixtureSet, bin: &Path) -> Result<PodT
     result.map(|()| times)
 }
 
-fn mb(b: f64) -> String {
+/// Which build a ragent binary is, from its path: what the figures were measured with.
+pub(crate) fn build_kind(bin: &Path) -> &'static str {
+    if bin.components().any(|c| c.as_os_str() == "release") {
+        "release build"
+    } else if bin.components().any(|c| c.as_os_str() == "debug") {
+        "debug build"
+    } else {
+        "given binary"
+    }
+}
+
+pub(crate) fn mb(b: f64) -> String {
     format!("{:.1} MB", b / 1e6)
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok { "PASS" } else { "FAIL" }
 }
 
@@ -830,21 +871,13 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
     let cfg = bench_config(&args.dir);
     if args.down {
         remove_netns();
-        for d in Node::down(&cfg.dir)? {
-            println!("down: {d}");
-        }
-        return Ok(());
+        return stop_bench_node(&cfg.dir);
     }
     let max_rate = parse_rate(&args.max_rate)?;
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let _ = Node::down(&cfg.dir);
-    let mut node = Node::up(cfg.clone())?;
-    let _node_guard = NodeGuard {
-        dir: cfg.dir.clone(),
-        keep: args.keep,
-    };
+    let (mut node, _node_guard) = bench_node(&cfg, args.keep)?;
     let t1 = Instant::now();
     let mut opts = fixtures::Options::new(&node.registry());
     opts.scale = args.scale;
@@ -1061,13 +1094,7 @@ pub fn prepull(args: &PrepullArgs, bin: &Path) -> Result<()> {
         .filter_map(|r| r.rss_kib)
         .max()
         .unwrap_or(0);
-    let build = if bin.components().any(|c| c.as_os_str() == "release") {
-        "release build"
-    } else if bin.components().any(|c| c.as_os_str() == "debug") {
-        "debug build"
-    } else {
-        "given binary"
-    };
+    let build = build_kind(bin);
     target(
         format!(
             "peak RSS of ragent prepull < 64 MiB ({} set, {build})",

@@ -355,14 +355,14 @@ fn prog_stats() -> Result<Vec<(u64, String, u64, u64)>> {
 }
 
 /// The first three fields of /proc/loadavg (1, 5, 15 minutes).
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
 /// Median of a sorted slice.
-fn median(sorted: &[f64]) -> f64 {
+pub(crate) fn median(sorted: &[f64]) -> f64 {
     match sorted.len() {
         0 => f64::NAN,
         n if n % 2 == 1 => sorted[n / 2],

@@ -9,8 +9,11 @@
 //!   tests against a real containerd, registry, kernel and Prometheus.
 //! - `bench prepull`: ragent's pre-pull against containerd's CRI pulls (docs/bench.md).
 //! - `bench ebpf`: what the eBPF programs and the agent cost the node (docs/bench.md).
+//! - `bench rebase`: `ragent rebase` of a 20-layer app, and the bytes a node needs for a
+//!   patched image: rebuild, registry-side rebase, ragent (docs/bench.md).
 mod bench;
 mod bench_ebpf;
+mod bench_rebase;
 
 use std::{
     path::{Path, PathBuf},
@@ -87,6 +90,10 @@ enum BenchCmd {
     /// Loopback throughput with and without ragent's eBPF programs, the agent's CPU and RSS
     /// with many live cgroups, and /metrics scrape time with many cgroups in the maps
     Ebpf(bench_ebpf::EbpfArgs),
+    /// Time of `ragent rebase` for a 20-layer app with the run image local (cold and warm),
+    /// and the bytes a node needs for the patched image: a rebuild, a registry-side rebase,
+    /// and `ragent rebase` (measured)
+    Rebase(bench_rebase::RebaseArgs),
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -505,27 +512,34 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The binary a bench measures: `--ragent PATH`, or the debug build (built now).
+fn bench_ragent(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(p) if p.exists() => Ok(p.canonicalize()?),
+        Some(p) => bail!("--ragent {}: no such file", p.display()),
+        None => build_ragent(),
+    }
+}
+
 fn bench_prepull(args: &bench::PrepullArgs) -> Result<()> {
     if args.down {
         return bench::prepull(args, Path::new(""));
     }
     setup()?;
-    let bin = match &args.ragent {
-        Some(p) if p.exists() => p.canonicalize()?,
-        Some(p) => bail!("--ragent {}: no such file", p.display()),
-        None => build_ragent()?,
-    };
-    bench::prepull(args, &bin)
+    bench::prepull(args, &bench_ragent(args.ragent.as_deref())?)
 }
 
 fn bench_ebpf(args: &bench_ebpf::EbpfArgs) -> Result<()> {
     setup()?;
-    let bin = match &args.ragent {
-        Some(p) if p.exists() => p.canonicalize()?,
-        Some(p) => bail!("--ragent {}: no such file", p.display()),
-        None => build_ragent()?,
-    };
-    bench_ebpf::ebpf(args, &bin)
+    bench_ebpf::ebpf(args, &bench_ragent(args.ragent.as_deref())?)
+}
+
+fn bench_rebase(args: &bench_rebase::RebaseArgs) -> Result<()> {
+    if args.down {
+        return bench_rebase::rebase(args, Path::new(""));
+    }
+    setup()?;
+    bench_rebase::rebase(args, &bench_ragent(args.ragent.as_deref())?)
 }
 
 fn main() -> ExitCode {
@@ -545,6 +559,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Ebpf(args),
         } => bench_ebpf(&args),
+        Cmd::Bench {
+            what: BenchCmd::Rebase(args),
+        } => bench_rebase(&args),
         Cmd::Fixtures {
             dir,
             registry,
