@@ -19,7 +19,7 @@ use std::{
 
 use futures::{TryStreamExt, stream};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     adapters::{
@@ -284,6 +284,11 @@ async fn peek_run_image(
 ) -> Result<RunImage, Error> {
     let name = normalized(reference);
     let resolved = registry.resolve(reference).await;
+    debug!(
+        reference,
+        ok = resolved.is_ok(),
+        "run image resolved at the registry"
+    );
     let resolved = match resolved {
         Ok(r) => r,
         Err(e) => {
@@ -358,6 +363,11 @@ async fn pull_run_image(
     let Some(resolved) = &run.resolved else {
         return Ok(0);
     };
+    if run.missing == 0 {
+        // Every blob is on the node already: nothing to fetch. The rebased manifest refers
+        // to the run image's layers itself, so they need no record of their own.
+        return Ok(0);
+    }
     // The config was read to plan: it goes into the store from memory, so the pull does not
     // fetch it a second time.
     let lease = c
@@ -439,6 +449,7 @@ pub async fn rebase(
         return Err(Error::InPlaceDigest { image: name });
     }
     let (app, _) = read_image(c, &name, &record.target).await?;
+    debug!(image = %name, "app image read");
     let refused = |source| Error::Refused {
         image: name.clone(),
         source,
@@ -462,7 +473,9 @@ pub async fn rebase(
             })
         })?,
     };
+    debug!(image = %name, run_image = %reference, "app checked");
     let run = peek_run_image(c, registry, &reference).await?;
+    debug!(run_image = %run.name, missing = run.missing, "run image resolved");
     let p = plan::plan(
         &app,
         &run.bytes,
@@ -552,6 +565,7 @@ pub async fn rebase(
         }
     }
     outcome.bytes_fetched = pull_run_image(c, registry, &run).await?;
+    debug!(run_image = %run.name, bytes = outcome.bytes_fetched, "run image on the node");
     let lease = c
         .create_lease(
             &format!("ragent-rebase-{}-{}", std::process::id(), nonce()),
@@ -616,16 +630,6 @@ async fn write(
     p: &plan::Plan,
     run: &RunImage,
 ) -> Result<Option<String>, Error> {
-    // Every layer under the lease first, so GC cannot take one while the image is assembled.
-    for l in &p.layers {
-        c.lease_content(lease, &l.digest).await?;
-        if c.content_size(&l.digest).await?.is_none() {
-            return Err(Error::AppLayerMissing {
-                image: record.name.clone(),
-                digest: l.digest.clone(),
-            });
-        }
-    }
     let config_desc = Descriptor {
         media_type: p.config_media_type.clone(),
         digest: p.config_digest.clone(),
@@ -655,6 +659,17 @@ async fn write(
     // If the manifest existed without our labels, label it now: the gc references must hold
     // before a record names it.
     c.label_content(&p.manifest_digest, gc).await?;
+    // The lease holds the manifest and the manifest's gc references hold every layer: a layer
+    // still there now stays as long as the lease or a record. (One lease entry instead of one
+    // per layer: each is a metadata commit with two fsyncs.)
+    for l in &p.layers {
+        if c.content_size(&l.digest).await?.is_none() {
+            return Err(Error::AppLayerMissing {
+                image: record.name.clone(),
+                digest: l.digest.clone(),
+            });
+        }
+    }
 
     // The records. The rollback record first: a crash after it leaves the old image under two
     // names, never under none.

@@ -444,7 +444,36 @@ impl Containerd {
         let chains = chain_ids(diff_ids);
         let mut snaps = SnapshotsClient::new(self.channel.clone());
         let mut parent = String::new();
-        for (layer, chain) in layers.iter().zip(&chains) {
+        // The highest snapshot that exists, found from the top: a snapshot keeps its parents
+        // (for GC too), so only it goes under the lease and the layers below are not looked at.
+        // A rebased image finds its whole new run image (or itself) there at once.
+        let mut start = 0;
+        for i in (0..chains.len()).rev() {
+            let stat = || {
+                self.request(StatSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: chains[i].clone(),
+                })
+            };
+            match snaps.stat(stat()).await {
+                Ok(_) => {
+                    self.lease_snapshot(lease, &chains[i]).await?;
+                    // Still there once leased? Then it is safe until the lease goes.
+                    match snaps.stat(stat()).await {
+                        Ok(_) => {
+                            start = i + 1;
+                            parent = chains[i].clone();
+                            break;
+                        }
+                        Err(s) if s.code() == Code::NotFound => {}
+                        Err(s) => return Err(rpc("Snapshots.Stat")(s)),
+                    }
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(rpc("Snapshots.Stat")(s)),
+            }
+        }
+        for (layer, chain) in layers.iter().zip(&chains).skip(start) {
             let stat = || {
                 self.request(StatSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),

@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::Once, time::Duration};
 use futures::{Stream, StreamExt, TryStreamExt};
 use oci_client::{
     Client, Reference,
-    client::{BlobResponse, ClientConfig, ClientProtocol},
+    client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol},
     errors::{DigestError, OciDistributionError},
     secrets::RegistryAuth,
 };
@@ -280,13 +280,22 @@ pub struct ResolvedRef {
 
 /// A registry client for the given insecure (plain HTTP) hosts and credentials.
 pub struct Registry {
-    client: Client,
+    /// For registries reached over TLS (built when first needed).
+    tls: tokio::sync::OnceCell<Client>,
+    /// For the registries named insecure (plain HTTP).
+    plain: tokio::sync::OnceCell<Client>,
+    insecure: Vec<String>,
     credentials: Credentials,
     platform: Platform,
     timeout: Duration,
 }
 
 static TLS_PROVIDER: Once = Once::new();
+
+/// The only root the plain-HTTP client trusts: a self-signed certificate whose private key was
+/// thrown away when it was made, so no server can present a chain to it. It exists because the
+/// HTTP library loads the system's roots unless it is given roots of its own.
+const NO_TLS_ROOTS: &str = include_str!("no-tls-roots.pem");
 
 fn parse(reference: &str) -> Result<Reference, RegistryError> {
     reference
@@ -326,18 +335,54 @@ impl Registry {
             // Fails only if another provider was installed first, which is as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
         });
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
-            connect_timeout: Some(timeout.min(CONNECT_TIMEOUT_MAX)),
-            read_timeout: Some(timeout),
-            ..Default::default()
-        };
         Registry {
-            client: Client::new(config),
+            tls: tokio::sync::OnceCell::new(),
+            plain: tokio::sync::OnceCell::new(),
+            insecure: insecure.to_vec(),
             credentials,
             platform: Platform::this_node(),
             timeout,
         }
+    }
+
+    fn config(&self, protocol: ClientProtocol) -> ClientConfig {
+        ClientConfig {
+            protocol,
+            connect_timeout: Some(self.timeout.min(CONNECT_TIMEOUT_MAX)),
+            read_timeout: Some(self.timeout),
+            ..Default::default()
+        }
+    }
+
+    /// The HTTP client for the registry of `r`. Registries named insecure get a plain-HTTP
+    /// client that trusts no TLS root (building one with the system's roots loads and parses
+    /// every certificate in /etc/ssl/certs, ~125 ms on this machine: most of a local rebase);
+    /// the others share a TLS client, built once on a blocking thread when first needed.
+    async fn client(&self, r: &Reference) -> &Client {
+        if self.insecure.iter().any(|h| h == r.resolve_registry()) {
+            return self
+                .plain
+                .get_or_init(|| async {
+                    let mut config = self.config(ClientProtocol::Http);
+                    config.tls_certs_only = vec![Certificate {
+                        encoding: CertificateEncoding::Pem,
+                        data: NO_TLS_ROOTS.as_bytes().to_vec(),
+                    }];
+                    Client::new(config)
+                })
+                .await;
+        }
+        self.tls
+            .get_or_init(|| async {
+                let protocol = || ClientProtocol::HttpsExcept(self.insecure.clone());
+                let config = self.config(protocol());
+                match tokio::task::spawn_blocking(move || Client::new(config)).await {
+                    Ok(c) => c,
+                    // The blocking pool is gone (runtime shutting down): build it here.
+                    Err(_) => Client::new(self.config(protocol())),
+                }
+            })
+            .await
     }
 
     /// What to present to the registry of `r`.
@@ -401,7 +446,8 @@ impl Registry {
     ) -> Result<(Vec<u8>, String), RegistryError> {
         let auth = self.auth_for(r)?;
         let (bytes, digest) = self
-            .client
+            .client(r)
+            .await
             .pull_manifest_raw(r, &auth, ACCEPT)
             .await
             .map_err(|e| self.request_error(r, r.whole(), e))?;
@@ -485,18 +531,15 @@ impl Registry {
         // The registry's credentials (anonymous without an entry) before the first blob
         // request: a blob may be fetched before any manifest of its registry.
         let auth = self.auth_for(&r)?;
-        self.client
+        let client = self.client(&r).await;
+        client
             .store_auth_if_needed(r.resolve_registry(), &auth)
             .await;
         let mut skip = 0;
         let sized = if offset == 0 {
-            self.client
-                .pull_blob_stream(&r, digest)
-                .await
-                .map_err(err)?
+            client.pull_blob_stream(&r, digest).await.map_err(err)?
         } else {
-            match self
-                .client
+            match client
                 .pull_blob_stream_partial(&r, digest, offset, None)
                 .await
                 .map_err(err)?
