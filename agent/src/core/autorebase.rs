@@ -110,10 +110,16 @@ pub struct Task {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finished {
     /// A new image was written onto the run image `run_digest`.
-    Rebased { run_digest: String },
+    Rebased {
+        run_digest: String,
+    },
     /// The image sat on `run_digest` already: nothing was written.
-    Current { run_digest: String },
-    Failed { reason: String },
+    Current {
+        run_digest: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// The node as the policy sees it.
@@ -144,7 +150,10 @@ struct Follow {
 enum Tried {
     /// The rebase found the image on the run image already.
     Current,
-    Failed { failures: u32, next: Instant },
+    Failed {
+        failures: u32,
+        next: Instant,
+    },
 }
 
 /// The last attempt on one image record, valid while the record and the tag's digest stay.
@@ -334,11 +343,8 @@ impl AutoRebase {
     fn follow_of(&self, app: &App, apps: &[App]) -> Option<&Follow> {
         let output = self.output_of(app, apps);
         self.follows.iter().find(|f| {
-            app.run_names.iter().any(|n| *n == f.tag)
-                || app
-                    .run_digest
-                    .as_ref()
-                    .is_some_and(|d| f.seen.contains(d))
+            app.run_names.contains(&f.tag)
+                || app.run_digest.as_ref().is_some_and(|d| f.seen.contains(d))
                 || [Some(app), output]
                     .into_iter()
                     .flatten()
@@ -733,7 +739,10 @@ mod tests {
             t0,
         );
         let apps = vec![src.clone(), out.clone()];
-        assert!(p.due(&apps, t0).is_empty(), "patched, and the output is no source");
+        assert!(
+            p.due(&apps, t0).is_empty(),
+            "patched, and the output is no source"
+        );
         assert_eq!(p.view(&apps, t0).unpatched, 0);
         // Another patch: the output is rewritten from the same source.
         p.polled(TAG, run(3), t0);
