@@ -1,0 +1,245 @@
+//! The agent's automatic rebase (`[rebase]` in its config file) against the real registry and
+//! containerd: a followed run-image tag moved forward, back and forward again leads to exactly
+//! one rebase per app per actual change, and none while nothing changes.
+//!
+//! The followed tag is a test-only copy of `ragent/run:v1` (`ragent/run:follow-it`), so the
+//! fixture tags stay as they are. The apps' metadata names `ragent/run:v1` and the mirror, not
+//! that tag: the policy finds them by the run-image digest the tag had when the agent started.
+use std::time::Duration;
+
+use ragent::{
+    adapters::containerd::Containerd,
+    core::{oci, rebase::inspect_app},
+    rebase::read_image,
+};
+use ragent_testkit::{fixtures::FixtureSet, node::Node};
+
+use crate::support::*;
+
+const FOLLOW_TAG: &str = "follow-it";
+/// How long a rebase of both apps may take (the first fetches the run image).
+const REBASE_DEADLINE: Duration = Duration::from_secs(60);
+/// Polls (1 s apart) the test waits through to see that nothing more happens.
+const QUIET_POLLS: f64 = 3.0;
+
+/// An app image as its record says: the manifest it points at, the run image its metadata
+/// says it sits on (`runImage.reference`) and its layers.
+#[derive(Debug, Clone, PartialEq)]
+struct AppState {
+    target: String,
+    run_image: String,
+    layers: Vec<String>,
+}
+
+async fn app_state(node: &Node, name: &str) -> AppState {
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connecting to containerd");
+    let record = c
+        .get_image(name)
+        .await
+        .expect("Images.Get")
+        .unwrap_or_else(|| panic!("no record {name}"));
+    let (bytes, _) = read_image(&c, name, &record.target)
+        .await
+        .expect("reading the image");
+    let view = inspect_app(&bytes, None).expect("a CNB app");
+    let manifest = oci::parse_manifest(&bytes.manifest_digest, &bytes.manifest).expect("manifest");
+    AppState {
+        target: record.target.digest,
+        run_image: view.reference,
+        layers: manifest.layers.into_iter().map(|l| l.digest).collect(),
+    }
+}
+
+fn write_config(node: &Node, follow: &str) -> std::path::PathBuf {
+    let path = node.dir().join("autorebase.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[rebase]\nfollow = [{follow:?}]\nmode = \"in-place\"\npoll_interval_s = 1\nretry_max_s = 2\ninsecure_registries = [{:?}]\n",
+            node.registry()
+        ),
+    )
+    .expect("writing the agent config");
+    path
+}
+
+fn polls(agent: &Agent) -> f64 {
+    agent
+        .value("ragent_run_image_polls_total{result=\"ok\"}")
+        .unwrap_or(0.0)
+}
+
+/// Waits until the agent has polled the tag `n` more times (so it had every chance to act).
+fn wait_polls(agent: &Agent, n: f64) {
+    let from = polls(agent);
+    wait_for(
+        "the agent to poll the followed tag",
+        Duration::from_secs(30),
+        || (polls(agent) >= from + n).then_some(()),
+    );
+}
+
+fn rebased(agent: &Agent) -> f64 {
+    agent
+        .value("ragent_rebases_total{result=\"rebased\"}")
+        .unwrap_or(-1.0)
+}
+
+/// Every result but `rebased`: failures and "already current" answers.
+fn other_results(agent: &Agent) -> f64 {
+    let m = agent.metrics();
+    sum_of(&m, "ragent_rebases_total{")
+        - metric_value(&m, "ragent_rebases_total{result=\"rebased\"}").unwrap_or(0.0)
+}
+
+fn run_digest(set: &FixtureSet, tag: &str) -> String {
+    set.image("ragent/run", tag)
+        .expect("fixture")
+        .manifest_digest
+        .clone()
+}
+
+/// The node's view in the metrics: `n` images on `digest`, none waiting.
+fn assert_view(agent: &Agent, digest: &str, n: f64, gone: &str) {
+    let m = agent.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!("ragent_images_by_run_image{{run_image_digest=\"{digest}\"}}")
+        ),
+        Some(n),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!("ragent_images_by_run_image{{run_image_digest=\"{gone}\"}}")
+        ),
+        None,
+        "no app sits on {gone} any more: {m}"
+    );
+    assert_eq!(
+        metric_value(&m, "ragent_run_image_oldest_unpatched_age_seconds"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autorebase_follows_a_tag_forward_back_and_forward_once_per_change() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let follow = set.reference("ragent/run", FOLLOW_TAG);
+    retag(&set.reference("ragent/run", "v1"), &follow);
+    let apps = [
+        set.reference("ragent/app-py-web", "v1"),
+        set.reference("ragent/app-py-worker", "v1"),
+    ];
+    for a in &apps {
+        cri_pull(&node, a).await;
+    }
+    let (v1, v2) = (run_digest(&set, "v1"), run_digest(&set, "v2"));
+    let mut states = Vec::new();
+    for a in &apps {
+        let s = app_state(&node, a).await;
+        assert_eq!(s.run_image, v1, "{a} is built on run:v1");
+        states.push(s);
+    }
+    let originals = states.clone();
+
+    let cfg = write_config(&node, &follow);
+    let agent = Agent::start(
+        &node,
+        free_port(),
+        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
+    );
+    // Nothing changes for a few polls: nothing is rebased, no record moves.
+    wait_polls(&agent, QUIET_POLLS);
+    assert_eq!(rebased(&agent), 0.0);
+    assert_eq!(other_results(&agent), 0.0);
+    for (a, s) in apps.iter().zip(&states) {
+        assert_eq!(&app_state(&node, a).await, s, "{a} was left alone");
+    }
+    assert_view(&agent, &v1, 2.0, &v2);
+
+    let mut want = 0.0;
+    for (i, (to, digest)) in [("v2", &v2), ("v1", &v1), ("v2", &v2)]
+        .into_iter()
+        .enumerate()
+    {
+        let target = set.image("ragent/run", to).expect("fixture");
+        let missing = missing_bytes(&node, &set, &[("ragent/run", to)]).await;
+        retag(&set.reference("ragent/run", to), &follow);
+        let mark = registry_log_mark(&node);
+        want += apps.len() as f64;
+        let rt = tokio::runtime::Handle::current();
+        let (n, names, d) = (node.clone(), apps.clone(), digest.clone());
+        let agent_ref = &agent;
+        tokio::task::block_in_place(|| {
+            wait_for(
+                &format!("both apps rebased onto run:{to}"),
+                REBASE_DEADLINE,
+                || {
+                    let all_on = names
+                        .iter()
+                        .all(|a| rt.block_on(app_state(&n, a)).run_image == d);
+                    (all_on && rebased(agent_ref) >= want).then_some(())
+                },
+            )
+        });
+        // Exactly one rebase per app, and no more over the next polls.
+        wait_polls(&agent, QUIET_POLLS);
+        assert_eq!(
+            rebased(&agent),
+            want,
+            "one rebase per app for the move to {to}"
+        );
+        assert_eq!(other_results(&agent), 0.0, "{}", agent.metrics());
+        for (k, a) in apps.iter().enumerate() {
+            let now = app_state(&node, a).await;
+            assert_ne!(now.target, states[k].target, "{a}'s record moved");
+            assert_eq!(now.run_image, *digest);
+            // The run image's layers at the bottom, the app's own above them, unchanged.
+            let run_layers: Vec<String> = target.layers.iter().map(|l| l.digest.clone()).collect();
+            assert_eq!(now.layers[..run_layers.len()], run_layers[..], "{a}");
+            assert_eq!(
+                now.layers[run_layers.len()..],
+                originals[k].layers[run_layers.len()..],
+                "{a}: the app's layers are kept"
+            );
+            if to == "v1" {
+                assert_eq!(now.layers, originals[k].layers, "{a} is back on run:v1");
+            }
+            states[k] = now;
+        }
+        assert_view(&agent, digest, 2.0, if to == "v1" { &v2 } else { &v1 });
+        // The run image was fetched once for the node: the first move fetched exactly what the
+        // node lacked of it; later moves find its layers local (at most its config again, if
+        // containerd's GC took it while no record named it).
+        let (served, _) = served_since(&node, mark);
+        if i == 0 {
+            assert!(missing > 0, "run:v2's release layer is not on the node yet");
+            assert_eq!(served, missing, "run:{to} fetched once, app layers never");
+        } else {
+            let config = std::fs::metadata(
+                set.layout
+                    .join("blobs/sha256")
+                    .join(target.config_digest.trim_start_matches("sha256:")),
+            )
+            .expect("config blob")
+            .len();
+            assert!(
+                served <= config,
+                "{served} bytes served for the move to {to}"
+            );
+        }
+    }
+    let log = std::fs::read_to_string(&agent.log).expect("agent log");
+    assert_eq!(
+        log.matches("rebased onto the followed run image").count(),
+        6,
+        "{log}"
+    );
+}
