@@ -243,3 +243,75 @@ async fn autorebase_follows_a_tag_forward_back_and_forward_once_per_change() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autorebase_reports_a_refused_rebase_and_retries_it_with_backoff() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let follow = set.reference("ragent/run", "follow-refused");
+    retag(&set.reference("ragent/run", "v1"), &follow);
+    let app = set.reference("ragent/app-py-web", "v1");
+    cri_pull(&node, &app).await;
+    let before = app_state(&node, &app).await;
+    let cfg = write_config(&node, &follow);
+    let agent = Agent::start(
+        &node,
+        free_port(),
+        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
+    );
+    wait_polls(&agent, QUIET_POLLS);
+    // The tag moves to a run image of another distro: the lifecycle's checks refuse it.
+    retag(&set.reference("ragent/run-other-distro", "v1"), &follow);
+    let refused = "ragent_rebases_total{result=\"target\"}";
+    wait_for(
+        "two refused attempts and a waiting image",
+        REBASE_DEADLINE,
+        || {
+            let m = agent.metrics();
+            (metric_value(&m, refused)? >= 2.0
+                && metric_value(&m, "ragent_run_image_oldest_unpatched_age_seconds")? > 0.0)
+                .then_some(())
+        },
+    );
+    wait_polls(&agent, QUIET_POLLS);
+    let m = agent.metrics();
+    let (failures, ok_polls) = (
+        metric_value(&m, refused).expect("refusals"),
+        metric_value(&m, "ragent_run_image_polls_total{result=\"ok\"}").expect("polls"),
+    );
+    // Retried with backoff (1 s, then every 2 s): never more attempts than polls (1 s apart).
+    assert!(
+        failures <= ok_polls,
+        "{failures} attempts in {ok_polls} polls: {m}"
+    );
+    assert_eq!(
+        metric_value(&m, "ragent_rebases_total{result=\"rebased\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        app_state(&node, &app).await,
+        before,
+        "the refused image is left as it was"
+    );
+    let log = std::fs::read_to_string(&agent.log).expect("agent log");
+    assert!(
+        log.contains("automatic rebase failed") && log.contains("check distro"),
+        "the refusal is logged with its reason: {log}"
+    );
+    // The tag comes back to the run image the app sits on: nothing waits, nothing is tried.
+    retag(&set.reference("ragent/run", "v1"), &follow);
+    wait_for(
+        "the image to count as current again",
+        REBASE_DEADLINE,
+        || (agent.value("ragent_run_image_oldest_unpatched_age_seconds")? == 0.0).then_some(()),
+    );
+    let settled = agent.value(refused).expect("refusals");
+    wait_polls(&agent, QUIET_POLLS);
+    assert_eq!(
+        agent.value(refused),
+        Some(settled),
+        "no attempt once current"
+    );
+    assert_eq!(rebased(&agent), 0.0);
+}
