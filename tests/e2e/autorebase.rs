@@ -65,6 +65,19 @@ fn write_config(node: &Node, follow: &str) -> std::path::PathBuf {
     path
 }
 
+/// Starts the agent following `follow`, and waits until it has polled the tag a few times (so
+/// it knows the digest the apps sit on).
+fn start_agent(node: &Node, follow: &str) -> Agent {
+    let cfg = write_config(node, follow);
+    let agent = Agent::start(
+        node,
+        free_port(),
+        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
+    );
+    wait_polls(&agent, QUIET_POLLS);
+    agent
+}
+
 fn polls(agent: &Agent) -> f64 {
     agent
         .value("ragent_run_image_polls_total{result=\"ok\"}")
@@ -149,14 +162,8 @@ async fn autorebase_follows_a_tag_forward_back_and_forward_once_per_change() {
     }
     let originals = states.clone();
 
-    let cfg = write_config(&node, &follow);
-    let agent = Agent::start(
-        &node,
-        free_port(),
-        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
-    );
     // Nothing changes for a few polls: nothing is rebased, no record moves.
-    wait_polls(&agent, QUIET_POLLS);
+    let agent = start_agent(&node, &follow);
     assert_eq!(rebased(&agent), 0.0);
     assert_eq!(other_results(&agent), 0.0);
     for (a, s) in apps.iter().zip(&states) {
@@ -254,13 +261,7 @@ async fn autorebase_reports_a_refused_rebase_and_retries_it_with_backoff() {
     let app = set.reference("ragent/app-py-web", "v1");
     cri_pull(&node, &app).await;
     let before = app_state(&node, &app).await;
-    let cfg = write_config(&node, &follow);
-    let agent = Agent::start(
-        &node,
-        free_port(),
-        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
-    );
-    wait_polls(&agent, QUIET_POLLS);
+    let agent = start_agent(&node, &follow);
     // The tag moves to a run image of another distro: the lifecycle's checks refuse it.
     retag(&set.reference("ragent/run-other-distro", "v1"), &follow);
     let refused = "ragent_rebases_total{result=\"target\"}";

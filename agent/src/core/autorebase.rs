@@ -165,6 +165,17 @@ struct Attempt {
     tried: Tried,
 }
 
+impl Attempt {
+    fn of(task: &Task, tried: Tried) -> Attempt {
+        Attempt {
+            target: task.target.clone(),
+            follow: task.follow.clone(),
+            digest: task.digest.clone(),
+            tried,
+        }
+    }
+}
+
 /// A registry that answered 429: nothing goes to it until `until`.
 #[derive(Debug, Clone, Copy)]
 struct Pause {
@@ -448,15 +459,8 @@ impl AutoRebase {
                 None
             }
             Finished::Current { .. } if !seen_other => {
-                self.attempts.insert(
-                    task.image.clone(),
-                    Attempt {
-                        target: task.target.clone(),
-                        follow: task.follow.clone(),
-                        digest: task.digest.clone(),
-                        tried: Tried::Current,
-                    },
-                );
+                self.attempts
+                    .insert(task.image.clone(), Attempt::of(task, Tried::Current));
                 None
             }
             Finished::Current { .. } => Some(self.failed(task, MOVED, now)),
@@ -478,17 +482,10 @@ impl AutoRebase {
         if reason == RATE_LIMITED {
             delay = delay.max(self.pause(registry_of(&task.follow), now));
         }
+        let next = now + delay;
         self.attempts.insert(
             task.image.clone(),
-            Attempt {
-                target: task.target.clone(),
-                follow: task.follow.clone(),
-                digest: task.digest.clone(),
-                tried: Tried::Failed {
-                    failures,
-                    next: now + delay,
-                },
-            },
+            Attempt::of(task, Tried::Failed { failures, next }),
         );
         delay
     }
@@ -575,8 +572,31 @@ mod tests {
         a.rebased_onto = Some(format!("{TAG}@{}", onto.digest));
     }
 
+    /// An app whose metadata names the followed tag, on a run image the tag never had.
+    fn naming_the_tag(name: &str, run_digest: &str) -> App {
+        App {
+            run_names: vec![TAG.into()],
+            run_digest: Some(run_digest.into()),
+            run_layers: vec![],
+            ..app(name, 9)
+        }
+    }
+
     fn policy(now: Instant) -> AutoRebase {
         AutoRebase::new(&[TAG.to_string()], Mode::InPlace, timing(), now)
+    }
+
+    /// The policy after the tag moved from run1 to run2 at `now`, and web on run1.
+    fn moved_once(now: Instant) -> (AutoRebase, Vec<App>) {
+        let mut p = policy(now);
+        p.polled(TAG, run(1), now);
+        p.polled(TAG, run(2), now);
+        (p, vec![app("web", 1)])
+    }
+
+    fn fail(p: &mut AutoRebase, task: &Task, now: Instant) -> Option<Duration> {
+        let reason = "server".to_string();
+        p.finished(task, &Finished::Failed { reason }, now)
     }
 
     /// One round of the loop: poll what is due at the registry's `digest`, rebase (in place,
@@ -632,12 +652,7 @@ mod tests {
     fn images_match_by_name_by_a_digest_the_tag_had_or_by_ragents_label() {
         let t0 = Instant::now();
         let mut p = policy(t0);
-        let by_name = App {
-            run_names: vec![TAG.into()],
-            run_digest: Some("sha256:older".into()),
-            run_layers: vec![],
-            ..app("named", 9)
-        };
+        let by_name = naming_the_tag("named", "sha256:older");
         let by_label = App {
             rebased_onto: Some(format!("{TAG}@sha256:older")),
             run_digest: Some("sha256:older".into()),
@@ -693,9 +708,8 @@ mod tests {
         let mut p = policy(t0);
         p.polled(TAG, run(1), t0);
         let a = App {
-            run_names: vec![TAG.into()],
-            run_digest: Some("sha256:same-layers-other-manifest".into()),
-            ..app("web", 2)
+            run_layers: run(2).layers,
+            ..naming_the_tag("web", "sha256:same-layers-other-manifest")
         };
         p.polled(TAG, run(2), t0);
         assert!(p.due(std::slice::from_ref(&a), t0).is_empty());
@@ -762,12 +776,7 @@ mod tests {
     fn an_image_found_current_is_not_tried_again_until_something_moves() {
         let t0 = Instant::now();
         let mut p = policy(t0);
-        let a = App {
-            run_names: vec![TAG.into()],
-            run_digest: Some("sha256:unknown".into()),
-            run_layers: vec![],
-            ..app("web", 1)
-        };
+        let a = naming_the_tag("web", "sha256:unknown");
         p.polled(TAG, run(1), t0);
         let tasks = p.due(std::slice::from_ref(&a), t0);
         assert_eq!(tasks.len(), 1);
@@ -794,24 +803,13 @@ mod tests {
     #[test]
     fn a_failed_rebase_backs_off_doubling_and_is_never_due_before() {
         let t0 = Instant::now();
-        let mut p = policy(t0);
-        let apps = vec![app("web", 1)];
-        p.polled(TAG, run(1), t0);
-        p.polled(TAG, run(2), t0);
+        let (mut p, apps) = moved_once(t0);
         let mut now = t0;
         let mut delays = Vec::new();
         for _ in 0..6 {
             let tasks = p.due(&apps, now);
             assert_eq!(tasks.len(), 1);
-            let d = p
-                .finished(
-                    &tasks[0],
-                    &Finished::Failed {
-                        reason: "server".into(),
-                    },
-                    now,
-                )
-                .expect("a delay");
+            let d = fail(&mut p, &tasks[0], now).expect("a delay");
             delays.push(d.as_secs());
             assert!(p.due(&apps, now + d - Duration::from_millis(1)).is_empty());
             assert_eq!(p.next_wake(), Some(now + d).min(Some(t0 + timing().poll)));
@@ -821,23 +819,13 @@ mod tests {
         // The tag moves on: a new attempt starts from the shortest backoff.
         p.polled(TAG, run(3), now);
         let tasks = p.due(&apps, now);
-        let d = p.finished(
-            &tasks[0],
-            &Finished::Failed {
-                reason: "server".into(),
-            },
-            now,
-        );
-        assert_eq!(d, Some(Duration::from_secs(1)));
+        assert_eq!(fail(&mut p, &tasks[0], now), Some(Duration::from_secs(1)));
     }
 
     #[test]
     fn a_rebase_that_met_another_digest_polls_again_and_retries_later() {
         let t0 = Instant::now();
-        let mut p = policy(t0);
-        let apps = vec![app("web", 1)];
-        p.polled(TAG, run(1), t0);
-        p.polled(TAG, run(2), t0);
+        let (mut p, apps) = moved_once(t0);
         let tasks = p.due(&apps, t0);
         // The registry failed during the rebase and the node's old record of the tag was used.
         let d = p.finished(
@@ -881,8 +869,8 @@ mod tests {
         p.polled(TAG, run(5), t0 + Duration::from_secs(10));
         p.polled(TAG, run(6), t0 + Duration::from_secs(10));
         let on5 = App {
-            run_names: vec![TAG.into()],
-            ..app("web", 5)
+            run_layers: run(5).layers,
+            ..naming_the_tag("web", &run(5).digest)
         };
         let tasks = p.due(std::slice::from_ref(&on5), t0 + Duration::from_secs(10));
         let now = t0 + Duration::from_secs(10);
@@ -1029,7 +1017,7 @@ mod tests {
                 let mut now = t0;
                 let mut observed = Vec::new();
                 let mut rebases = 0;
-                let mut fail = failures.iter().cycle();
+                let mut failing = failures.iter().cycle();
                 // (image, digest) -> when it failed and the backoff it was given.
                 let mut last_try: BTreeMap<(String, String), (Instant, Duration)> = BTreeMap::new();
                 observed.push(reg.digest.clone());
@@ -1052,8 +1040,8 @@ mod tests {
                                     prop_assert!(now >= *at + *wait, "retried before its backoff");
                                 }
                                 let a = apps.iter_mut().find(|a| a.name == t.image).expect("app");
-                                if *fail.next().unwrap_or(&false) {
-                                    let d = p.finished(&t, &Finished::Failed { reason: "server".into() }, now);
+                                if *failing.next().unwrap_or(&false) {
+                                    let d = fail(&mut p, &t, now);
                                     last_try.insert(key, (now, d.expect("a delay")));
                                 } else {
                                     rebased_in_place(a, &reg);
