@@ -249,6 +249,10 @@ async fn autorebase_follows_a_tag_forward_back_and_forward_once_per_change() {
         6,
         "{log}"
     );
+    drop(agent);
+    // The rebased images, their rollback records and the followed tag's record are this
+    // test's: the next tests expect the store as they left it.
+    remove_all_images(&node);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,4 +319,7 @@ async fn autorebase_reports_a_refused_rebase_and_retries_it_with_backoff() {
         "no attempt once current"
     );
     assert_eq!(rebased(&agent), 0.0);
+    drop(agent);
+    // The refused run image was fetched under the followed tag's name: not for the next tests.
+    remove_all_images(&node);
 }
