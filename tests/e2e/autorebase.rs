@@ -21,6 +21,7 @@ const FOLLOW_TAG: &str = "follow-it";
 const REBASE_DEADLINE: Duration = Duration::from_secs(60);
 /// Polls (1 s apart) the test waits through to see that nothing more happens.
 const QUIET_POLLS: f64 = 3.0;
+const IN_PLACE: &str = "mode = \"in-place\"";
 
 /// An app image as its record says: the manifest it points at, the run image its metadata
 /// says it sits on (`runImage.reference`) and its layers.
@@ -52,12 +53,13 @@ async fn app_state(node: &Node, name: &str) -> AppState {
     }
 }
 
-fn write_config(node: &Node, follow: &str) -> std::path::PathBuf {
+/// `mode` is the `mode = ...` line (and what goes with it).
+fn write_config(node: &Node, follow: &str, mode: &str) -> std::path::PathBuf {
     let path = node.dir().join("autorebase.toml");
     std::fs::write(
         &path,
         format!(
-            "[rebase]\nfollow = [{follow:?}]\nmode = \"in-place\"\npoll_interval_s = 1\nretry_max_s = 2\ninsecure_registries = [{:?}]\n",
+            "[rebase]\nfollow = [{follow:?}]\n{mode}\npoll_interval_s = 1\nretry_max_s = 2\ninsecure_registries = [{:?}]\n",
             node.registry()
         ),
     )
@@ -67,8 +69,8 @@ fn write_config(node: &Node, follow: &str) -> std::path::PathBuf {
 
 /// Starts the agent following `follow`, and waits until it has polled the tag a few times (so
 /// it knows the digest the apps sit on).
-fn start_agent(node: &Node, follow: &str) -> Agent {
-    let cfg = write_config(node, follow);
+fn start_agent(node: &Node, follow: &str, mode: &str) -> Agent {
+    let cfg = write_config(node, follow, mode);
     let agent = Agent::start(
         node,
         free_port(),
@@ -163,7 +165,7 @@ async fn autorebase_follows_a_tag_forward_back_and_forward_once_per_change() {
     let originals = states.clone();
 
     // Nothing changes for a few polls: nothing is rebased, no record moves.
-    let agent = start_agent(&node, &follow);
+    let agent = start_agent(&node, &follow, IN_PLACE);
     assert_eq!(rebased(&agent), 0.0);
     assert_eq!(other_results(&agent), 0.0);
     for (a, s) in apps.iter().zip(&states) {
@@ -266,7 +268,7 @@ async fn autorebase_reports_a_refused_rebase_and_retries_it_with_backoff() {
     let app = set.reference("ragent/app-py-web", "v1");
     cri_pull(&node, &app).await;
     let before = app_state(&node, &app).await;
-    let agent = start_agent(&node, &follow);
+    let agent = start_agent(&node, &follow, IN_PLACE);
     // The tag moves to a run image of another distro: the lifecycle's checks refuse it.
     retag(&set.reference("ragent/run-other-distro", "v1"), &follow);
     let refused = "ragent_rebases_total{result=\"target\"}";
@@ -322,5 +324,47 @@ async fn autorebase_reports_a_refused_rebase_and_retries_it_with_backoff() {
     assert_eq!(rebased(&agent), 0.0);
     drop(agent);
     // The refused run image was fetched under the followed tag's name: not for the next tests.
+    remove_all_images(&node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autorebase_in_tag_mode_writes_one_output_per_change_and_never_rebases_it() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let follow = set.reference("ragent/run", "follow-tag");
+    retag(&set.reference("ragent/run", "v1"), &follow);
+    let app = set.reference("ragent/app-py-web", "v1");
+    let output = format!("{app}-fixed");
+    cri_pull(&node, &app).await;
+    let source = app_state(&node, &app).await;
+    let agent = start_agent(&node, &follow, "mode = \"tag\"\ntag_suffix = \"-fixed\"");
+    let v2 = run_digest(&set, "v2");
+    // Forward: one output on run:v2; the source stays.
+    retag(&set.reference("ragent/run", "v2"), &follow);
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        wait_for("the output on run:v2", REBASE_DEADLINE, || {
+            rt.block_on(record_target(&node, &output))?;
+            (rt.block_on(app_state(&node, &output)).run_image == v2).then_some(())
+        })
+    });
+    let out = app_state(&node, &output).await;
+    // Back (the source is on run:v1 already) and forward again (the output is on run:v2
+    // already): nothing more to write, and the output is never a source of another output.
+    for to in ["v1", "v2"] {
+        retag(&set.reference("ragent/run", to), &follow);
+        wait_polls(&agent, QUIET_POLLS);
+        assert_eq!(rebased(&agent), 1.0, "after the move to {to}");
+        assert_eq!(other_results(&agent), 0.0, "{}", agent.metrics());
+        assert_eq!(app_state(&node, &app).await, source, "the source stays");
+        assert_eq!(app_state(&node, &output).await, out, "the output stays");
+        assert_eq!(
+            record_target(&node, &format!("{output}-fixed")).await,
+            None,
+            "no output of an output"
+        );
+    }
+    drop(agent);
     remove_all_images(&node);
 }
