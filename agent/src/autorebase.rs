@@ -68,127 +68,134 @@ pub async fn follow(
     policy: RebasePolicy,
     registry: Arc<Registry>,
     metrics: RebaseMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut state = AutoRebase::new(
-        &policy.follow,
-        policy.mode.clone(),
-        policy.timing,
-        Instant::now(),
-    );
     info!(follow = ?policy.follow, mode = ?policy.mode, poll_s = policy.timing.poll.as_secs(), "rebase policy started");
-    let mut containerd: Option<Containerd> = None;
-    let mut cache: HashMap<String, Option<RunImageOf>> = HashMap::new();
-    let mut apps: Option<Vec<App>> = None;
-    loop {
-        let polled = poll_due(&registry, &mut state, &metrics).await;
-        let retry_due = state.next_wake().is_some_and(|w| w <= Instant::now());
-        if polled || retry_due || apps.is_none() {
-            match pass(
-                &socket,
-                &namespace,
-                &mut containerd,
-                &registry,
-                &mut state,
-                &metrics,
-                &mut cache,
-                &stop,
-            )
-            .await
-            {
-                Ok(list) => apps = Some(list),
+    Follower {
+        state: AutoRebase::new(
+            &policy.follow,
+            policy.mode.clone(),
+            policy.timing,
+            Instant::now(),
+        ),
+        socket,
+        namespace,
+        registry,
+        metrics,
+        containerd: None,
+        cache: HashMap::new(),
+    }
+    .run(stop)
+    .await
+}
+
+/// The loop's state: the decisions, and what it talks to.
+struct Follower {
+    state: AutoRebase,
+    socket: std::path::PathBuf,
+    namespace: String,
+    registry: Arc<Registry>,
+    metrics: RebaseMetrics,
+    /// Connected on first use; dropped when containerd goes away, connected afresh next time.
+    containerd: Option<Containerd>,
+    /// What each image (by target digest) says about its run image.
+    cache: HashMap<String, Option<RunImageOf>>,
+}
+
+impl Follower {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut apps: Option<Vec<App>> = None;
+        loop {
+            let polled = self.poll_due().await;
+            let retry_due = self.state.next_wake().is_some_and(|w| w <= Instant::now());
+            if polled || retry_due || apps.is_none() {
+                match self.pass(&stop).await {
+                    Ok(list) => apps = Some(list),
+                    Err(e) => {
+                        warn!(error = %e, "automatic rebase: containerd is not answering; trying again at the next poll");
+                        self.containerd = None;
+                    }
+                }
+            }
+            if let Some(list) = &apps {
+                let view = self.state.view(list, Instant::now());
+                self.metrics
+                    .set_images_by_run_image(&view.images_by_run_digest);
+                self.metrics
+                    .oldest_unpatched_age
+                    .set(view.oldest_unpatched.as_secs_f64());
+            }
+            let now = tokio::time::Instant::now();
+            let wake = self
+                .state
+                .next_wake()
+                .map(tokio::time::Instant::from_std)
+                .map_or(now + VIEW_EVERY, |w| w.min(now + VIEW_EVERY))
+                .max(now + MIN_WAKE);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Resolves the tags that are due; true when at least one answered.
+    async fn poll_due(&mut self) -> bool {
+        let mut answered = false;
+        for tag in self.state.due_polls(Instant::now()) {
+            match self.registry.resolve(&tag).await {
+                Ok(r) => {
+                    answered = true;
+                    self.metrics.polls.with_label_values(&["ok"]).inc();
+                    let digest = r.manifest_desc.digest.clone();
+                    let run = RunImage {
+                        digest: digest.clone(),
+                        layers: r.manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+                    };
+                    if self.state.polled(&tag, run, Instant::now()) {
+                        info!(run_image = %tag, %digest, "the followed run image moved");
+                    } else {
+                        debug!(run_image = %tag, %digest, "polled the followed run image");
+                    }
+                }
                 Err(e) => {
-                    warn!(error = %e, "automatic rebase: containerd is not answering; trying again at the next poll");
-                    containerd = None;
+                    let reason = e.metric_label();
+                    self.metrics.polls.with_label_values(&[reason]).inc();
+                    let delay = self.state.poll_failed(&tag, reason, Instant::now());
+                    warn!(run_image = %tag, error = %e, retry_in_s = delay.as_secs_f64(), "resolving a followed run image failed");
                 }
             }
         }
-        if let Some(list) = &apps {
-            let view = state.view(list, Instant::now());
-            metrics.set_images_by_run_image(&view.images_by_run_digest);
-            metrics
-                .oldest_unpatched_age
-                .set(view.oldest_unpatched.as_secs_f64());
-        }
-        let now = tokio::time::Instant::now();
-        let wake = state
-            .next_wake()
-            .map(tokio::time::Instant::from_std)
-            .map_or(now + VIEW_EVERY, |w| w.min(now + VIEW_EVERY))
-            .max(now + MIN_WAKE);
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+        answered
     }
-}
 
-/// Resolves the tags that are due; true when at least one answered.
-async fn poll_due(registry: &Registry, state: &mut AutoRebase, metrics: &RebaseMetrics) -> bool {
-    let mut answered = false;
-    for tag in state.due_polls(Instant::now()) {
-        match registry.resolve(&tag).await {
-            Ok(r) => {
-                answered = true;
-                metrics.polls.with_label_values(&["ok"]).inc();
-                let digest = r.manifest_desc.digest.clone();
-                let run = RunImage {
-                    digest: digest.clone(),
-                    layers: r.manifest.layers.iter().map(|l| l.digest.clone()).collect(),
-                };
-                if state.polled(&tag, run, Instant::now()) {
-                    info!(run_image = %tag, %digest, "the followed run image moved");
-                } else {
-                    debug!(run_image = %tag, %digest, "polled the followed run image");
-                }
+    /// One pass: lists the node's app images, rebases those that are due, and returns the list
+    /// as it is afterwards.
+    async fn pass(&mut self, stop: &watch::Receiver<bool>) -> Result<Vec<App>, AutoRebaseError> {
+        let c = match &self.containerd {
+            Some(c) => c.clone(),
+            None => {
+                let c = Containerd::connect(&self.socket, &self.namespace)
+                    .await
+                    .map_err(AutoRebaseError::List)?;
+                self.containerd = Some(c.clone());
+                c
             }
-            Err(e) => {
-                let reason = e.metric_label();
-                metrics.polls.with_label_values(&[reason]).inc();
-                let delay = state.poll_failed(&tag, reason, Instant::now());
-                warn!(run_image = %tag, error = %e, retry_in_s = delay.as_secs_f64(), "resolving a followed run image failed");
+        };
+        let apps = read_apps(&c, &mut self.cache).await?;
+        let tasks = self.state.due(&apps, Instant::now());
+        if tasks.is_empty() {
+            return Ok(apps);
+        }
+        for task in &tasks {
+            if *stop.borrow() {
+                break;
             }
+            run_task(&c, &self.registry, &mut self.state, &self.metrics, task).await?;
         }
+        // The records moved: the view must show it.
+        read_apps(&c, &mut self.cache).await
     }
-    answered
-}
-
-/// One pass: lists the node's app images, rebases those that are due, and returns the list as
-/// it is afterwards.
-#[allow(clippy::too_many_arguments)]
-async fn pass(
-    socket: &std::path::Path,
-    namespace: &str,
-    containerd: &mut Option<Containerd>,
-    registry: &Arc<Registry>,
-    state: &mut AutoRebase,
-    metrics: &RebaseMetrics,
-    cache: &mut HashMap<String, Option<RunImageOf>>,
-    stop: &watch::Receiver<bool>,
-) -> Result<Vec<App>, AutoRebaseError> {
-    let c = match containerd {
-        Some(c) => c.clone(),
-        None => {
-            let c = Containerd::connect(socket, namespace)
-                .await
-                .map_err(AutoRebaseError::List)?;
-            *containerd = Some(c.clone());
-            c
-        }
-    };
-    let apps = read_apps(&c, cache).await?;
-    let tasks = state.due(&apps, Instant::now());
-    if tasks.is_empty() {
-        return Ok(apps);
-    }
-    for task in &tasks {
-        if *stop.borrow() {
-            break;
-        }
-        run_task(&c, registry, state, metrics, task).await?;
-    }
-    // The records moved: the view must show it.
-    read_apps(&c, cache).await
 }
 
 /// Rebases one image onto the followed tag and tells the state machine what happened.
