@@ -220,6 +220,20 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let autorebase = (!cfg.rebase.follow.is_empty()).then(|| {
+        let registry = Arc::new(crate::adapters::registry::Registry::new(
+            &cfg.rebase.insecure_registries,
+            cfg.rebase.credentials.clone(),
+        ));
+        tokio::spawn(crate::autorebase::follow(
+            cfg.common.containerd.clone(),
+            cfg.common.namespace.clone(),
+            cfg.rebase.clone(),
+            registry,
+            shared.metrics.rebase.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let pulls = tokio::spawn(watch_pull_traffic(shared.clone(), stop_rx.clone()));
     let walks = tokio::spawn(walk_cgroups(shared.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
@@ -240,6 +254,11 @@ pub async fn run(
         && let Err(e) = w.await
     {
         warn!(error = %e, "the pre-pull policy ended abnormally");
+    }
+    if let Some(r) = autorebase
+        && let Err(e) = r.await
+    {
+        warn!(error = %e, "the rebase policy ended abnormally");
     }
     match server.await {
         Ok(Ok(())) => Ok(()),

@@ -227,6 +227,8 @@ pub struct FileConfig {
     pub agent: AgentSection,
     #[serde(default)]
     pub prepull: PrepullSection,
+    #[serde(default)]
+    pub rebase: RebaseSection,
 }
 
 /// `[prepull]`: the images the agent keeps on the node (see docs/config.md).
@@ -246,6 +248,32 @@ pub struct PrepullSection {
     pub auth: Option<PathBuf>,
 }
 
+/// `[rebase]`: the run images the agent follows, and how it rebases the images on them (see
+/// docs/config.md).
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RebaseSection {
+    /// Tag references of run images (registry/repository:tag).
+    #[serde(default)]
+    pub follow: Vec<String>,
+    pub mode: Option<RebaseMode>,
+    /// Tag mode: the result of `repo:tag` is written as `repo:tag<suffix>`.
+    pub tag_suffix: Option<String>,
+    pub poll_interval_s: Option<u64>,
+    pub retry_max_s: Option<u64>,
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials: a docker config.json or a kubernetes.io/dockerconfigjson secret.
+    pub auth: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebaseMode {
+    InPlace,
+    Tag,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum RateValue {
@@ -259,6 +287,22 @@ pub const DEFAULT_REFRESH_INTERVAL_S: u64 = 300;
 pub const DEFAULT_RETRY_MAX_S: u64 = 300;
 /// First retry delay of a failing pre-pull image (doubles per attempt).
 pub const RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// Default interval at which the agent resolves the run-image tags it follows.
+pub const DEFAULT_POLL_INTERVAL_S: u64 = 300;
+/// Default tag suffix of tag mode's results (`repo:tag` -> `repo:tag-patched`).
+pub const DEFAULT_TAG_SUFFIX: &str = "-patched";
+
+/// The agent's validated rebase policy (no `follow`: the policy is off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebasePolicy {
+    /// Normalized tag references (registry/repository:tag).
+    pub follow: Vec<String>,
+    pub mode: crate::core::autorebase::Mode,
+    pub timing: crate::core::autorebase::Timing,
+    pub insecure_registries: Vec<String>,
+    /// From `auth` (read once at start); anonymous without it.
+    pub credentials: Credentials,
+}
 
 /// The agent's validated pre-pull policy (no images: the policy is off).
 #[derive(Debug, Clone, PartialEq)]
@@ -310,13 +354,23 @@ pub enum ConfigError {
     )]
     Grace(u64),
     #[error(
-        "prepull.images has {reference:?}, which is not an image reference ({reason}); write registry/repository:tag or registry/repository@sha256:..."
+        "{key} has {reference:?}, which is not an image reference ({reason}); write registry/repository:tag or registry/repository@sha256:..."
     )]
-    Image { reference: String, reason: String },
+    Image {
+        key: &'static str,
+        reference: String,
+        reason: String,
+    },
     #[error("prepull.{key} is invalid: {reason}")]
     Prepull { key: &'static str, reason: String },
-    #[error("prepull.auth: {0}")]
-    Credentials(#[from] CredentialsError),
+    #[error("rebase.{key} is invalid: {reason}")]
+    Rebase { key: &'static str, reason: String },
+    #[error("{section}.auth: {source}")]
+    Credentials {
+        section: &'static str,
+        #[source]
+        source: CredentialsError,
+    },
 }
 
 /// Settings shared by every subcommand.
@@ -339,22 +393,51 @@ pub struct AgentConfig {
     pub tracefs: PathBuf,
     pub series_grace: std::time::Duration,
     pub prepull: PrepullPolicy,
+    pub rebase: RebasePolicy,
 }
 
-/// Validates `[prepull]`.
-pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigError> {
-    let mut images = Vec::with_capacity(section.images.len());
-    for r in &section.images {
-        images.push(
+/// Normalizes the references of a list setting (`key` names it in errors).
+fn normalize_all(key: &'static str, references: &[String]) -> Result<Vec<String>, ConfigError> {
+    references
+        .iter()
+        .map(|r| {
             crate::adapters::registry::normalize(r).map_err(|e| ConfigError::Image {
+                key,
                 reference: r.clone(),
                 reason: match e {
                     crate::adapters::registry::RegistryError::Reference { reason, .. } => reason,
                     other => other.to_string(),
                 },
-            })?,
-        );
+            })
+        })
+        .collect()
+}
+
+/// A section's `auth` file, read once at start (anonymous without one).
+fn section_credentials(
+    section: &'static str,
+    auth: Option<&Path>,
+) -> Result<Credentials, ConfigError> {
+    match auth {
+        Some(path) => {
+            load_credentials(path).map_err(|source| ConfigError::Credentials { section, source })
+        }
+        None => Ok(Credentials::anonymous()),
     }
+}
+
+/// A section's `retry_max_s`, checked to be in 1..=86400; `Err` gives the reason.
+fn retry_max(value: Option<u64>) -> Result<u64, String> {
+    let v = value.unwrap_or(DEFAULT_RETRY_MAX_S);
+    if v == 0 || v > 86_400 {
+        return Err(format!("{v} is out of range (1..=86400)"));
+    }
+    Ok(v)
+}
+
+/// Validates `[prepull]`.
+pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigError> {
+    let images = normalize_all("prepull.images", &section.images)?;
     let concurrency = match section.concurrency {
         None => crate::prepull::DEFAULT_CONCURRENCY,
         Some(n @ 1..=64) => usize::from(n),
@@ -378,17 +461,11 @@ pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigE
     let refresh = section
         .refresh_interval_s
         .unwrap_or(DEFAULT_REFRESH_INTERVAL_S);
-    let retry_max = section.retry_max_s.unwrap_or(DEFAULT_RETRY_MAX_S);
-    if retry_max == 0 || retry_max > 86_400 {
-        return Err(ConfigError::Prepull {
-            key: "retry_max_s",
-            reason: format!("{retry_max} is out of range (1..=86400)"),
-        });
-    }
-    let credentials = match &section.auth {
-        Some(path) => load_credentials(path)?,
-        None => Credentials::anonymous(),
-    };
+    let retry_max = retry_max(section.retry_max_s).map_err(|reason| ConfigError::Prepull {
+        key: "retry_max_s",
+        reason,
+    })?;
+    let credentials = section_credentials("prepull", section.auth.as_deref())?;
     Ok(PrepullPolicy {
         credentials,
         images,
@@ -400,6 +477,77 @@ pub fn prepull_policy(section: &PrepullSection) -> Result<PrepullPolicy, ConfigE
             retry_min: RETRY_MIN.min(std::time::Duration::from_secs(retry_max)),
             retry_max: std::time::Duration::from_secs(retry_max),
         },
+    })
+}
+
+/// Validates `[rebase]`.
+pub fn rebase_policy(section: &RebaseSection) -> Result<RebasePolicy, ConfigError> {
+    let invalid = |key, reason| ConfigError::Rebase { key, reason };
+    let follow = normalize_all("rebase.follow", &section.follow)?;
+    if let Some((given, _)) = section
+        .follow
+        .iter()
+        .zip(&follow)
+        .find(|(_, n)| n.contains('@'))
+    {
+        return Err(invalid(
+            "follow",
+            format!(
+                "{given:?} names a digest, which never moves: follow a tag (registry/repository:tag)"
+            ),
+        ));
+    }
+    let mode = match (
+        section.mode.unwrap_or(RebaseMode::InPlace),
+        &section.tag_suffix,
+    ) {
+        (RebaseMode::InPlace, None) => crate::core::autorebase::Mode::InPlace,
+        (RebaseMode::InPlace, Some(_)) => {
+            return Err(invalid(
+                "tag_suffix",
+                "it is used only with mode = \"tag\"; remove it or set the mode".into(),
+            ));
+        }
+        (RebaseMode::Tag, suffix) => {
+            let suffix = suffix.as_deref().unwrap_or(DEFAULT_TAG_SUFFIX);
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+            if suffix.is_empty() || suffix.len() > 64 || !suffix.chars().all(allowed) {
+                return Err(invalid(
+                    "tag_suffix",
+                    format!(
+                        "{suffix:?} cannot end a tag: use 1 to 64 of A-Z a-z 0-9 _ . -, e.g. \"{DEFAULT_TAG_SUFFIX}\""
+                    ),
+                ));
+            }
+            if suffix == crate::rebase::ROLLBACK_SUFFIX {
+                return Err(invalid(
+                    "tag_suffix",
+                    format!("{suffix:?} is the suffix of in-place rollback records: pick another"),
+                ));
+            }
+            crate::core::autorebase::Mode::Tag {
+                suffix: suffix.to_string(),
+            }
+        }
+    };
+    let poll = section.poll_interval_s.unwrap_or(DEFAULT_POLL_INTERVAL_S);
+    if !(1..=86_400).contains(&poll) {
+        return Err(invalid(
+            "poll_interval_s",
+            format!("{poll} is out of range (1..=86400)"),
+        ));
+    }
+    let retry_max = retry_max(section.retry_max_s).map_err(|r| invalid("retry_max_s", r))?;
+    Ok(RebasePolicy {
+        follow,
+        mode,
+        timing: crate::core::autorebase::Timing {
+            poll: std::time::Duration::from_secs(poll),
+            retry_min: RETRY_MIN.min(std::time::Duration::from_secs(retry_max)),
+            retry_max: std::time::Duration::from_secs(retry_max),
+        },
+        insecure_registries: section.insecure_registries.clone(),
+        credentials: section_credentials("rebase", section.auth.as_deref())?,
     })
 }
 
@@ -508,6 +656,7 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
             .unwrap_or_else(|| PathBuf::from(DEFAULT_TRACEFS)),
         series_grace: std::time::Duration::from_secs(series_grace),
         prepull: prepull_policy(&file.prepull)?,
+        rebase: rebase_policy(&file.rebase)?,
     })
 }
 
@@ -697,6 +846,80 @@ mod tests {
             e.starts_with("prepull.auth: ") && e.contains("/nonexistent/ragent-auth.json"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_rebase_policy_is_validated_once() {
+        let file = parse_file(
+            Path::new("t.toml"),
+            r#"
+            [rebase]
+            follow = ["127.0.0.1:5000/ragent/run:v1", "ubuntu"]
+            mode = "tag"
+            poll_interval_s = 1
+            retry_max_s = 4
+            insecure_registries = ["127.0.0.1:5000"]
+            "#,
+        )
+        .unwrap();
+        let p = rebase_policy(&file.rebase).unwrap();
+        assert_eq!(
+            p.follow,
+            [
+                "127.0.0.1:5000/ragent/run:v1",
+                "docker.io/library/ubuntu:latest"
+            ]
+        );
+        assert_eq!(
+            p.mode,
+            crate::core::autorebase::Mode::Tag {
+                suffix: DEFAULT_TAG_SUFFIX.into()
+            }
+        );
+        assert_eq!(p.timing.poll, std::time::Duration::from_secs(1));
+        assert_eq!(p.timing.retry_max, std::time::Duration::from_secs(4));
+        let off = rebase_policy(&RebaseSection::default()).unwrap();
+        assert!(off.follow.is_empty());
+        assert_eq!(off.mode, crate::core::autorebase::Mode::InPlace);
+        assert_eq!(
+            off.timing.poll,
+            std::time::Duration::from_secs(DEFAULT_POLL_INTERVAL_S)
+        );
+    }
+
+    #[test]
+    fn a_bad_rebase_policy_names_the_key_and_the_fix() {
+        for (text, want) in [
+            ("[rebase]\nfollow = [\"Not A Ref!\"]\n", "rebase.follow has"),
+            (
+                "[rebase]\nfollow = [\"r.example/run@sha256:0000000000000000000000000000000000000000000000000000000000000000\"]\n",
+                "follow a tag",
+            ),
+            (
+                "[rebase]\nmode = \"tag\"\ntag_suffix = \"\"\n",
+                "rebase.tag_suffix",
+            ),
+            (
+                "[rebase]\nmode = \"tag\"\ntag_suffix = \"/x\"\n",
+                "cannot end a tag",
+            ),
+            ("[rebase]\ntag_suffix = \"-p\"\n", "mode = \"tag\""),
+            ("[rebase]\npoll_interval_s = 0\n", "rebase.poll_interval_s"),
+            ("[rebase]\nretry_max_s = 100000\n", "rebase.retry_max_s"),
+        ] {
+            let file = parse_file(Path::new("t"), text).unwrap();
+            let e = rebase_policy(&file.rebase).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        assert!(parse_file(Path::new("t"), "[rebase]\nmode = \"inplace\"\n").is_err());
+        assert!(parse_file(Path::new("t"), "[rebase]\nfollows = []\n").is_err());
+        let file = parse_file(
+            Path::new("t"),
+            "[rebase]\nauth = \"/nonexistent/ragent-auth.json\"\n",
+        )
+        .unwrap();
+        let e = rebase_policy(&file.rebase).unwrap_err().to_string();
+        assert!(e.starts_with("rebase.auth: "), "{e}");
     }
 
     #[test]

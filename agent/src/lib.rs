@@ -1,10 +1,11 @@
 //! ragent: a Kubernetes node agent for buildpack-built workloads.
 //!
 //! Layout: [`core`] is the pure core (no I/O); [`adapters`] talk to containerd, the kernel,
-//! cgroupfs and procfs; [`agent`], [`images`] and [`scan`] put them together; [`metrics`] is the
+//! cgroupfs and procfs; [`agent`], [`images`], [`scan`], [`warm`] and [`autorebase`] put them together; [`metrics`] is the
 //! one metric catalogue; [`config`] parses flags, env and the config file.
 pub mod adapters;
 pub mod agent;
+pub mod autorebase;
 pub mod config;
 pub mod core;
 pub mod flight;

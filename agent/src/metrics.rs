@@ -1,7 +1,10 @@
 //! The metric catalogue: every metric ragent exports, defined once with its name, help, type
 //! and labels. Dashboards, docs and tests use [`CATALOGUE`]. Names are `ragent_<what>_<unit>`,
 //! `_total` only on counters; labels are bounded, and series of images that are gone are removed.
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec,
@@ -221,6 +224,34 @@ def!(
     ["state"],
     "Images of the agent's pre-pull policy by state (ready: record and unpacked layers present; failed: last attempt failed; pending)."
 );
+def!(
+    REBASES,
+    "ragent_rebases_total",
+    Counter,
+    ["result"],
+    "Automatic rebases by result: rebased, current (the image sat on the run image already), or the failure's reason (a fixed list)."
+);
+def!(
+    RUN_IMAGE_POLLS,
+    "ragent_run_image_polls_total",
+    Counter,
+    ["result"],
+    "Polls of the run-image tags the rebase policy follows, by result (ok, or the registry failure's reason)."
+);
+def!(
+    IMAGES_BY_RUN_IMAGE,
+    "ragent_images_by_run_image",
+    Gauge,
+    ["run_image_digest"],
+    "CNB app images (tagged records; rollback records left out) per run-image digest they sit on, while the rebase policy is on."
+);
+def!(
+    RUN_IMAGE_OLDEST_UNPATCHED_AGE,
+    "ragent_run_image_oldest_unpatched_age_seconds",
+    Gauge,
+    [],
+    "How long the oldest image on a superseded digest of a followed run image has waited since ragent first saw the newer digest (0: none waits)."
+);
 
 def!(
     POD_NET_BYTES,
@@ -356,6 +387,10 @@ pub const CATALOGUE: &[MetricDef] = &[
     PREPULL_FAILURES,
     PREPULL_INFLIGHT,
     PREPULL_IMAGES,
+    REBASES,
+    RUN_IMAGE_POLLS,
+    IMAGES_BY_RUN_IMAGE,
+    RUN_IMAGE_OLDEST_UNPATCHED_AGE,
     POD_NET_BYTES,
     POD_NET_PACKETS,
     CONTAINER_CPU,
@@ -443,6 +478,104 @@ pub const PREPULL_FAILURE_REASONS: &[&str] = &[
     "usage",
     "internal",
 ];
+
+/// The reasons a registry request fails (`RegistryError::metric_label`): the first of
+/// [`PREPULL_FAILURE_REASONS`], up to `manifest`.
+pub const REGISTRY_FAILURE_REASONS: &[&str] = PREPULL_FAILURE_REASONS.split_at(15).0;
+
+/// The results `ragent_rebases_total` carries besides [`PREPULL_FAILURE_REASONS`] (fetching the
+/// run image is a pre-pull): `rebased`, `current`, and the reasons of `rebase::Error` and of
+/// the policy (`run_image_moved`). All are exported from the start.
+pub const REBASE_RESULTS: &[&str] = &[
+    "rebased",
+    "current",
+    "run_image_moved",
+    "not_cnb",
+    "malformed",
+    "structure",
+    "not_rebasable",
+    "target",
+    "stack",
+    "mixins",
+    "run_image_name",
+    "run_image",
+    "image_not_found",
+    "run_image_not_found",
+    "app_layer_missing",
+    "unreachable",
+    "rpc",
+    "namespace",
+    "source",
+];
+
+/// The automatic rebase's metrics.
+#[derive(Clone)]
+pub struct RebaseMetrics {
+    pub results: IntCounterVec,
+    pub polls: IntCounterVec,
+    pub images_by_run_image: IntGaugeVec,
+    pub oldest_unpatched_age: Gauge,
+    run_image_series: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl RebaseMetrics {
+    pub fn new(r: &Registry) -> Result<RebaseMetrics, prometheus::Error> {
+        let m = RebaseMetrics {
+            results: reg(r, IntCounterVec::new(opts(&REBASES), REBASES.labels)?)?,
+            polls: reg(
+                r,
+                IntCounterVec::new(opts(&RUN_IMAGE_POLLS), RUN_IMAGE_POLLS.labels)?,
+            )?,
+            images_by_run_image: reg(
+                r,
+                IntGaugeVec::new(opts(&IMAGES_BY_RUN_IMAGE), IMAGES_BY_RUN_IMAGE.labels)?,
+            )?,
+            oldest_unpatched_age: reg(r, Gauge::with_opts(opts(&RUN_IMAGE_OLDEST_UNPATCHED_AGE))?)?,
+            run_image_series: Arc::default(),
+        };
+        for result in REBASE_RESULTS.iter().chain(PREPULL_FAILURE_REASONS) {
+            m.results.with_label_values(&[*result]);
+        }
+        for result in std::iter::once(&"ok").chain(REGISTRY_FAILURE_REASONS) {
+            m.polls.with_label_values(&[*result]);
+        }
+        Ok(m)
+    }
+
+    /// Sets the images per run-image digest to exactly `counts` (digests gone are removed).
+    pub fn set_images_by_run_image(&self, counts: &BTreeMap<String, usize>) {
+        set_series(
+            &self.images_by_run_image,
+            &self.run_image_series,
+            counts.iter().map(|(d, n)| (d.clone(), *n as u64)),
+        );
+    }
+}
+
+/// Sets a one-label gauge to exactly `values`, removing the series of label values that are
+/// not there any more (`live` remembers which were set last time).
+fn set_series(
+    gauge: &IntGaugeVec,
+    live: &Mutex<BTreeSet<String>>,
+    values: impl IntoIterator<Item = (String, u64)>,
+) {
+    let mut live = match live.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let values: Vec<(String, u64)> = values.into_iter().collect();
+    let now: BTreeSet<String> = values.iter().map(|(n, _)| n.clone()).collect();
+    for gone in live.difference(&now) {
+        // The series may already be gone; that is fine.
+        let _ = gauge.remove_label_values(&[gone.as_str()]);
+    }
+    for (label, v) in &values {
+        gauge
+            .with_label_values(&[label.as_str()])
+            .set(i64::try_from(*v).unwrap_or(i64::MAX));
+    }
+    *live = now;
+}
 
 /// The node insight metrics (per pod, container, image, registry; the eBPF programs' health).
 #[derive(Clone)]
@@ -579,8 +712,9 @@ pub struct Metrics {
     pub process_fds: IntGauge,
     pub process_threads: IntGauge,
     pub prepull: PrepullMetrics,
+    pub rebase: RebaseMetrics,
     pub insight: InsightMetrics,
-    image_series: std::sync::Mutex<BTreeSet<String>>,
+    image_series: Mutex<BTreeSet<String>>,
 }
 
 impl Metrics {
@@ -632,8 +766,9 @@ impl Metrics {
             process_fds: reg(r, IntGauge::with_opts(opts(&PROCESS_FDS))?)?,
             process_threads: reg(r, IntGauge::with_opts(opts(&PROCESS_THREADS))?)?,
             prepull: PrepullMetrics::new(r)?,
+            rebase: RebaseMetrics::new(r)?,
             insight: InsightMetrics::new(r)?,
-            image_series: std::sync::Mutex::new(BTreeSet::new()),
+            image_series: Mutex::new(BTreeSet::new()),
             registry,
         };
         // Series that exist from the start, so dashboards show 0 rather than "no data".
@@ -660,21 +795,7 @@ impl Metrics {
 
     /// Sets the per-image series to exactly `sizes`, removing series of images that are gone.
     pub fn set_image_sizes(&self, sizes: &[(String, u64)]) {
-        let mut live = match self.image_series.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let now: BTreeSet<String> = sizes.iter().map(|(n, _)| n.clone()).collect();
-        for gone in live.difference(&now) {
-            // The series may already be gone; that is fine.
-            let _ = self.image_size.remove_label_values(&[gone.as_str()]);
-        }
-        for (name, size) in sizes {
-            self.image_size
-                .with_label_values(&[name.as_str()])
-                .set(i64::try_from(*size).unwrap_or(i64::MAX));
-        }
-        *live = now;
+        set_series(&self.image_size, &self.image_series, sizes.iter().cloned());
     }
 
     /// The Prometheus text exposition of everything registered.
@@ -731,6 +852,8 @@ mod tests {
     fn every_catalogued_metric_is_exported_with_its_type() {
         let m = Metrics::new(Registry::new()).unwrap();
         m.set_image_sizes(&[("a".into(), 1)]);
+        m.rebase
+            .set_images_by_run_image(&BTreeMap::from([("sha256:r".to_string(), 2)]));
         // Per-pod, per-image and per-map series exist once something is measured.
         let i = &m.insight;
         let c = ["ns", "pod", "c"];
@@ -792,6 +915,29 @@ mod tests {
                 d.name
             );
         }
+    }
+
+    #[test]
+    fn run_image_series_of_gone_digests_are_removed() {
+        let m = Metrics::new(Registry::new()).unwrap();
+        let r = &m.rebase;
+        r.set_images_by_run_image(&BTreeMap::from([
+            ("sha256:1".to_string(), 2),
+            ("sha256:2".to_string(), 1),
+        ]));
+        r.set_images_by_run_image(&BTreeMap::from([("sha256:2".to_string(), 3)]));
+        let text = m.encode().unwrap();
+        assert!(!text.contains("sha256:1"), "{text}");
+        assert!(
+            text.contains("ragent_images_by_run_image{run_image_digest=\"sha256:2\"} 3"),
+            "{text}"
+        );
+        // Every result and poll reason is there from the start; the registry's reasons are
+        // its own, none of containerd's.
+        assert_eq!(REGISTRY_FAILURE_REASONS.last(), Some(&"manifest"));
+        assert!(!REGISTRY_FAILURE_REASONS.contains(&"containerd"));
+        assert!(text.contains("ragent_rebases_total{result=\"rebased\"} 0"));
+        assert!(text.contains("ragent_run_image_polls_total{result=\"rate_limited\"} 0"));
     }
 
     #[test]

@@ -437,6 +437,21 @@ pub async fn rebase(
     image: &str,
     opts: &Options,
 ) -> Result<Outcome, Error> {
+    rebase_with_names(c, registry, image, opts, &same_repository).await
+}
+
+/// Like [`rebase`] (whose run-image name check is [`same_repository`]), with that check's
+/// comparison given: `names_match(allowed, new)` says whether the new run image's name counts
+/// as `allowed`, a name the app's metadata gives. The agent's automatic rebase lets the tag its
+/// policy follows count for the apps it found on that tag's digests; no other check changes,
+/// and the metadata keeps its names.
+pub async fn rebase_with_names(
+    c: &Containerd,
+    registry: &Arc<Registry>,
+    image: &str,
+    opts: &Options,
+    names_match: &(dyn Fn(&str, &str) -> bool + Sync),
+) -> Result<Outcome, Error> {
     let t0 = Instant::now();
     let record = find_record(c, image)
         .await?
@@ -484,7 +499,7 @@ pub async fn rebase(
             force: opts.force,
             run_image_name: run.name.clone(),
         },
-        &same_repository,
+        names_match,
     )
     .map_err(refused)?;
     let out_name = match &opts.output {

@@ -47,7 +47,7 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
     promtool_check(&text);
     // Series per pod, container, image, registry or eBPF map exist once there is one (the
     // insight tests check them); everything else is exported from the start.
-    let per_entity = ["namespace", "image", "registry", "map"];
+    let per_entity = ["namespace", "image", "registry", "map", "run_image_digest"];
     for d in ragent::metrics::CATALOGUE.iter().filter(|d| {
         d.name == "ragent_image_size_bytes" || !d.labels.iter().any(|l| per_entity.contains(l))
     }) {

@@ -5,6 +5,7 @@
 //! The node is found through `RAGENT_TEST_NODE` and the binary under test through `RAGENT_BIN`.
 mod agent;
 mod auth;
+mod autorebase;
 mod cli;
 mod faults;
 mod images;

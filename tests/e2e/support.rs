@@ -422,3 +422,32 @@ pub async fn make_missing(node: &Node, set: &FixtureSet, repo: &str, tag: &str) 
     assert!(missing > 0, "the test must start with something to fetch");
     missing
 }
+
+/// Points `to` at the manifest of `from` inside the test registry (a tag that moves).
+pub fn retag(from: &str, to: &str) {
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{from}"))
+        .arg(format!("docker://{to}"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy {from} {to}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The sum of every series whose line starts with `prefix` (e.g. `ragent_x_total{`).
+pub fn sum_of(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -22,34 +22,6 @@ fn write_config(node: &Node, name: &str, images: &[String], extra: &str) -> Path
     path
 }
 
-/// Points `to` at the manifest of `from` inside the test registry (a tag that moves).
-fn retag(from: &str, to: &str) {
-    let out = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("docker://{from}"))
-        .arg(format!("docker://{to}"))
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo copy {from} {to}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sum_of(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_keeps_listed_images_warm_and_follows_a_moved_tag() {
     let node = node();

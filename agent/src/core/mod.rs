@@ -3,6 +3,7 @@
 //!
 //! Nothing here talks to containerd, the kernel or a socket; adapters feed it bytes and records
 //! and it decides. Everything here is tested directly.
+pub mod autorebase;
 pub mod chain;
 pub mod cnb;
 pub mod credentials;

@@ -42,11 +42,13 @@ pub struct Policy {
 
 /// The delay before retry number `attempts` (1 = after the first failure).
 pub fn backoff(timing: &Timing, attempts: u32) -> Duration {
+    doubling(timing.retry_min, timing.retry_max, attempts)
+}
+
+/// `min`, doubled per attempt after the first, capped at `max` (never overflows).
+pub fn doubling(min: Duration, max: Duration, attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(30);
-    timing
-        .retry_min
-        .saturating_mul(1u32 << doublings)
-        .min(timing.retry_max)
+    min.saturating_mul(1u32 << doublings).min(max)
 }
 
 /// Images per state: (ready, failed, pending).
