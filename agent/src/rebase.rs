@@ -190,6 +190,9 @@ pub struct Outcome {
     pub write_seconds: f64,
     /// Unpacking the result's layers into snapshots (after the records exist).
     pub unpack_seconds: f64,
+    /// Part of `seconds` spent building the registry's HTTP client: a one-off cost of the
+    /// process (the agent pays it once, not per rebase).
+    pub registry_client_seconds: f64,
 }
 
 /// The name of the record that keeps the image an in-place rebase of `name` replaced.
@@ -453,6 +456,7 @@ pub async fn rebase_with_names(
     names_match: &(dyn Fn(&str, &str) -> bool + Sync),
 ) -> Result<Outcome, Error> {
     let t0 = Instant::now();
+    let init_before = registry.client_init_time();
     let record = find_record(c, image)
         .await?
         .ok_or_else(|| Error::ImageNotFound {
@@ -544,6 +548,7 @@ pub async fn rebase_with_names(
         seconds: 0.0,
         write_seconds: 0.0,
         unpack_seconds: 0.0,
+        registry_client_seconds: 0.0,
     };
     if p.already_current && !opts.dry_run {
         // Nothing to write; a run killed between the record and the unpack left it to this one.
@@ -567,6 +572,7 @@ pub async fn rebase_with_names(
             outcome.layers_replaced = 0;
         }
         outcome.seconds = t0.elapsed().as_secs_f64();
+        outcome.registry_client_seconds = (registry.client_init_time() - init_before).as_secs_f64();
         return Ok(outcome);
     }
     // The app's layers must be here: they are never downloaded. Checked before the run image
@@ -602,6 +608,7 @@ pub async fn rebase_with_names(
     outcome.write_seconds = recorded;
     outcome.unpack_seconds = t_write.elapsed().as_secs_f64() - recorded;
     outcome.seconds = t0.elapsed().as_secs_f64();
+    outcome.registry_client_seconds = (registry.client_init_time() - init_before).as_secs_f64();
     info!(
         image = %name,
         name = %out_name,
@@ -818,6 +825,7 @@ pub async fn rollback(c: &Containerd, image: &str) -> Result<Outcome, Error> {
         seconds: t0.elapsed().as_secs_f64(),
         write_seconds: 0.0,
         unpack_seconds: 0.0,
+        registry_client_seconds: 0.0,
     })
 }
 
@@ -1010,6 +1018,7 @@ mod tests {
             seconds: 0.5,
             write_seconds: 0.1,
             unpack_seconds: 0.2,
+            registry_client_seconds: 0.05,
         }
     }
 
