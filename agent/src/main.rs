@@ -71,21 +71,31 @@ fn write_stdout(text: &str) -> std::io::Result<()> {
     }
 }
 
+/// The start of a subcommand that talks to containerd and registries: logging, the
+/// credentials (a bad auth file is reported before anything else happens), the connection.
+async fn start(
+    cli: &Cli,
+    auth: Option<&std::path::Path>,
+) -> anyhow::Result<(
+    ragent::adapters::containerd::Containerd,
+    ragent::core::credentials::Credentials,
+)> {
+    let common = config::common(cli, &FileConfig::default())?;
+    init_logging(common.log_format);
+    let credentials = match auth {
+        Some(path) => config::load_credentials(path)?,
+        None => ragent::core::credentials::Credentials::anonymous(),
+    };
+    let c =
+        ragent::adapters::containerd::Containerd::connect(&common.containerd, &common.namespace)
+            .await?;
+    Ok((c, credentials))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Prepull(args) => {
-            let common = config::common(&cli, &FileConfig::default())?;
-            init_logging(common.log_format);
-            // A bad auth file is reported before anything else happens.
-            let credentials = match &args.auth {
-                Some(path) => config::load_credentials(path)?,
-                None => ragent::core::credentials::Credentials::anonymous(),
-            };
-            let c = ragent::adapters::containerd::Containerd::connect(
-                &common.containerd,
-                &common.namespace,
-            )
-            .await?;
+            let (c, credentials) = start(&cli, args.auth.as_deref()).await?;
             let registry = std::sync::Arc::new(ragent::adapters::registry::Registry::with_timeout(
                 &args.insecure_registries,
                 credentials,
@@ -131,17 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ragent::agent::run(cfg, shutdown_signal()).await?;
         }
         Command::Rebase(args) => {
-            let common = config::common(&cli, &FileConfig::default())?;
-            init_logging(common.log_format);
-            let credentials = match &args.auth {
-                Some(path) => config::load_credentials(path)?,
-                None => ragent::core::credentials::Credentials::anonymous(),
-            };
-            let c = ragent::adapters::containerd::Containerd::connect(
-                &common.containerd,
-                &common.namespace,
-            )
-            .await?;
+            let (c, credentials) = start(&cli, args.auth.as_deref()).await?;
             let outcome = if args.rollback {
                 ragent::rebase::rollback(&c, &args.image).await
             } else {

@@ -264,6 +264,16 @@ async fn find_record(c: &Containerd, image: &str) -> Result<Option<ImageRecord>,
     Ok(None)
 }
 
+/// The record of `image`, or the error that says where to look.
+async fn require_record(c: &Containerd, image: &str) -> Result<ImageRecord, Error> {
+    find_record(c, image)
+        .await?
+        .ok_or_else(|| Error::ImageNotFound {
+            image: image.into(),
+            namespace: c.namespace().into(),
+        })
+}
+
 /// The new run image: its manifest and config (read, not yet written), and how to get the
 /// rest onto the node.
 struct RunImage {
@@ -457,12 +467,7 @@ pub async fn rebase_with_names(
 ) -> Result<Outcome, Error> {
     let t0 = Instant::now();
     let init_before = registry.client_init_time();
-    let record = find_record(c, image)
-        .await?
-        .ok_or_else(|| Error::ImageNotFound {
-            image: image.into(),
-            namespace: c.namespace().into(),
-        })?;
+    let record = require_record(c, image).await?;
     let name = record.name.clone();
     if opts.output == Output::InPlace && name.contains('@') {
         return Err(Error::InPlaceDigest { image: name });
@@ -762,12 +767,7 @@ async fn put_blob(
 /// Moves `image` back to the image an in-place rebase replaced, and drops the rollback record.
 pub async fn rollback(c: &Containerd, image: &str) -> Result<Outcome, Error> {
     let t0 = Instant::now();
-    let record = find_record(c, image)
-        .await?
-        .ok_or_else(|| Error::ImageNotFound {
-            image: image.into(),
-            namespace: c.namespace().into(),
-        })?;
+    let record = require_record(c, image).await?;
     let rb = rollback_name(&record.name);
     let Some(prev) = c.get_image(&rb).await? else {
         return Err(Error::NoRollback {
