@@ -67,6 +67,16 @@ fn rebase_json(node: &Node, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("rebase --json prints one JSON document")
 }
 
+/// `ragent rebase --rollback NAME`, which must succeed.
+fn roll_back(node: &Node, name: &str) {
+    let out = ragent(node, &["rebase", "--rollback", name]);
+    assert!(
+        out.status.success(),
+        "ragent rebase --rollback {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn connect(node: &Node) -> Containerd {
     Containerd::connect(&node.socket(), "k8s.io")
         .await
@@ -303,12 +313,7 @@ async fn in_place_rebase_moves_the_name_and_rollback_restores_it() {
     );
     let _ = std::fs::remove_file(&report);
 
-    let out = ragent(&node, &["rebase", "--rollback", &name]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    roll_back(&node, &name);
     assert_eq!(
         target(&c, &name).await.as_deref(),
         Some(app.manifest_digest.as_str())
@@ -731,12 +736,7 @@ async fn faults_killed_rebase_or_restarted_containerd_leave_a_consistent_store_a
         );
         whole = t0.elapsed();
         assert_eq!(target(&c, &name).await.as_deref(), Some(want.as_str()));
-        let out = ragent(&node, &["rebase", "--rollback", &name]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        roll_back(&node, &name);
     }
     let mut outcomes = Vec::new();
     for percent in [2u32, 10, 25, 40, 55, 70, 85, 95] {
@@ -758,12 +758,7 @@ async fn faults_killed_rebase_or_restarted_containerd_leave_a_consistent_store_a
         if t == want {
             // The rollback record was written before the name moved.
             assert_eq!(rollback.as_deref(), Some(app.manifest_digest.as_str()));
-            let out = ragent(&node, &["rebase", "--rollback", &name]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            roll_back(&node, &name);
         }
     }
     eprintln!(
