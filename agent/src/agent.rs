@@ -68,6 +68,8 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] crate::adapters::kube::KubeError),
 }
 
 /// What the HTTP handlers read.
@@ -156,9 +158,27 @@ impl Shared {
     }
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves. With `[kubernetes]` on, the API client comes from
+/// the pod's service account (or KUBECONFIG).
 pub async fn run(
     cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let client = match &cfg.kube {
+        Some(_) => {
+            crate::adapters::registry::install_tls_provider();
+            Some(crate::adapters::kube::connect().await?)
+        }
+        None => None,
+    };
+    run_with(cfg, client, shutdown).await
+}
+
+/// [`run`] with a given Kubernetes client (tests pass kube's mock service); used only when
+/// `cfg.kube` is set.
+pub async fn run_with(
+    cfg: AgentConfig,
+    kube: Option<kube::Client>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let metrics = Metrics::new(prometheus::Registry::new())?;
@@ -217,6 +237,7 @@ pub async fn run(
             cfg.prepull.clone(),
             registry,
             shared.metrics.prepull.clone(),
+            None,
             stop_rx.clone(),
         ))
     });
@@ -234,6 +255,28 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let kubernetes = match (kube, cfg.kube.clone()) {
+        (Some(client), Some(settings)) => {
+            let pods = Arc::new(RwLock::new(crate::core::pods::Index::default()));
+            shared.insight.lock().await.set_pod_index(pods.clone());
+            let opts = crate::kubernetes::Options {
+                settings,
+                socket: cfg.common.containerd.clone(),
+                namespace: cfg.common.namespace.clone(),
+                prepull: cfg.prepull.clone(),
+                reconcile_interval: crate::kubernetes::RECONCILE_INTERVAL,
+            };
+            Some(tokio::spawn(crate::kubernetes::run(
+                client,
+                opts,
+                pods,
+                shared.metrics.kube()?,
+                shared.metrics.prepull.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let pulls = tokio::spawn(watch_pull_traffic(shared.clone(), stop_rx.clone()));
     let walks = tokio::spawn(walk_cgroups(shared.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
@@ -259,6 +302,11 @@ pub async fn run(
         && let Err(e) = r.await
     {
         warn!(error = %e, "the rebase policy ended abnormally");
+    }
+    if let Some(k) = kubernetes
+        && let Err(e) = k.await
+    {
+        warn!(error = %e, "the Kubernetes watches ended abnormally");
     }
     match server.await {
         Ok(Ok(())) => Ok(()),

@@ -63,6 +63,9 @@ pub enum Command {
     /// Move a CNB app image onto a patched run image inside containerd (no rebuild, no
     /// app-layer download); `--rollback` undoes an in-place rebase.
     Rebase(RebaseArgs),
+    /// Print the PrePull CustomResourceDefinition (YAML) for `kubectl apply -f -`; the Helm
+    /// chart ships the same file.
+    Crd,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +232,66 @@ pub struct FileConfig {
     pub prepull: PrepullSection,
     #[serde(default)]
     pub rebase: RebaseSection,
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+/// `[kubernetes]`: the kube adapter (pods of this node, `PrePull` resources, Events).
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// Default: on when running in a pod (`KUBERNETES_SERVICE_HOST` is set).
+    pub enabled: Option<bool>,
+    /// Default: the `NODE_NAME` environment variable (the chart sets it from spec.nodeName).
+    pub node_name: Option<String>,
+    /// Namespaces where the agent may read the pull secrets `PrePull` resources name.
+    #[serde(default)]
+    pub pull_secret_namespaces: Vec<String>,
+}
+
+/// The kube adapter's settings, when it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    pub node_name: String,
+    pub pull_secret_namespaces: Vec<String>,
+}
+
+/// Validates `[kubernetes]`; `env` reads the process environment (a parameter for tests).
+pub fn kube_settings(
+    section: &KubernetesSection,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<KubeSettings>, ConfigError> {
+    let in_cluster = env("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
+    if !section.enabled.unwrap_or(in_cluster) {
+        return Ok(None);
+    }
+    let node_name = section
+        .node_name
+        .clone()
+        .or_else(|| env("NODE_NAME"))
+        .filter(|n| !n.is_empty())
+        .ok_or(ConfigError::Kubernetes {
+            key: "node_name",
+            reason: "unknown: set the NODE_NAME environment variable from the downward API \
+                     (fieldRef spec.nodeName; the chart does) or [kubernetes] node_name"
+                .into(),
+        })?;
+    if let Some(bad) = section.pull_secret_namespaces.iter().find(|n| {
+        n.is_empty()
+            || n.len() > 63
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }) {
+        return Err(ConfigError::Kubernetes {
+            key: "pull_secret_namespaces",
+            reason: format!("{bad:?} is not a namespace name (lowercase letters, digits, '-')"),
+        });
+    }
+    Ok(Some(KubeSettings {
+        node_name,
+        pull_secret_namespaces: section.pull_secret_namespaces.clone(),
+    }))
 }
 
 /// `[prepull]`: the images the agent keeps on the node (see docs/config.md).
@@ -365,6 +428,8 @@ pub enum ConfigError {
     Prepull { key: &'static str, reason: String },
     #[error("rebase.{key} is invalid: {reason}")]
     Rebase { key: &'static str, reason: String },
+    #[error("kubernetes.{key}: {reason}")]
+    Kubernetes { key: &'static str, reason: String },
     #[error("{section}.auth: {source}")]
     Credentials {
         section: &'static str,
@@ -394,6 +459,8 @@ pub struct AgentConfig {
     pub series_grace: std::time::Duration,
     pub prepull: PrepullPolicy,
     pub rebase: RebasePolicy,
+    /// None: the kube adapter does not run.
+    pub kube: Option<KubeSettings>,
 }
 
 /// Normalizes the references of a list setting (`key` names it in errors).
@@ -657,6 +724,7 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
         series_grace: std::time::Duration::from_secs(series_grace),
         prepull: prepull_policy(&file.prepull)?,
         rebase: rebase_policy(&file.rebase)?,
+        kube: kube_settings(&file.kubernetes, |k| std::env::var(k).ok())?,
     })
 }
 

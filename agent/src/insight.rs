@@ -75,6 +75,9 @@ pub struct Insight {
     paths: HashMap<u64, (String, u64)>,
     /// container id -> who it is, with when it was last seen.
     containers: HashMap<String, (Workload, u64)>,
+    /// This node's pods from the Kubernetes API (when the kube adapter runs): names the
+    /// containers containerd's records do not (no CRI labels, or no record any more).
+    pods: Option<std::sync::Arc<std::sync::RwLock<crate::core::pods::Index>>>,
     /// The cgroups of the processes that pull: containerd's and the agent's own.
     watched: HashMap<u64, Owner>,
     pod_bytes: Ledger<(PodKey, &'static str)>,
@@ -212,6 +215,7 @@ impl Insight {
             containerd: None,
             paths: HashMap::new(),
             containers: HashMap::new(),
+            pods: None,
             watched: HashMap::new(),
             pod_bytes: Ledger::default(),
             pod_packets: Ledger::default(),
@@ -356,9 +360,29 @@ impl Insight {
     pub fn set_containers(&mut self, records: &[ContainerRecord]) {
         let now = self.now_s();
         for r in records {
-            self.containers
-                .insert(r.id.clone(), (Workload::from_labels(&r.id, &r.labels), now));
+            let w = self.named(&r.id, Workload::from_labels(&r.id, &r.labels));
+            self.containers.insert(r.id.clone(), (w, now));
         }
+    }
+
+    /// Names containers through this node's pods from the Kubernetes API.
+    pub fn set_pod_index(
+        &mut self,
+        pods: std::sync::Arc<std::sync::RwLock<crate::core::pods::Index>>,
+    ) {
+        self.pods = Some(pods);
+    }
+
+    /// `w`, or the pod index's name for the container when `w` has no Kubernetes identity.
+    fn named(&self, id: &str, w: Workload) -> Workload {
+        if !w.namespace.is_empty() {
+            return w;
+        }
+        let from_api = self.pods.as_ref().and_then(|p| match p.read() {
+            Ok(ix) => ix.workload(id),
+            Err(poisoned) => poisoned.into_inner().workload(id),
+        });
+        from_api.unwrap_or(w)
     }
 
     /// The images in the store (their series stay while they do) and the addresses their
@@ -422,6 +446,7 @@ impl Insight {
             },
             None => Workload::unknown(cid),
         };
+        let w = self.named(cid, w);
         self.containers.insert(cid.to_string(), (w.clone(), now));
         w
     }

@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             write_stdout(&text)?;
         }
+        Command::Crd => write_stdout(&ragent::crd::crd_yaml())?,
         Command::Agent(args) => {
             let file = match &args.config {
                 Some(p) => config::load_file(p)?,

@@ -254,6 +254,42 @@ def!(
 );
 
 def!(
+    KUBE_UP,
+    "ragent_kube_up",
+    Gauge,
+    [],
+    "1 while the Kubernetes watches (pods of this node, this node, PrePull resources) are listed and current, else 0; absent without the kube adapter."
+);
+def!(
+    KUBE_PODS,
+    "ragent_kube_pods",
+    Gauge,
+    [],
+    "Pods of this node known from the Kubernetes API (spec.nodeName watch)."
+);
+def!(
+    KUBE_WATCH_ERRORS,
+    "ragent_kube_watch_errors_total",
+    Counter,
+    ["resource"],
+    "Errors of the Kubernetes watches by resource (pods, nodes, prepulls); each is retried with backoff, a 410 Gone relists."
+);
+def!(
+    PREPULL_RESOURCES,
+    "ragent_prepull_resources",
+    Gauge,
+    ["state"],
+    "PrePull resources as this node sees them: applied, not_selected (the node selector does not pick this node), refused (a pull secret the agent may not read, an invalid selector)."
+);
+def!(
+    KUBE_EVENTS,
+    "ragent_kube_events_total",
+    Counter,
+    ["result"],
+    "Kubernetes Events this node published about PrePull resources (published, failed)."
+);
+
+def!(
     POD_NET_BYTES,
     "ragent_pod_network_bytes_total",
     Counter,
@@ -391,6 +427,11 @@ pub const CATALOGUE: &[MetricDef] = &[
     RUN_IMAGE_POLLS,
     IMAGES_BY_RUN_IMAGE,
     RUN_IMAGE_OLDEST_UNPATCHED_AGE,
+    KUBE_UP,
+    KUBE_PODS,
+    KUBE_WATCH_ERRORS,
+    PREPULL_RESOURCES,
+    KUBE_EVENTS,
     POD_NET_BYTES,
     POD_NET_PACKETS,
     CONTAINER_CPU,
@@ -689,6 +730,51 @@ impl PrepullMetrics {
     }
 }
 
+/// The kube adapter's metrics (registered only when it runs, so a node without Kubernetes
+/// exports none of them).
+#[derive(Clone)]
+pub struct KubeMetrics {
+    pub up: IntGauge,
+    pub pods: IntGauge,
+    pub watch_errors: IntCounterVec,
+    pub resources: IntGaugeVec,
+    pub events: IntCounterVec,
+}
+
+/// The watches whose errors `ragent_kube_watch_errors_total` counts.
+pub const KUBE_WATCHES: &[&str] = &["pods", "nodes", "prepulls"];
+
+impl KubeMetrics {
+    pub fn new(r: &Registry) -> Result<KubeMetrics, prometheus::Error> {
+        let m = KubeMetrics {
+            up: reg(r, IntGauge::with_opts(opts(&KUBE_UP))?)?,
+            pods: reg(r, IntGauge::with_opts(opts(&KUBE_PODS))?)?,
+            watch_errors: reg(
+                r,
+                IntCounterVec::new(opts(&KUBE_WATCH_ERRORS), KUBE_WATCH_ERRORS.labels)?,
+            )?,
+            resources: reg(
+                r,
+                IntGaugeVec::new(opts(&PREPULL_RESOURCES), PREPULL_RESOURCES.labels)?,
+            )?,
+            events: reg(
+                r,
+                IntCounterVec::new(opts(&KUBE_EVENTS), KUBE_EVENTS.labels)?,
+            )?,
+        };
+        for w in KUBE_WATCHES {
+            m.watch_errors.with_label_values(&[*w]);
+        }
+        for s in ["applied", "not_selected", "refused"] {
+            m.resources.with_label_values(&[s]);
+        }
+        for r in ["published", "failed"] {
+            m.events.with_label_values(&[r]);
+        }
+        Ok(m)
+    }
+}
+
 /// Handles to every metric, registered into the registry passed in.
 pub struct Metrics {
     registry: Registry,
@@ -714,6 +800,8 @@ pub struct Metrics {
     pub prepull: PrepullMetrics,
     pub rebase: RebaseMetrics,
     pub insight: InsightMetrics,
+    /// Set when the kube adapter runs ([`Metrics::kube`]).
+    kube: std::sync::OnceLock<KubeMetrics>,
     image_series: Mutex<BTreeSet<String>>,
 }
 
@@ -768,6 +856,7 @@ impl Metrics {
             prepull: PrepullMetrics::new(r)?,
             rebase: RebaseMetrics::new(r)?,
             insight: InsightMetrics::new(r)?,
+            kube: std::sync::OnceLock::new(),
             image_series: Mutex::new(BTreeSet::new()),
             registry,
         };
@@ -791,6 +880,15 @@ impl Metrics {
             m.node_layer_role_bytes.with_label_values(&[role.as_str()]);
         }
         Ok(m)
+    }
+
+    /// The kube adapter's metrics, registered on first use.
+    pub fn kube(&self) -> Result<KubeMetrics, prometheus::Error> {
+        if let Some(k) = self.kube.get() {
+            return Ok(k.clone());
+        }
+        let k = KubeMetrics::new(&self.registry)?;
+        Ok(self.kube.get_or_init(|| k).clone())
     }
 
     /// Sets the per-image series to exactly `sizes`, removing series of images that are gone.
@@ -872,7 +970,11 @@ mod tests {
         i.map_entries.with_label_values(&["M"]);
         i.map_capacity.with_label_values(&["M"]);
         i.map_overflow.with_label_values(&["M"]);
+        m.kube().unwrap();
+        // Registered once: a second call returns the same handles.
+        m.kube().unwrap().pods.set(3);
         let text = m.encode().unwrap();
+        assert!(text.contains("ragent_kube_pods 3"), "{text}");
         for d in CATALOGUE {
             assert!(
                 text.contains(&format!("# TYPE {} {}", d.name, d.kind.as_str())),

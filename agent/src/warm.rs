@@ -4,7 +4,7 @@
 //! retried with backoff, logged and counted. The decisions are in [`crate::core::policy`].
 use std::{sync::Arc, time::Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
@@ -13,18 +13,26 @@ use crate::{
         registry::{Registry, ResolvedRef},
     },
     config::PrepullPolicy,
-    core::policy::Policy,
+    core::{
+        policy::{Counts, Policy},
+        prepulls::Outcome,
+    },
     metrics::PrepullMetrics,
     prepull::{Options, PrepullError, Puller},
 };
 
-/// Runs the policy until `stop` turns true.
+/// Where a policy reports each image's outcome (the kube adapter turns them into Events).
+pub type Reports = mpsc::UnboundedSender<(String, Outcome)>;
+
+/// Runs the policy until `stop` turns true. Several policies may run at once (the config
+/// file's and one per applied `PrePull` resource): `ragent_prepull_images` is their sum.
 pub async fn keep_warm(
     socket: std::path::PathBuf,
     namespace: String,
     policy: PrepullPolicy,
     registry: Arc<Registry>,
     metrics: PrepullMetrics,
+    reports: Option<Reports>,
     mut stop: watch::Receiver<bool>,
 ) {
     let opts = Options {
@@ -32,7 +40,8 @@ pub async fn keep_warm(
         max_rate: policy.max_rate,
     };
     let mut state = Policy::new(&policy.images, policy.timing, Instant::now());
-    publish(&state, &metrics);
+    let mut published = Published::new(metrics.images.clone());
+    published.set(state.counts());
     info!(images = policy.images.len(), "pre-pull policy started");
     let mut puller: Option<Puller> = None;
     loop {
@@ -47,19 +56,19 @@ pub async fn keep_warm(
                         let e = PrepullError::from(e);
                         count(&metrics, &e);
                         for r in &due {
-                            fail(&mut state, r, &e);
+                            fail(&mut state, r, &e, reports.as_ref());
                         }
                     }
                 }
             }
             if let Some(p) = &puller {
-                let lost = pass(p, &mut state, &metrics, &due).await;
+                let lost = pass(p, &mut state, &metrics, &due, reports.as_ref()).await;
                 if lost {
                     // containerd went away: connect afresh next time.
                     puller = None;
                 }
             }
-            publish(&state, &metrics);
+            published.set(state.counts());
         }
         let wake = state
             .next_wake()
@@ -72,17 +81,37 @@ pub async fn keep_warm(
     }
 }
 
-fn publish(state: &Policy, metrics: &PrepullMetrics) {
-    let c = state.counts();
-    for (label, n) in [
-        ("ready", c.ready),
-        ("failed", c.failed),
-        ("pending", c.pending),
-    ] {
-        metrics
-            .images
-            .with_label_values(&[label])
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+/// One policy's share of `ragent_prepull_images`: changes are added to the gauge, and the
+/// share is taken back out when the policy ends (a `PrePull` deleted or no longer selected).
+struct Published {
+    gauge: prometheus::IntGaugeVec,
+    last: Counts,
+}
+
+impl Published {
+    fn new(gauge: prometheus::IntGaugeVec) -> Published {
+        Published {
+            gauge,
+            last: Counts::default(),
+        }
+    }
+
+    fn set(&mut self, c: Counts) {
+        let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
+        for (label, new, old) in [
+            ("ready", c.ready, self.last.ready),
+            ("failed", c.failed, self.last.failed),
+            ("pending", c.pending, self.last.pending),
+        ] {
+            self.gauge.with_label_values(&[label]).add(n(new) - n(old));
+        }
+        self.last = c;
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        self.set(Counts::default());
     }
 }
 
@@ -95,13 +124,33 @@ fn count(metrics: &PrepullMetrics, e: &PrepullError) {
 }
 
 /// Marks a failure (counting it is the caller's: one failed pass of several images is one).
-fn fail(state: &mut Policy, reference: &str, e: &PrepullError) {
+fn fail(state: &mut Policy, reference: &str, e: &PrepullError, reports: Option<&Reports>) {
     let delay = state.failed(reference, e.metric_label(), Instant::now());
     warn!(image = reference, error = %e, retry_in_s = delay.as_secs_f64(), "pre-pull failed");
+    tell(
+        reports,
+        reference,
+        Outcome::Failed {
+            reason: crate::adapters::error_chain(e),
+        },
+    );
+}
+
+fn tell(reports: Option<&Reports>, reference: &str, o: Outcome) {
+    if let Some(tx) = reports {
+        // The receiver gone means the kube adapter is stopping this policy too.
+        let _ = tx.send((reference.to_string(), o));
+    }
 }
 
 /// One pass over the due references; true when containerd was lost.
-async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[String]) -> bool {
+async fn pass(
+    p: &Puller,
+    state: &mut Policy,
+    metrics: &PrepullMetrics,
+    due: &[String],
+    reports: Option<&Reports>,
+) -> bool {
     let mut to_pull: Vec<ResolvedRef> = Vec::new();
     let mut lost = false;
     for r in due {
@@ -110,7 +159,7 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
             Err(e) => {
                 let e = PrepullError::from(e);
                 count(metrics, &e);
-                fail(state, r, &e);
+                fail(state, r, &e, reports);
                 continue;
             }
         };
@@ -118,13 +167,15 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
         match p.containerd().get_image(&resolved.name).await {
             Ok(Some(rec)) if rec.target.digest == resolved.manifest_desc.digest => {
                 state.ready(r, &resolved.manifest_desc.digest, Instant::now());
+                let digest = resolved.manifest_desc.digest.clone();
+                tell(reports, r, Outcome::Pulled { digest });
             }
             Ok(_) => to_pull.push(resolved),
             Err(e) => {
                 lost |= e.is_disconnect();
                 let e = PrepullError::from(e);
                 count(metrics, &e);
-                fail(state, r, &e);
+                fail(state, r, &e, reports);
             }
         }
     }
@@ -135,6 +186,8 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
         Ok(report) => {
             for (r, img) in to_pull.iter().zip(&report.images) {
                 let moved = state.ready(&r.name, &r.manifest_desc.digest, Instant::now());
+                let digest = r.manifest_desc.digest.clone();
+                tell(reports, &r.name, Outcome::Pulled { digest });
                 info!(
                     image = %r.name,
                     digest = %r.manifest_desc.digest,
@@ -149,7 +202,7 @@ async fn pass(p: &Puller, state: &mut Policy, metrics: &PrepullMetrics, due: &[S
             lost |= matches!(&e, PrepullError::ContainerdLost { .. })
                 || matches!(&e, PrepullError::Containerd(c) if c.is_disconnect());
             for r in &to_pull {
-                fail(state, &r.name, &e);
+                fail(state, &r.name, &e, reports);
             }
         }
     }

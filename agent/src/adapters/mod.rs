@@ -4,6 +4,7 @@ pub mod cgroupfs;
 pub mod containerd;
 pub mod containerd_write;
 pub mod kernel;
+pub mod kube;
 pub mod procfs;
 pub mod registry;
 

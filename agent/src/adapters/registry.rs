@@ -295,6 +295,15 @@ pub struct Registry {
 
 static TLS_PROVIDER: Once = Once::new();
 
+/// Installs ring as rustls' crypto provider for the process (once; later calls do nothing).
+/// Every TLS client of the agent — registries and the Kubernetes API — uses it.
+pub fn install_tls_provider() {
+    TLS_PROVIDER.call_once(|| {
+        // Fails only if another provider was installed first, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The only root the plain-HTTP client trusts: a self-signed certificate whose private key was
 /// thrown away when it was made, so no server can present a chain to it. It exists because the
 /// HTTP library loads the system's roots unless it is given roots of its own.
@@ -416,10 +425,7 @@ impl Registry {
         credentials: Credentials,
         timeout: Duration,
     ) -> Registry {
-        TLS_PROVIDER.call_once(|| {
-            // Fails only if another provider was installed first, which is as good.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
+        install_tls_provider();
         Registry {
             tls: tokio::sync::OnceCell::new(),
             plain: tokio::sync::OnceCell::new(),

@@ -180,6 +180,17 @@ impl Credentials {
         self.by_host.is_empty()
     }
 
+    /// Adds every host of `other` (its entry wins where both have one: later secrets of a
+    /// pod's list override earlier ones, as kubelet does).
+    pub fn merge(&mut self, other: &Credentials) {
+        for (h, c) in &other.by_host {
+            self.by_host.insert(h.clone(), c.clone());
+        }
+        if self.source.is_none() {
+            self.source.clone_from(&other.source);
+        }
+    }
+
     /// Adds (or replaces) the credential of one host.
     pub fn insert(&mut self, host: &str, credential: Credential) {
         self.by_host.insert(normalize_host(host), credential);

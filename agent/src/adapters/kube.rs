@@ -1,0 +1,368 @@
+//! The Kubernetes API: watches of this node's pods, of this node and of the `PrePull`
+//! resources, reads of named pull secrets, and Events. Objects become the core's model as
+//! they arrive ([`PodInfo`], labels, [`Resource`]); nothing here decides.
+//!
+//! What the agent asks of the API server, and so all its RBAC needs: pods list/watch (field
+//! selector `spec.nodeName`), nodes list/watch (field selector `metadata.name`), prepulls
+//! get/list/watch, secrets get (by name, in allowed namespaces), events.k8s.io events
+//! create/patch. It never writes to a `PrePull`.
+use std::collections::BTreeMap;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Secret};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+
+use crate::{
+    core::{
+        credentials::{Credentials, CredentialsError},
+        pods::{PodInfo, container_id, workload_of},
+        prepulls::{Notice, Resource, SecretRef, clip_note},
+    },
+    crd::{PrePull, to_core},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(
+        "no Kubernetes API configuration (in-cluster service account or KUBECONFIG): {0}; \
+         set [kubernetes] enabled = false to run without it"
+    )]
+    Config(#[source] kube::Error),
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the {0} watch failed: {1}")]
+    Watch(&'static str, #[source] watcher::Error),
+    #[error("pull secret {secret}: {reason}")]
+    Secret { secret: SecretRef, reason: String },
+    #[error("pull secret {secret}: {source}")]
+    SecretCredentials {
+        secret: SecretRef,
+        #[source]
+        source: CredentialsError,
+    },
+}
+
+/// A change from a watch, in the core's model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<T> {
+    /// Added or modified.
+    Apply(T),
+    Delete(T),
+    /// The watch (re)started; `Listed` items follow, then `ListDone`.
+    Relist,
+    Listed(T),
+    ListDone,
+}
+
+fn change<K, T>(e: watcher::Event<K>, f: impl Fn(&K) -> T) -> Change<T> {
+    match e {
+        watcher::Event::Apply(k) => Change::Apply(f(&k)),
+        watcher::Event::Delete(k) => Change::Delete(f(&k)),
+        watcher::Event::Init => Change::Relist,
+        watcher::Event::InitApply(k) => Change::Listed(f(&k)),
+        watcher::Event::InitDone => Change::ListDone,
+    }
+}
+
+/// The in-cluster configuration (service account), else KUBECONFIG / ~/.kube/config.
+pub async fn connect() -> Result<Client, KubeError> {
+    Client::try_default().await.map_err(KubeError::Config)
+}
+
+/// What the agent keeps of a pod.
+pub fn pod_info(p: &Pod) -> PodInfo {
+    let meta = &p.metadata;
+    let workload = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| {
+            let hash = meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash"))
+                .map(String::as_str);
+            workload_of(&o.kind, &o.name, hash)
+        });
+    let mut containers: Vec<(String, Option<String>)> = Vec::new();
+    if let Some(spec) = &p.spec {
+        let names = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| &c.name)
+            .chain(spec.containers.iter().map(|c| &c.name))
+            .chain(spec.ephemeral_containers.iter().flatten().map(|c| &c.name));
+        containers.extend(names.map(|n| (n.clone(), None)));
+    }
+    if let Some(status) = &p.status {
+        let statuses = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .chain(status.ephemeral_container_statuses.iter().flatten());
+        for s in statuses {
+            let id = s
+                .container_id
+                .as_deref()
+                .and_then(container_id)
+                .map(str::to_string);
+            match containers.iter_mut().find(|(n, _)| *n == s.name) {
+                Some(slot) => slot.1 = id,
+                None => containers.push((s.name.clone(), id)),
+            }
+        }
+    }
+    PodInfo {
+        uid: meta.uid.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        workload,
+        containers,
+    }
+}
+
+type Watch<T> = std::pin::Pin<Box<dyn Stream<Item = Result<Change<T>, KubeError>> + Send>>;
+
+/// The pods of `node`, as [`PodInfo`] (the Pod objects are dropped as they arrive, so the
+/// agent's memory follows the number of pods, not the size of their specs).
+pub fn watch_pods(client: Client, node: &str) -> Watch<PodInfo> {
+    let api: Api<Pod> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    watcher(api, cfg)
+        .default_backoff()
+        .map(|r| {
+            r.map(|e| change(e, pod_info))
+                .map_err(|e| KubeError::Watch("pods", e))
+        })
+        .boxed()
+}
+
+/// The labels of `node` (one object: a field selector on its name).
+pub fn watch_node(client: Client, node: &str) -> Watch<BTreeMap<String, String>> {
+    let api: Api<Node> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    watcher(api, cfg)
+        .default_backoff()
+        .map(|r| {
+            r.map(|e| change(e, |n: &Node| n.metadata.labels.clone().unwrap_or_default()))
+                .map_err(|e| KubeError::Watch("nodes", e))
+        })
+        .boxed()
+}
+
+/// Every `PrePull` resource.
+pub fn watch_prepulls(client: Client) -> Watch<(Resource, ObjectReference)> {
+    let api: Api<PrePull> = Api::all(client);
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(|r| {
+            r.map(|e| change(e, |p: &PrePull| (to_core(p), reference(p))))
+                .map_err(|e| KubeError::Watch("prepulls", e))
+        })
+        .boxed()
+}
+
+/// What an Event about `p` points at.
+pub fn reference(p: &PrePull) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("ragent.dev/v1alpha1".into()),
+        kind: Some("PrePull".into()),
+        name: p.metadata.name.clone(),
+        uid: p.metadata.uid.clone(),
+        resource_version: p.metadata.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+/// The registry credentials of the named secrets (kubernetes.io/dockerconfigjson or
+/// dockercfg), merged in order. Only `get` by name: the agent never lists secrets.
+pub async fn pull_credentials(
+    client: &Client,
+    secrets: &[SecretRef],
+) -> Result<Credentials, KubeError> {
+    let mut all = Credentials::anonymous();
+    for s in secrets {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &s.namespace);
+        let secret = api.get(&s.name).await.map_err(|e| match &e {
+            kube::Error::Api(status) if status.code == 404 => KubeError::Secret {
+                secret: s.clone(),
+                reason: "not found".into(),
+            },
+            kube::Error::Api(status) if status.code == 403 => KubeError::Secret {
+                secret: s.clone(),
+                reason: "forbidden: the agent's RBAC does not grant get on secrets in this \
+                         namespace (the chart's prepull.pullSecretNamespaces)"
+                    .into(),
+            },
+            _ => KubeError::Api {
+                what: format!("reading pull secret {s}"),
+                source: e,
+            },
+        })?;
+        let text = secret_config(&secret).ok_or_else(|| KubeError::Secret {
+            secret: s.clone(),
+            reason: format!(
+                "type {:?} has no .dockerconfigjson or .dockercfg entry",
+                secret.type_.as_deref().unwrap_or("")
+            ),
+        })?;
+        let creds = Credentials::parse(format!("secret {s}"), &text).map_err(|source| {
+            KubeError::SecretCredentials {
+                secret: s.clone(),
+                source,
+            }
+        })?;
+        all.merge(&creds);
+    }
+    Ok(all)
+}
+
+/// The docker config in a secret, as the JSON text of a `kubernetes.io/dockerconfigjson`
+/// (dockercfg's older form is wrapped into `{"auths": ...}`).
+fn secret_config(s: &Secret) -> Option<String> {
+    let data = s.data.as_ref()?;
+    if let Some(b) = data.get(".dockerconfigjson") {
+        return String::from_utf8(b.0.clone()).ok();
+    }
+    let old = String::from_utf8(data.get(".dockercfg")?.0.clone()).ok()?;
+    Some(format!("{{\"auths\": {old}}}"))
+}
+
+/// Publishes Events about `PrePull` resources as this node (reporting instance = node name).
+/// Events about a cluster-scoped object live in the `default` namespace (the API server's
+/// rule), so that is where the agent needs `create` and `patch`.
+pub struct Events {
+    recorder: Recorder,
+}
+
+impl Events {
+    pub fn new(client: Client, node: &str) -> Events {
+        Events {
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "ragent".into(),
+                    instance: Some(node.into()),
+                },
+            ),
+        }
+    }
+
+    pub async fn publish(&self, n: &Notice, regarding: &ObjectReference) -> Result<(), KubeError> {
+        let ev = Event {
+            type_: if n.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: n.reason.into(),
+            note: Some(clip_note(&n.note)),
+            action: "PrePull".into(),
+            secondary: None,
+        };
+        self.recorder
+            .publish(&ev, regarding)
+            .await
+            .map_err(|source| KubeError::Api {
+                what: format!(
+                    "publishing a {} Event about PrePull {}",
+                    n.reason, n.resource
+                ),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_becomes_its_containers_and_owner() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-7d9f8c6b5-x2k4p",
+                "namespace": "shop",
+                "uid": "6f1e0b1a-0000-4000-8000-000000000001",
+                "labels": {"app": "web", "pod-template-hash": "7d9f8c6b5"},
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9f8c6b5",
+                    "uid": "aa", "controller": true, "blockOwnerDeletion": true
+                }],
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}]
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "initContainers": [{"name": "migrate", "image": "r/app:v1"}],
+                "containers": [
+                    {"name": "web", "image": "r/app:v1"},
+                    {"name": "proxy", "image": "r/proxy:v1"}
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "initContainerStatuses": [{
+                    "name": "migrate", "image": "r/app:v1", "imageID": "", "ready": false,
+                    "restartCount": 0, "containerID": "containerd://init1"
+                }],
+                "containerStatuses": [{
+                    "name": "web", "image": "r/app:v1", "imageID": "", "ready": true,
+                    "restartCount": 1, "containerID": "containerd://abc"
+                }, {
+                    "name": "proxy", "image": "r/proxy:v1", "imageID": "", "ready": false,
+                    "restartCount": 0
+                }]
+            }
+        }))
+        .expect("a realistic pod");
+        let info = pod_info(&p);
+        assert_eq!(info.namespace, "shop");
+        assert_eq!(info.workload.as_deref(), Some("Deployment/web"));
+        assert_eq!(
+            info.containers,
+            vec![
+                ("migrate".to_string(), Some("init1".to_string())),
+                ("web".to_string(), Some("abc".to_string())),
+                ("proxy".to_string(), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn secrets_give_their_docker_config() {
+        let s: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": "team-a"},
+            "type": "kubernetes.io/dockercfg",
+            // base64 of {"r.example":{"auth":"dTpw"}}
+            "data": {".dockercfg": "eyJyLmV4YW1wbGUiOnsiYXV0aCI6ImRUcHcifX0="}
+        }))
+        .expect("secret");
+        let text = secret_config(&s).expect("config");
+        let c = Credentials::parse("secret team-a/regcred", &text).expect("parses");
+        assert!(c.for_host("r.example").is_some());
+        let opaque: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "x", "namespace": "team-a"},
+            "type": "Opaque", "data": {"password": "cA=="}
+        }))
+        .expect("secret");
+        assert!(secret_config(&opaque).is_none());
+    }
+}
