@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod expect;
 pub mod fixtures;
 pub mod http;
+pub mod kubeapi;
 pub mod node;
 pub mod payload;
 pub mod pod;
