@@ -999,4 +999,46 @@ mod tests {
             Err(ConfigError::Debounce(_))
         ));
     }
+
+    #[test]
+    fn the_kube_side_is_on_in_a_pod_and_needs_its_node_name() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = KubernetesSection::default();
+        assert_eq!(kube_settings(&none, env(&[])).unwrap(), None);
+        let in_pod = env(&[
+            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+            ("NODE_NAME", "node-7"),
+        ]);
+        let s = kube_settings(&none, in_pod).unwrap().expect("on in a pod");
+        assert_eq!(s.node_name, "node-7");
+        assert!(s.pull_secret_namespaces.is_empty());
+        // Off when asked, even in a pod.
+        let off = parse_file(Path::new("t"), "[kubernetes]\nenabled = false\n").unwrap();
+        assert_eq!(kube_settings(&off.kubernetes, in_pod).unwrap(), None);
+        // On without a node name: an error that says where the name comes from.
+        let on = parse_file(Path::new("t"), "[kubernetes]\nenabled = true\n").unwrap();
+        let e = kube_settings(&on.kubernetes, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("kubernetes.node_name: ") && e.contains("NODE_NAME"),
+            "{e}"
+        );
+        let bad = parse_file(
+            Path::new("t"),
+            "[kubernetes]\nnode_name = \"n\"\nenabled = true\npull_secret_namespaces = [\"Team_A\"]\n",
+        )
+        .unwrap();
+        let e = kube_settings(&bad.kubernetes, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"Team_A\" is not a namespace name"), "{e}");
+        assert!(parse_file(Path::new("t"), "[kubernetes]\nnodename = \"x\"\n").is_err());
+    }
 }

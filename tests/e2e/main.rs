@@ -11,6 +11,7 @@ mod faults;
 mod images;
 mod insight;
 mod kernel;
+mod kube;
 mod pod;
 mod prepull;
 mod rebase;

@@ -756,7 +756,7 @@ mod tests {
             .find(|e| e["regarding"]["name"] == "system-secret")
             .expect("event");
         assert_eq!(ev["reportingInstance"], "node-1");
-        assert_eq!(ev["reportingController"], "ragent");
+        assert_eq!(ev["reportingController"], "ragent.dev/agent");
         assert_eq!(ev["type"], "Warning");
         assert_eq!(ev["regarding"]["kind"], "PrePull");
         // (Its namespace is the request path's: `default`, checked with every write below.)

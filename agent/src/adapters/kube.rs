@@ -5,18 +5,14 @@
 //! What the agent asks of the API server, and so all its RBAC needs: pods list/watch (field
 //! selector `spec.nodeName`), nodes list/watch (field selector `metadata.name`), prepulls
 //! get/list/watch, secrets get (by name, in allowed namespaces), events.k8s.io events
-//! create/patch. It never writes to a `PrePull`.
+//! create (in `default`). It never writes to a `PrePull`.
 use std::collections::BTreeMap;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Secret};
 use kube::{
     Api, Client,
-    runtime::{
-        WatchStreamExt,
-        events::{Event, EventType, Recorder, Reporter},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 
 use crate::{
@@ -244,39 +240,57 @@ fn secret_config(s: &Secret) -> Option<String> {
 
 /// Publishes Events about `PrePull` resources as this node (reporting instance = node name).
 /// Events about a cluster-scoped object live in the `default` namespace (the API server's
-/// rule), so that is where the agent needs `create` and `patch`.
+/// rule), so that is where the agent needs `create`. Each is a new Event: the core's
+/// [`crate::core::prepulls::Reporter`] already says each change once, and two images of one
+/// resource must not fold into one Event (as a cache keyed on the reason would do).
 pub struct Events {
-    recorder: Recorder,
+    api: Api<k8s_openapi::api::events::v1::Event>,
+    node: String,
 }
+
+/// Where Events about cluster-scoped objects go.
+pub const EVENTS_NAMESPACE: &str = "default";
 
 impl Events {
     pub fn new(client: Client, node: &str) -> Events {
         Events {
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "ragent".into(),
-                    instance: Some(node.into()),
-                },
-            ),
+            api: Api::namespaced(client, EVENTS_NAMESPACE),
+            node: node.into(),
         }
     }
 
     pub async fn publish(&self, n: &Notice, regarding: &ObjectReference) -> Result<(), KubeError> {
-        let ev = Event {
-            type_: if n.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: n.reason.into(),
-            note: Some(clip_note(&n.note)),
-            action: "PrePull".into(),
-            secondary: None,
+        use k8s_openapi::{
+            apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+            jiff::Timestamp,
         };
-        self.recorder
-            .publish(&ev, regarding)
+        let now = Timestamp::now();
+        let ev = k8s_openapi::api::events::v1::Event {
+            metadata: ObjectMeta {
+                // Unique per node and instant; a name Kubernetes accepts (lowercase, <= 253).
+                name: Some(format!(
+                    "{}.{}.{:x}",
+                    n.resource,
+                    self.node.to_ascii_lowercase(),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(EVENTS_NAMESPACE.into()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some(if n.warning { "Warning" } else { "Normal" }.into()),
+            reason: Some(n.reason.into()),
+            note: Some(clip_note(&n.note)),
+            action: Some("PrePull".into()),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some("ragent.dev/agent".into()),
+            reporting_instance: Some(self.node.clone()),
+            ..Default::default()
+        };
+        self.api
+            .create(&kube::api::PostParams::default(), &ev)
             .await
+            .map(|_| ())
             .map_err(|source| KubeError::Api {
                 what: format!(
                     "publishing a {} Event about PrePull {}",

@@ -1,0 +1,223 @@
+//! The pre-pull resource end to end: `PrePull` objects served by the test kit's fake Kubernetes
+//! API (kube's tower-test mock client) → the agent, in this process, with its kube side on →
+//! images in the node's real containerd, fetched from the real registry — a private one through
+//! an htpasswd registry with the credentials of the secret the resource names, and only that
+//! resource's. Outcomes come back as Events; the agent writes nothing else.
+use std::time::Duration;
+
+use clap::Parser;
+use ragent::{
+    adapters::containerd::Containerd,
+    config::{Cli, Command},
+};
+use ragent_testkit::{
+    auth::{self, AuthKind, AuthRegistry},
+    kubeapi::{self, FakeApi, NODES, PREPULLS},
+    node::Node,
+};
+use serde_json::json;
+
+use crate::support::*;
+
+async fn record(node: &Node, name: &str) -> Option<String> {
+    Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect")
+        .list_images()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|r| r.name == name)
+        .map(|r| r.target.digest)
+}
+
+fn reasons(api: &FakeApi, prepull: &str) -> Vec<String> {
+    api.events()
+        .iter()
+        .filter(|e| e["regarding"]["name"] == prepull)
+        .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepull_resources_from_the_api_land_in_containerd() {
+    let node = node();
+    let set = fixtures(&node);
+    let web = set.reference("ragent/app-py-web", "v1");
+    let worker = set.reference("ragent/app-py-worker", "v1");
+    let batch = set.reference("ragent/app-jvm-batch", "v1");
+    for (repo, tag) in [
+        ("ragent/app-py-web", "v1"),
+        ("ragent/app-py-worker", "v1"),
+        ("ragent/app-jvm-api", "v1"),
+    ] {
+        make_missing(&node, &set, repo, tag).await;
+    }
+    let _ = node
+        .ctr("k8s.io")
+        .args(["images", "rm", "--sync", &batch])
+        .output();
+    let reg = AuthRegistry::start(&node, AuthKind::Htpasswd, "puller", "s3cret").expect("registry");
+    let private = reg.reference("ragent/app-jvm-api", "v1");
+
+    let api = FakeApi::new();
+    api.grant_secrets_in(&["team-a"]);
+    api.put_secret(kubeapi::docker_secret(
+        "team-a",
+        "regcred",
+        &auth::docker_config(&reg.host(), "puller", "s3cret"),
+    ));
+    api.put(NODES, kubeapi::node("node-1", json!({"pool": "web"})));
+    api.put(
+        PREPULLS,
+        kubeapi::prepull("python-stack", 1, json!({"images": [web, worker]})),
+    );
+    api.put(
+        PREPULLS,
+        kubeapi::prepull(
+            "private",
+            1,
+            json!({"images": [private], "pullSecrets": [{"namespace": "team-a", "name": "regcred"}]}),
+        ),
+    );
+    // The same private image without a secret: never pulled with another resource's.
+    api.put(
+        PREPULLS,
+        kubeapi::prepull("private-no-secret", 1, json!({"images": [private]})),
+    );
+    api.put(
+        PREPULLS,
+        kubeapi::prepull(
+            "gpu-only",
+            1,
+            json!({"images": [batch], "nodeSelector": {"matchLabels": {"pool": "gpu"}}}),
+        ),
+    );
+
+    let port = free_port();
+    let socket = node.socket();
+    let cli = Cli::try_parse_from([
+        "ragent".as_ref(),
+        "--containerd".as_ref(),
+        socket.as_os_str(),
+        "agent".as_ref(),
+        "--no-ebpf".as_ref(),
+        "--metrics-addr".as_ref(),
+        format!("127.0.0.1:{port}").as_ref(),
+    ])
+    .expect("flags");
+    let file: ragent::config::FileConfig = toml::from_str(&format!(
+        r#"
+[prepull]
+insecure_registries = ["{}", "{}"]
+retry_max_s = 2
+[kubernetes]
+enabled = true
+node_name = "node-1"
+pull_secret_namespaces = ["team-a"]
+"#,
+        node.registry(),
+        reg.host()
+    ))
+    .expect("config");
+    let Command::Agent(args) = &cli.command else {
+        panic!("agent")
+    };
+    let cfg = ragent::config::agent(&cli, args, &file).expect("valid config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(ragent::agent::run_with(cfg, Some(api.client()), async {
+        let _ = stop_rx.await;
+    }));
+
+    let want_web = set.image("ragent/app-py-web", "v1").expect("fixture");
+    let want_worker = set.image("ragent/app-py-worker", "v1").expect("fixture");
+    let want_private = set.image("ragent/app-jvm-api", "v1").expect("fixture");
+    wait_for_async(
+        "the PrePull images in containerd",
+        Duration::from_secs(120),
+        || async {
+            let a = record(&node, &web).await?;
+            let b = record(&node, &worker).await?;
+            let c = record(&node, &private).await?;
+            Some((a, b, c))
+        },
+    )
+    .await;
+    assert_eq!(
+        record(&node, &web).await.as_deref(),
+        Some(want_web.manifest_digest.as_str())
+    );
+    assert_eq!(
+        record(&node, &worker).await.as_deref(),
+        Some(want_worker.manifest_digest.as_str())
+    );
+    assert_eq!(
+        record(&node, &private).await.as_deref(),
+        Some(want_private.manifest_digest.as_str())
+    );
+    assert!(unpacked(&node, &set, "ragent/app-py-web", "v1"));
+    let outcomes = || {
+        reasons(&api, "python-stack")
+            .iter()
+            .filter(|r| *r == "Pulled")
+            .count()
+            == 2
+            && reasons(&api, "private").contains(&"Pulled".to_string())
+            && reasons(&api, "private-no-secret").contains(&"PullFailed".to_string())
+    };
+    let t0 = std::time::Instant::now();
+    while !outcomes() && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(outcomes(), "Events for each outcome: {:#?}", api.events());
+    let failed = api
+        .events()
+        .into_iter()
+        .find(|e| e["regarding"]["name"] == "private-no-secret")
+        .expect("event");
+    assert!(
+        failed["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("credentials")
+            || failed["note"].as_str().unwrap_or("").contains("401"),
+        "{failed}"
+    );
+    // The resource for other nodes did nothing here.
+    assert!(reasons(&api, "gpu-only").is_empty());
+    assert_eq!(record(&node, &batch).await, None);
+
+    let (status, metrics) = ragent_testkit::http::get(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        "/metrics",
+    )
+    .expect("metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_value(&metrics, "ragent_prepull_resources{state=\"applied\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "ragent_prepull_resources{state=\"not_selected\"}"),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&metrics, "ragent_kube_up"), Some(1.0));
+    assert!(metric_value(&metrics, "ragent_prepull_images{state=\"ready\"}") >= Some(3.0));
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("the agent stops within 30 s")
+        .expect("no panic")
+        .expect("the agent ends cleanly");
+    for r in api.requests() {
+        if r.method != "GET" {
+            assert!(r.path.contains("/events"), "the agent wrote {r:?}");
+        }
+    }
+    let _ = node
+        .ctr("k8s.io")
+        .args(["images", "rm", "--sync", &private])
+        .output();
+}
