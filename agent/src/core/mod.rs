@@ -16,4 +16,5 @@ pub mod prepulls;
 pub mod pulls;
 pub mod rate;
 pub mod rebase;
+pub mod rightsizing;
 pub mod workloads;
