@@ -1512,3 +1512,1026 @@ pub fn advise_shape(
         saving_percent,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SAMPLE_CATALOG: &str = include_str!("../../../deploy/catalog/instance-types.toml");
+
+    fn t(s: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
+    }
+
+    fn key(c: &str) -> ContainerKey {
+        ContainerKey::new("shop", "web-1", c)
+    }
+
+    /// Samples every `step` seconds from 0 to `until` inclusive.
+    fn feed(r: &mut Recommender, k: &ContainerKey, until: u64, step: u64, cpu: f64, mem: u64) {
+        let mut s = 0;
+        while s <= until {
+            r.observe(
+                k,
+                &Sample {
+                    at: t(s),
+                    cpu_cores: cpu,
+                    memory_bytes: mem,
+                },
+            );
+            s += step;
+        }
+    }
+
+    fn rec(config: RightsizingConfig) -> Recommender {
+        Recommender::new(config).expect("valid config")
+    }
+
+    // --- histogram layout -------------------------------------------------------------------
+
+    #[test]
+    fn bucket_layout_by_hand() {
+        let o = HistogramOptions::CPU;
+        assert_eq!(o.bucket_start(0), 0.0);
+        assert!((o.bucket_start(1) - 0.01).abs() < 1e-12);
+        assert!((o.bucket_start(2) - 0.0205).abs() < 1e-12);
+        assert_eq!(o.bucket_of(0.0), 0);
+        assert_eq!(o.bucket_of(0.0099), 0);
+        assert_eq!(o.bucket_of(0.01), 1);
+        assert_eq!(o.bucket_of(-3.0), 0);
+        // 0.5 cores: 0.2 × (1.05^i − 1) ≤ 0.5 ⇔ i ≤ ln 3.5 / ln 1.05 = 25.7.
+        assert_eq!(o.bucket_of(0.5), 25);
+        // Values beyond max_value count in the last bucket.
+        assert_eq!(o.bucket_of(1e9), o.buckets() - 1);
+        assert_eq!(o.bucket_of(o.max_value), o.buckets() - 1);
+        assert!(o.bucket_start(o.buckets() - 1) <= o.max_value);
+        assert!(o.bucket_end(o.buckets() - 1) > o.max_value);
+        let m = HistogramOptions::MEMORY;
+        // 200 MiB: 20 MiB × (1.05^i − 1) ≤ 200 MiB ⇔ i ≤ ln 11 / ln 1.05 = 49.1.
+        assert_eq!(m.bucket_of((200 * MIB) as f64), 49);
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let mut o = HistogramOptions::CPU;
+        o.ratio = 1.0;
+        assert!(o.validate("x").is_err());
+        let mut o = HistogramOptions::CPU;
+        o.ratio = 1.000_000_1;
+        assert!(o.validate("x").is_err(), "too many buckets");
+        let mut o = HistogramOptions::CPU;
+        o.half_life_s = 0.0;
+        assert!(o.validate("x").is_err());
+        let mut o = HistogramOptions::CPU;
+        o.max_value = 0.001;
+        assert!(o.validate("x").is_err());
+    }
+
+    #[test]
+    fn empty_histogram_has_no_percentile() {
+        let h = DecayingHistogram::new(HistogramOptions::CPU);
+        assert!(h.is_empty());
+        assert_eq!(h.percentile(0.9), None);
+        assert_eq!(h.total_weight(), 0.0);
+    }
+
+    #[test]
+    fn percentile_is_the_end_of_the_bucket() {
+        let mut h = DecayingHistogram::new(HistogramOptions::CPU);
+        for v in [0.1, 0.2, 0.3, 0.4, 1.0] {
+            h.add(v, 1.0, t(0));
+        }
+        let o = HistogramOptions::CPU;
+        assert_eq!(h.percentile(0.5), Some(o.bucket_end(o.bucket_of(0.3))));
+        assert_eq!(h.percentile(0.8), Some(o.bucket_end(o.bucket_of(0.4))));
+        assert_eq!(h.percentile(0.81), Some(o.bucket_end(o.bucket_of(1.0))));
+        assert_eq!(h.percentile(0.0), Some(o.bucket_end(o.bucket_of(0.1))));
+        assert_eq!(h.total_weight(), 5.0);
+        // Junk is ignored.
+        h.add(f64::NAN, 1.0, t(0));
+        h.add(1.0, -1.0, t(0));
+        h.add(1.0, f64::INFINITY, t(0));
+        assert_eq!(h.total_weight(), 5.0);
+    }
+
+    #[test]
+    fn weights_halve_per_half_life() {
+        let mut h = DecayingHistogram::new(HistogramOptions::CPU);
+        h.add(0.1, 1.0, t(0));
+        h.add(1.0, 1.0, t(86_400));
+        // As seen at the second sample: 0.5 + 1.
+        assert!((h.total_weight_at(t(86_400)) - 1.5).abs() < 1e-9);
+        // A third of the weight is the old sample's: P30 is in its bucket, P34 in the new one.
+        let o = HistogramOptions::CPU;
+        assert_eq!(h.percentile(0.33), Some(o.bucket_end(o.bucket_of(0.1))));
+        assert_eq!(h.percentile(0.34), Some(o.bucket_end(o.bucket_of(1.0))));
+    }
+
+    #[test]
+    fn a_year_of_samples_renormalizes_without_overflow() {
+        let mut h = DecayingHistogram::new(HistogramOptions::CPU);
+        for day in 0..365u64 {
+            h.add(0.5, 1.0, t(day * 86_400));
+        }
+        assert!(h.total_weight().is_finite());
+        assert!(h.weights.iter().all(|w| w.is_finite()));
+        // Seen from the last day: 1 + 1/2 + 1/4 + … ≈ 2.
+        assert!((h.total_weight_at(t(364 * 86_400)) - 2.0).abs() < 1e-6);
+        assert!(
+            h.reference_ms > unix_ms(t(0)),
+            "the reference moved forward"
+        );
+    }
+
+    #[test]
+    fn merging_needs_the_same_layout() {
+        let mut a = DecayingHistogram::new(HistogramOptions::CPU);
+        let b = DecayingHistogram::new(HistogramOptions::MEMORY);
+        assert!(matches!(
+            a.merge(&b),
+            Err(RightsizingError::IncompatibleHistograms)
+        ));
+    }
+
+    // --- recommendations --------------------------------------------------------------------
+
+    #[test]
+    fn steady_container_two_days_by_hand() {
+        // 0.5 cores and 200 MiB, every 15 s for 2 days: d = 2, up = 1 + 1/2, lo = 2 / (2 + 1/24).
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("app");
+        feed(&mut r, &k, 2 * 86_400, 15, 0.5, 200 * MIB);
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.samples, 2 * 86_400 / 15 + 1);
+        assert_eq!(x.history_seconds, 172_800.0);
+        // CPU: every sample in bucket 25, which ends at 0.2 × (1.05^26 − 1) = 0.511134.
+        let end = 0.2 * (1.05f64.powi(26) - 1.0);
+        assert!((end - 0.511_134).abs() < 1e-6);
+        assert_eq!(x.cpu_p90_cores, x.cpu_p50_cores);
+        assert!((x.cpu_p90_cores - end).abs() < 1e-12);
+        assert_eq!(x.cpu_target_cores, 0.588); // 0.511134 × 1.15 = 0.58780
+        assert_eq!(x.cpu_upper_cores, 0.882); // × 1.5 = 0.88171
+        assert_eq!(x.cpu_lower_cores, 0.576); // × 48/49 = 0.57579
+        // Memory: three window peaks (two closed days, one just opened) of 200 MiB in bucket
+        // 49, which ends at 20 MiB × (1.05^50 − 1) = 209.35 MiB.
+        let end = MIB as f64 * (1.05f64.powi(50) - 1.0) / 0.05;
+        assert_eq!(x.memory_p90_bytes, ceil_bytes(end));
+        assert_eq!(x.memory_target_bytes, ceil_bytes(end * (1.0 + 0.15)));
+        assert!((x.memory_target_bytes as f64 / MIB as f64 - 240.75).abs() < 0.01);
+        assert_eq!(x.memory_upper_bytes, ceil_bytes(end * (1.0 + 0.15) * 1.5));
+        let d = 2.0;
+        assert_eq!(
+            x.memory_lower_bytes,
+            ceil_bytes(end * (1.0 + 0.15) * (d / (d + 1.0 / 24.0)))
+        );
+        assert_eq!(x.memory_peak_bytes, 200 * MIB);
+        assert_eq!(x.oom_kills, 0);
+        assert!(x.reasons.is_empty(), "{:?}", x.reasons);
+        assert_eq!(x.jvm_floor_bytes, None);
+    }
+
+    #[test]
+    fn short_history_widens_the_bounds() {
+        // One hour: d = 1/24, up = min(1 + 24, 10) = 10, lo = (1/24) / (2/24) = 0.5.
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("app");
+        feed(&mut r, &k, 3600, 15, 0.5, 200 * MIB);
+        let x = r.recommendation(&k).expect("a recommendation");
+        let end = 0.2 * (1.05f64.powi(26) - 1.0);
+        assert_eq!(x.cpu_target_cores, 0.588);
+        assert_eq!(x.cpu_upper_cores, ceil_millicores(end * 1.15 * 10.0)); // 5.878 → 5.879
+        assert_eq!(x.cpu_upper_cores, 5.879);
+        assert_eq!(x.cpu_lower_cores, 0.294); // 0.58780 × 0.5 = 0.29390
+        assert_eq!(x.reasons, vec![Reason::ShortHistory]);
+        // A single sample counts as 60 s of history: up capped at 10, lo = (1/1440)/(1/1440 + 1/24).
+        let mut r = rec(RightsizingConfig::default());
+        feed(&mut r, &k, 0, 15, 0.5, 200 * MIB);
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.samples, 1);
+        assert_eq!(x.cpu_upper_cores, 5.879);
+        let lo = (1.0 / 1440.0) / (1.0 / 1440.0 + 1.0 / 24.0);
+        assert_eq!(x.cpu_lower_cores, ceil_millicores(end * 1.15 * lo)); // 0.00964 → 0.01 (floor)
+        assert_eq!(x.cpu_lower_cores, 0.01);
+    }
+
+    #[test]
+    fn floors_apply_and_say_so() {
+        let config = RightsizingConfig {
+            cpu_floor_cores: 0.1,
+            ..RightsizingConfig::default()
+        };
+        let mut r = rec(config);
+        let k = key("idle");
+        feed(&mut r, &k, 2 * 86_400, 60, 0.001, 5 * MIB);
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.cpu_target_cores, 0.1);
+        assert_eq!(x.cpu_lower_cores, 0.1);
+        assert_eq!(x.cpu_upper_cores, 0.1);
+        // 5 MiB peaks: bucket 4 ends at 5.53 MiB, × 1.15 = 6.35 MiB < 20 MiB.
+        assert_eq!(x.memory_target_bytes, 20 * MIB);
+        assert_eq!(x.memory_lower_bytes, 20 * MIB);
+        assert_eq!(x.memory_upper_bytes, 20 * MIB);
+        assert_eq!(x.reasons, vec![Reason::CpuFloor, Reason::MemoryFloor]);
+    }
+
+    #[test]
+    fn memory_never_below_the_observed_peak() {
+        // 20 one-minute windows of 100 MiB, one of them with a 500 MiB spike: P90 of the peaks
+        // stays at 100 MiB's bucket, the target is the spike.
+        let config = RightsizingConfig {
+            memory_window_s: 60,
+            ..RightsizingConfig::default()
+        };
+        let mut r = rec(config);
+        let k = key("spiky");
+        for s in (0..=20 * 60).step_by(10) {
+            let mem = if s == 7 * 60 { 500 * MIB } else { 100 * MIB };
+            r.observe(
+                &k,
+                &Sample {
+                    at: t(s),
+                    cpu_cores: 0.2,
+                    memory_bytes: mem,
+                },
+            );
+        }
+        let x = r.recommendation(&k).expect("a recommendation");
+        let bucket_100 = HistogramOptions::MEMORY.bucket_of((100 * MIB) as f64);
+        assert_eq!(
+            x.memory_p90_bytes,
+            ceil_bytes(HistogramOptions::MEMORY.bucket_end(bucket_100))
+        );
+        assert_eq!(x.memory_target_bytes, 500 * MIB);
+        assert!(x.memory_upper_bytes >= x.memory_target_bytes);
+        assert!(x.reasons.contains(&Reason::MemoryPeak));
+    }
+
+    #[test]
+    fn oom_kill_raises_memory() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("leaky");
+        feed(&mut r, &k, 2 * 86_400, 60, 0.1, 200 * MIB);
+        let before = r
+            .recommendation(&k)
+            .expect("a recommendation")
+            .memory_target_bytes;
+        // Killed at 300 MiB: max(300 × 1.2, 300 + 100) = 400 MiB.
+        r.observe_oom(&k, t(2 * 86_400 + 1), Some(300 * MIB));
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert!(before < 400 * MIB);
+        assert_eq!(x.memory_target_bytes, 400 * MIB);
+        assert_eq!(
+            x.memory_lower_bytes,
+            400 * MIB,
+            "the lower bound respects the kill too"
+        );
+        assert!(x.memory_upper_bytes >= 400 * MIB);
+        assert_eq!(x.oom_kills, 1);
+        assert_eq!(x.reasons, vec![Reason::OomKill]);
+        // Killed at 1 GiB: max(1.2 GiB, 1 GiB + 100 MiB) = 1.2 GiB = ⌈1 288 490 188.8⌉.
+        r.observe_oom(&k, t(2 * 86_400 + 2), Some(GIB));
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.memory_target_bytes, 1_288_490_189);
+        assert_eq!(x.oom_kills, 2);
+    }
+
+    #[test]
+    fn oom_without_the_memory_at_the_kill_uses_the_limit_then_the_peak() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("a");
+        feed(&mut r, &k, 86_400, 60, 0.1, 200 * MIB);
+        r.describe(&k, Some(256 * MIB), None);
+        r.observe_oom(&k, t(86_401), None);
+        // max(256 × 1.2, 256 + 100) = 356 MiB.
+        assert_eq!(
+            r.recommendation(&k).map(|x| x.memory_target_bytes),
+            Some(356 * MIB)
+        );
+        let k2 = key("b");
+        feed(&mut r, &k2, 86_400, 60, 0.1, 200 * MIB);
+        r.observe_oom(&k2, t(86_401), None);
+        assert_eq!(
+            r.recommendation(&k2).map(|x| x.memory_target_bytes),
+            Some(300 * MIB)
+        );
+    }
+
+    #[test]
+    fn oom_before_any_sample_gives_no_recommendation_yet() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("crashy");
+        r.observe_oom(&k, t(0), Some(100 * MIB));
+        assert_eq!(r.recommendation(&k), None);
+        feed(&mut r, &k, 60, 15, 0.1, 50 * MIB);
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.memory_target_bytes, 200 * MIB);
+        assert_eq!(x.oom_kills, 1);
+    }
+
+    #[test]
+    fn empty_history_gives_nothing() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("new");
+        r.describe(&k, Some(GIB), parse_jvm_options("-Xmx512m").expect("valid"));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.recommendation(&k), None);
+        assert!(r.recommendations().is_empty());
+        assert_eq!(r.recommendation(&key("never-seen")), None);
+    }
+
+    #[test]
+    fn jvm_heap_floor_applies_and_says_so() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("spring");
+        feed(&mut r, &k, 2 * 86_400, 60, 0.3, 200 * MIB);
+        let jvm = jvm_memory_from_env(["PATH=/bin", "JAVA_TOOL_OPTIONS=-Xmx384m"]).expect("valid");
+        r.describe(&k, None, jvm);
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.jvm_floor_bytes, Some(659_764_020));
+        assert_eq!(x.memory_target_bytes, 659_764_020);
+        assert_eq!(x.memory_lower_bytes, 659_764_020);
+        assert!(x.reasons.contains(&Reason::JvmHeap));
+        // A percentage without a known limit gives no floor.
+        r.describe(
+            &k,
+            None,
+            parse_jvm_options("-XX:MaxRAMPercentage=75").expect("valid"),
+        );
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.jvm_floor_bytes, None);
+        assert!(!x.reasons.contains(&Reason::JvmHeap));
+    }
+
+    #[test]
+    fn jvm_floors_by_hand() {
+        let floor = |opts: &str, limit| {
+            parse_jvm_options(opts)
+                .expect("valid")
+                .expect("a heap")
+                .floor_bytes(limit)
+        };
+        // 384 MiB + 96 + 48 + 50 × 1 + 32 MiB + ⌈5 % × 384 MiB⌉ = 639 631 360 + 20 132 660.
+        assert_eq!(floor("-Xmx384m", None), Some(659_764_020));
+        // 2 GiB + 226 MiB + ⌈107 374 182.4⌉.
+        assert_eq!(floor("-Xmx2g", None), Some(2_491_836_007));
+        assert_eq!(floor("-XX:MaxHeapSize=2G", None), Some(2_491_836_007));
+        // 75 % of 1 GiB = 805 306 368, + 226 MiB + ⌈40 265 318.4⌉.
+        assert_eq!(
+            floor("-XX:MaxRAMPercentage=75", Some(GIB)),
+            Some(1_082_549_863)
+        );
+        assert_eq!(floor("-XX:MaxRAMPercentage=75.0", None), None);
+        // 1 GiB + metaspace 128 + code 48 + 50 × 512 KiB + 32 MiB + ⌈53 687 091.2⌉.
+        assert_eq!(
+            floor("-Xss512k -XX:MaxMetaspaceSize=128m -Dx=y -Xmx1g", None),
+            Some(1_371_747_124)
+        );
+        // Direct memory adds in full.
+        assert_eq!(
+            floor(
+                "-Xmx384m -XX:MaxDirectMemorySize=64m -XX:ReservedCodeCacheSize=48m",
+                None
+            ),
+            Some(659_764_020 + 64 * MIB)
+        );
+    }
+
+    #[test]
+    fn jvm_option_precedence() {
+        let heap = |opts: &str| parse_jvm_options(opts).expect("valid").map(|j| j.heap);
+        assert_eq!(heap("-Xmx256m -Xmx512m"), Some(JvmHeap::Bytes(512 * MIB)));
+        assert_eq!(
+            heap("-Xmx256m -XX:MaxRAMPercentage=50"),
+            Some(JvmHeap::Bytes(256 * MIB))
+        );
+        assert_eq!(
+            heap("-XX:MaxRAMPercentage=50 -Xmx256m"),
+            Some(JvmHeap::Bytes(256 * MIB))
+        );
+        assert_eq!(
+            heap("-XX:MaxRAMPercentage=50"),
+            Some(JvmHeap::PercentOfLimit(50.0))
+        );
+        assert_eq!(heap("'-Xmx1024k'"), Some(JvmHeap::Bytes(MIB)));
+        assert_eq!(heap("-Xmx1073741824"), Some(JvmHeap::Bytes(GIB)));
+        assert_eq!(heap("-Xss1m -Dfoo=bar -jar app.jar"), None);
+        assert_eq!(heap(""), None);
+        // Environment: JAVA_OPTS after JDK_JAVA_OPTIONS after JAVA_TOOL_OPTIONS; the last
+        // definition of a variable counts.
+        let env = |e: &[&str]| jvm_memory_from_env(e).expect("valid").map(|j| j.heap);
+        assert_eq!(
+            env(&["JAVA_OPTS=-Xmx512m", "JAVA_TOOL_OPTIONS=-Xmx256m"]),
+            Some(JvmHeap::Bytes(512 * MIB))
+        );
+        assert_eq!(
+            env(&["JDK_JAVA_OPTIONS=-Xmx1g", "JAVA_TOOL_OPTIONS=-Xmx256m"]),
+            Some(JvmHeap::Bytes(GIB))
+        );
+        assert_eq!(
+            env(&["JAVA_TOOL_OPTIONS=-Xmx256m", "JAVA_TOOL_OPTIONS=-Xmx128m"]),
+            Some(JvmHeap::Bytes(128 * MIB))
+        );
+        assert_eq!(
+            env(&["JAVA_OPTS=-Dspring.profiles.active=prod", "PATH=/bin"]),
+            None
+        );
+        assert_eq!(
+            env(&["NOT_JAVA_OPTS=-Xmx1g", "JAVA_TOOL_OPTIONSX=-Xmx1g"]),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_jvm_options_are_errors() {
+        for bad in [
+            "-Xmx",
+            "-Xmx12q",
+            "-Xmxabc",
+            "-Xmx1.5g",
+            "-Xmx0",
+            "-Xmx-1g",
+            "-Xmx99999999999999999999g",
+            "-Xmx99999999999t",
+            "-XX:MaxRAMPercentage=abc",
+            "-XX:MaxRAMPercentage=150",
+            "-XX:MaxRAMPercentage=0",
+            "-XX:MaxRAMPercentage=NaN",
+            "-Xss",
+            "-XX:MaxMetaspaceSize=lots",
+        ] {
+            let e = parse_jvm_options(&format!("-Dok=1 {bad}")).expect_err(bad);
+            assert!(
+                matches!(e, RightsizingError::JvmOption { .. }),
+                "{bad}: {e}"
+            );
+            assert!(e.to_string().contains(bad), "{e}");
+            assert_eq!(e.metric_label(), "jvm_option");
+        }
+        assert!(jvm_memory_from_env(["JAVA_TOOL_OPTIONS=-Xmx1z"]).is_err());
+    }
+
+    // --- containers that come and go, checkpoints ------------------------------------------
+
+    #[test]
+    fn containers_that_vanish_are_dropped_after_the_retention() {
+        let mut r = rec(RightsizingConfig::default());
+        let (a, b) = (key("a"), key("b"));
+        feed(&mut r, &a, 3600, 60, 0.1, 50 * MIB);
+        feed(&mut r, &b, 3600, 60, 0.1, 50 * MIB);
+        // b keeps running, a is gone.
+        r.observe(
+            &b,
+            &Sample {
+                at: t(6 * 86_400),
+                cpu_cores: 0.1,
+                memory_bytes: 50 * MIB,
+            },
+        );
+        assert!(
+            r.expire(t(7 * 86_400)).is_empty(),
+            "a was seen 7 days − 1 h ago"
+        );
+        assert_eq!(r.expire(t(7 * 86_400 + 3601)), vec![a.clone()]);
+        assert_eq!(r.get(&a), None);
+        assert!(r.get(&b).is_some());
+        assert_eq!(r.recommendations().len(), 1);
+        // An OOM kill counts as being seen.
+        r.observe_oom(&b, t(13 * 86_400), None);
+        assert!(r.expire(t(13 * 86_400 + 1)).is_empty());
+    }
+
+    #[test]
+    fn a_container_that_comes_back_keeps_its_history() {
+        let mut r = rec(RightsizingConfig::default());
+        let k = key("restarted");
+        feed(&mut r, &k, 3600, 60, 0.1, 50 * MIB);
+        let later = 3 * 86_400;
+        r.observe(
+            &k,
+            &Sample {
+                at: t(later),
+                cpu_cores: 0.1,
+                memory_bytes: 50 * MIB,
+            },
+        );
+        let x = r.recommendation(&k).expect("a recommendation");
+        assert_eq!(x.samples, 62);
+        assert_eq!(x.history_seconds, later as f64);
+        assert!(!x.reasons.contains(&Reason::ShortHistory));
+    }
+
+    fn two_containers() -> Recommender {
+        let mut r = rec(RightsizingConfig::default());
+        feed(&mut r, &key("a"), 2 * 86_400, 300, 0.5, 200 * MIB);
+        feed(&mut r, &key("b"), 3600, 60, 1.5, GIB);
+        r.observe_oom(&key("b"), t(3601), Some(2 * GIB));
+        r.describe(
+            &key("a"),
+            Some(GIB),
+            parse_jvm_options("-XX:MaxRAMPercentage=75").expect("ok"),
+        );
+        r
+    }
+
+    #[test]
+    fn checkpoint_round_trip() {
+        let r = two_containers();
+        let bytes = r.checkpoint(t(2 * 86_400));
+        assert!(bytes.starts_with(b"ragent-rightsizing 1 "));
+        let back = Recommender::restore(RightsizingConfig::default(), &bytes, t(2 * 86_400))
+            .expect("restores");
+        assert_eq!(back.recommendations(), r.recommendations());
+        for c in ["a", "b"] {
+            let (x, y) = (
+                back.get(&key(c)).expect("kept"),
+                r.get(&key(c)).expect("there"),
+            );
+            assert_eq!(
+                (x.samples(), x.oom_kills(), x.peak_bytes()),
+                (y.samples(), y.oom_kills(), y.peak_bytes())
+            );
+            assert_eq!(x.last_seen(), y.last_seen());
+        }
+        // Restoring drops what the retention has passed.
+        let back = Recommender::restore(RightsizingConfig::default(), &bytes, t(9 * 86_400))
+            .expect("restores");
+        assert_eq!(back.len(), 1);
+        assert!(back.get(&key("a")).is_some());
+        // An empty node checkpoints too.
+        let empty = rec(RightsizingConfig::default()).checkpoint(t(0));
+        let back = Recommender::restore(RightsizingConfig::default(), &empty, t(0)).expect("ok");
+        assert!(back.is_empty());
+    }
+
+    fn restore(bytes: &[u8]) -> RightsizingError {
+        Recommender::restore(RightsizingConfig::default(), bytes, t(0)).expect_err("must fail")
+    }
+
+    #[test]
+    fn bad_checkpoints_are_typed_errors() {
+        let good = two_containers().checkpoint(t(0));
+        let nl = good.iter().position(|b| *b == b'\n').expect("header");
+
+        assert!(matches!(restore(b""), RightsizingError::NotACheckpoint));
+        assert!(matches!(
+            restore(b"{\"containers\":[]}"),
+            RightsizingError::NotACheckpoint
+        ));
+        assert!(matches!(
+            restore(b"ragent-rightsizingX 1 00 0\n"),
+            RightsizingError::NotACheckpoint
+        ));
+        // Cut anywhere: in the magic, in the header, in the body.
+        for cut in [5, nl - 3, nl + 1, good.len() - 1] {
+            let e = restore(&good[..cut]);
+            assert!(
+                matches!(e, RightsizingError::Truncated { .. }),
+                "cut at {cut}: {e}"
+            );
+            assert_eq!(e.metric_label(), "truncated");
+        }
+        // Another version.
+        let mut v2 = b"ragent-rightsizing 2".to_vec();
+        v2.extend_from_slice(&good[b"ragent-rightsizing 1".len()..]);
+        let e = restore(&v2);
+        assert!(
+            matches!(&e, RightsizingError::UnsupportedVersion { found, supported: 1 } if found == "2"),
+            "{e}"
+        );
+        // A flipped bit in the body.
+        let mut flipped = good.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x01;
+        assert!(matches!(
+            restore(&flipped),
+            RightsizingError::ChecksumMismatch { .. }
+        ));
+        // Bytes after the body.
+        let mut longer = good.clone();
+        longer.push(b'\n');
+        assert!(matches!(restore(&longer), RightsizingError::Corrupt { .. }));
+        // A header without length, a length that is no number.
+        assert!(matches!(
+            restore(b"ragent-rightsizing 1 abc\n{}"),
+            RightsizingError::Corrupt { .. }
+        ));
+        assert!(matches!(
+            restore(b"ragent-rightsizing 1 ab x\n{}"),
+            RightsizingError::Corrupt { .. }
+        ));
+        // A correct checksum over a body that is not a checkpoint.
+        for body in [
+            &b"not json"[..],
+            b"{\"containers\":[{\"key\":1}]}",
+            b"{\"written_at_ms\":0}",
+        ] {
+            let mut bytes = format!(
+                "ragent-rightsizing 1 {} {}\n",
+                hex(&Sha256::digest(body)),
+                body.len()
+            )
+            .into_bytes();
+            bytes.extend_from_slice(body);
+            let e = restore(&bytes);
+            assert!(matches!(e, RightsizingError::CorruptBody { .. }), "{e}");
+        }
+        // A histogram with an out-of-range bucket, checksummed correctly.
+        let text = String::from_utf8(good[nl + 1..].to_vec()).expect("utf-8");
+        let body = text.replacen("\"buckets\":[[", "\"buckets\":[[99999,1.0],[", 1);
+        let mut bytes = format!(
+            "ragent-rightsizing 1 {} {}\n",
+            hex(&Sha256::digest(body.as_bytes())),
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        assert!(matches!(
+            restore(&bytes),
+            RightsizingError::CorruptBody { .. }
+        ));
+        // Errors read as sentences that say what happens.
+        assert!(restore(&flipped).to_string().contains("ignored"));
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(RightsizingConfig::default().validate().is_ok());
+        let bad = [
+            RightsizingConfig {
+                cpu_target_percentile: 1.5,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                cpu_lower_percentile: 0.95,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                memory_upper_percentile: 0.5,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                safety_margin: -0.1,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                max_upper_factor: 0.5,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                oom_bump_ratio: 0.9,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                memory_window_s: 0,
+                ..Default::default()
+            },
+            RightsizingConfig {
+                retention_s: 0,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            assert!(matches!(
+                Recommender::new(c),
+                Err(RightsizingError::InvalidConfig { .. })
+            ));
+        }
+        // The config reads from TOML, with defaults for what is not given.
+        let c: RightsizingConfig =
+            toml::from_str("safety_margin = 0.2\nmemory_window_s = 3600").expect("valid toml");
+        assert_eq!(c.safety_margin, 0.2);
+        assert_eq!(c.memory_window_s, 3600);
+        assert_eq!(c.cpu_target_percentile, 0.9);
+        assert!(toml::from_str::<RightsizingConfig>("safety_margins = 0.2").is_err());
+    }
+
+    #[test]
+    fn output_field_names() {
+        let r = two_containers();
+        let x = r.recommendation(&key("b")).expect("a recommendation");
+        let v = serde_json::to_value(&x).expect("json");
+        for f in [
+            "namespace",
+            "pod",
+            "container",
+            "samples",
+            "cpu_target_cores",
+            "cpu_lower_cores",
+            "cpu_upper_cores",
+            "memory_target_bytes",
+            "memory_lower_bytes",
+            "memory_upper_bytes",
+            "memory_peak_bytes",
+            "oom_kills",
+            "reasons",
+        ] {
+            assert!(v.get(f).is_some(), "{f} missing in {v}");
+        }
+        assert_eq!(
+            v["reasons"],
+            serde_json::json!(["oom_kill", "short_history"])
+        );
+    }
+
+    // --- instance shapes --------------------------------------------------------------------
+
+    fn demand(cpu: f64, memory_bytes: u64) -> Vec<ContainerRecommendation> {
+        let mut r = rec(RightsizingConfig::default());
+        feed(&mut r, &key("x"), 60, 60, 0.1, MIB);
+        let mut x = r.recommendation(&key("x")).expect("a recommendation");
+        // Two containers splitting the demand.
+        x.cpu_target_cores = cpu / 2.0;
+        x.memory_target_bytes = memory_bytes / 2;
+        vec![x.clone(), x]
+    }
+
+    #[test]
+    fn the_sample_catalog_parses() {
+        let c = Catalog::parse(SAMPLE_CATALOG).expect("valid catalog");
+        assert_eq!(c.instance_types.len(), 16);
+        assert_eq!(c.currency.as_deref(), Some("USD"));
+        let g = &c.instance_types[3];
+        assert_eq!(
+            (g.name.as_str(), g.vcpu, g.memory_bytes),
+            ("general-2x8", 2, 8 * GIB)
+        );
+    }
+
+    #[test]
+    fn cheapest_fitting_shape_by_hand() {
+        let c = Catalog::parse(SAMPLE_CATALOG).expect("valid catalog");
+        let h = Headroom::default();
+        let pick = |cpu, mem, cap| advise_shape(&c, &demand(cpu, mem), &h, cap);
+
+        // 1 core, 4 GiB → 1.35 cores, 5.6 GiB: general-2x8 (0.090); the node is a general-4x16
+        // (4 cores, 15.6 GiB visible): (0.180 − 0.090) / 0.180 = 50 %.
+        let a = pick(1.0, 4 * GIB, Some((4.0, 15 * GIB + 600 * MIB)));
+        assert!((a.needed_cpu_cores - 1.35).abs() < 1e-9);
+        assert_eq!(
+            a.needed_memory_bytes,
+            ceil_bytes(4.0 * GIB as f64 * 1.15) + GIB
+        );
+        assert_eq!(
+            a.recommended.as_ref().map(|t| t.name.as_str()),
+            Some("general-2x8")
+        );
+        assert_eq!(
+            a.current.as_ref().map(|t| t.name.as_str()),
+            Some("general-4x16")
+        );
+        assert!((a.saving_percent.expect("a saving") - 50.0).abs() < 1e-9);
+
+        // 3 cores, 2 GiB → 3.65 cores, 3.3 GiB: compute-4x8 (0.156) beats general-4x16.
+        let b = pick(3.0, 2 * GIB, None);
+        assert_eq!(
+            b.recommended.as_ref().map(|t| t.name.as_str()),
+            Some("compute-4x8")
+        );
+        assert_eq!(b.current, None);
+        assert_eq!(b.saving_percent, None);
+
+        // 0.3 cores, 512 MiB → 0.545 cores, 1.575 GiB: small-1x2 (small-1x1 has 1 GiB).
+        let s = pick(0.3, 512 * MIB, None);
+        assert_eq!(
+            s.recommended.as_ref().map(|t| t.name.as_str()),
+            Some("small-1x2")
+        );
+
+        // 10 cores, 20 GiB → 11.7 cores, 24 GiB: general-16x64 (0.720) vs compute-16x32 (0.624).
+        let l = pick(10.0, 20 * GIB, None);
+        assert_eq!(
+            l.recommended.as_ref().map(|t| t.name.as_str()),
+            Some("compute-16x32")
+        );
+
+        // Too big for any shape.
+        let none = pick(100.0, GIB, Some((4.0, 16 * GIB)));
+        assert_eq!(none.recommended, None);
+        assert_eq!(none.saving_percent, None);
+
+        // A node too small for its containers: small-1x2 (1 core, 1.9 GiB) should be
+        // general-2x8: (0.022 − 0.090) / 0.022 = −309.09 %.
+        let up = pick(1.0, 4 * GIB, Some((1.0, GIB + 900 * MIB)));
+        assert_eq!(
+            up.current.as_ref().map(|t| t.name.as_str()),
+            Some("small-1x2")
+        );
+        assert!((up.saving_percent.expect("a saving") + 309.0909).abs() < 1e-3);
+
+        // No containers: the system reserve alone (0.2 cores, 1 GiB) fits small-1x1.
+        let idle = advise_shape(&c, &[], &h, None);
+        assert_eq!(
+            idle.recommended.as_ref().map(|t| t.name.as_str()),
+            Some("small-1x1")
+        );
+    }
+
+    #[test]
+    fn capacity_matching() {
+        let c = Catalog::parse(SAMPLE_CATALOG).expect("valid catalog");
+        let name = |cpu, mem| c.match_capacity(cpu, mem).map(|t| t.name.clone());
+        assert_eq!(name(8.0, 31 * GIB), Some("general-8x32".into()));
+        assert_eq!(name(8.0, 62 * GIB), Some("memory-8x64".into()));
+        assert_eq!(name(8.0, 15 * GIB), Some("compute-8x16".into()));
+        // 3 cores: no such shape; 8 cores with 24 GiB: between two shapes, matching neither.
+        assert_eq!(name(3.0, 12 * GIB), None);
+        assert_eq!(name(8.0, 24 * GIB), None);
+    }
+
+    #[test]
+    fn bad_catalogs_are_refused() {
+        let entry = |name: &str, vcpu: &str, mem: &str, price: &str| {
+            format!(
+                "[[instance_type]]\nname = \"{name}\"\nvcpu = {vcpu}\nmemory_gib = {mem}\nhourly_price = {price}\n"
+            )
+        };
+        let ok = entry("a", "2", "8", "0.1");
+        assert!(Catalog::parse(&ok).is_ok());
+        assert!(matches!(
+            Catalog::parse(""),
+            Err(RightsizingError::CatalogEmpty)
+        ));
+        assert!(matches!(
+            Catalog::parse("currency = 1"),
+            Err(RightsizingError::CatalogToml { .. })
+        ));
+        assert!(matches!(
+            Catalog::parse(&format!("{ok}colour = \"red\"\n")),
+            Err(RightsizingError::CatalogToml { .. })
+        ));
+        for bad in [
+            entry("", "2", "8", "0.1"),
+            entry("a", "0", "8", "0.1"),
+            entry("a", "2", "0", "0.1"),
+            entry("a", "2", "-8", "0.1"),
+            entry("a", "2", "8", "-0.1"),
+            entry("a", "2", "nan", "0.1"),
+            format!("{ok}{ok}"),
+        ] {
+            assert!(
+                matches!(
+                    Catalog::parse(&bad),
+                    Err(RightsizingError::CatalogEntry { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    // --- properties of the histogram maths ---------------------------------------------------
+
+    /// The weighted percentile straight from the samples: the smallest value at which the
+    /// cumulative weight (each weight decayed as `2^((t − t_last) / half_life)`) reaches
+    /// `p × total`.
+    fn reference_percentile(samples: &[(f64, f64, u64)], half_life_s: f64, p: f64) -> f64 {
+        let t_last = samples.iter().map(|s| s.2).max().unwrap_or(0) as f64;
+        let mut weighted: Vec<(f64, f64)> = samples
+            .iter()
+            .map(|(v, w, at)| (*v, w * ((*at as f64 - t_last) / half_life_s).exp2()))
+            .collect();
+        weighted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total: f64 = weighted.iter().map(|x| x.1).sum();
+        let mut cumulative = 0.0;
+        for (v, w) in &weighted {
+            cumulative += w;
+            if cumulative >= p * total {
+                return *v;
+            }
+        }
+        weighted.last().map_or(0.0, |x| x.0)
+    }
+
+    fn bucket_ending_at(o: &HistogramOptions, end: f64) -> usize {
+        (0..o.buckets())
+            .find(|i| o.bucket_end(*i) == end)
+            .expect("a percentile is a bucket end")
+    }
+
+    fn samples_strategy(max_days: u64) -> impl Strategy<Value = Vec<(f64, f64, u64)>> {
+        prop::collection::vec((-3.0f64..3.0, 0.1f64..10.0, 0..max_days * 86_400), 1..120).prop_map(
+            |v| {
+                v.into_iter()
+                    .map(|(e, w, s)| (10f64.powf(e), w, s))
+                    .collect()
+            },
+        )
+    }
+
+    fn histogram_of(samples: &[(f64, f64, u64)]) -> DecayingHistogram {
+        let mut h = DecayingHistogram::new(HistogramOptions::CPU);
+        for (v, w, s) in samples {
+            h.add(*v, *w, t(*s));
+        }
+        h
+    }
+
+    proptest! {
+        /// The histogram's percentile is the end of the bucket of the exact weighted
+        /// percentile, give or take one bucket for rounding; samples in any time order, over
+        /// up to 200 half-lives (so the reference time moves).
+        #[test]
+        fn percentile_within_one_bucket_of_the_reference(
+            samples in samples_strategy(200),
+            p in 0.0f64..=1.0,
+        ) {
+            let o = HistogramOptions::CPU;
+            let h = histogram_of(&samples);
+            let got = h.percentile(p).expect("not empty");
+            let want = reference_percentile(&samples, o.half_life_s, p);
+            let (i, j) = (bucket_ending_at(&o, got), o.bucket_of(want));
+            prop_assert!(i.abs_diff(j) <= 1, "p {} got {} (bucket {}) want {} (bucket {})", p, got, i, want, j);
+            prop_assert!(h.weights.iter().all(|w| w.is_finite() && *w >= 0.0));
+        }
+
+        /// A sample's weight halves per half-life: seen k half-lives later it weighs 2^-k, and
+        /// a sample k half-lives younger weighs 2^k times as much.
+        #[test]
+        fn weights_halve_after_each_half_life(k in 0u32..40, w in 0.01f64..100.0) {
+            let hl = HistogramOptions::CPU.half_life_s as u64;
+            let mut h = DecayingHistogram::new(HistogramOptions::CPU);
+            h.add(0.05, w, t(0));
+            let seen = h.total_weight_at(t(u64::from(k) * hl));
+            prop_assert!((seen - w * 0.5f64.powi(k as i32)).abs() <= 1e-9 * w);
+            h.add(50.0, w, t(u64::from(k) * hl));
+            let o = HistogramOptions::CPU;
+            let ratio = h.weights[o.bucket_of(50.0)] / h.weights[o.bucket_of(0.05)];
+            prop_assert!((ratio / 2f64.powi(k as i32) - 1.0).abs() < 1e-9);
+        }
+
+        /// Merging two histograms is adding all their samples to one.
+        #[test]
+        fn merge_is_adding_all_samples(
+            a in samples_strategy(100),
+            b in samples_strategy(100),
+            p in 0.0f64..=1.0,
+        ) {
+            let o = HistogramOptions::CPU;
+            let mut merged = histogram_of(&a);
+            merged.merge(&histogram_of(&b)).expect("same layout");
+            let all: Vec<_> = a.iter().chain(&b).copied().collect();
+            let single = histogram_of(&all);
+            let (x, y) = (merged.percentile(p).expect("x"), single.percentile(p).expect("y"));
+            prop_assert!(bucket_ending_at(&o, x).abs_diff(bucket_ending_at(&o, y)) <= 1);
+            let want = reference_percentile(&all, o.half_life_s, p);
+            prop_assert!(bucket_ending_at(&o, x).abs_diff(o.bucket_of(want)) <= 1);
+        }
+
+        /// A histogram survives serialization exactly.
+        #[test]
+        fn serialization_round_trip(samples in samples_strategy(30)) {
+            let h = histogram_of(&samples);
+            let json = serde_json::to_string(&h).expect("serializes");
+            let back: DecayingHistogram = serde_json::from_str(&json).expect("parses");
+            // serde_json may parse a float one ulp off; nothing else may differ.
+            prop_assert_eq!(back.options, h.options);
+            prop_assert_eq!(back.reference_ms, h.reference_ms);
+            for (x, y) in back.weights.iter().zip(&h.weights) {
+                prop_assert!((x - y).abs() <= 1e-12 * y.abs());
+            }
+            prop_assert!((back.total - h.total).abs() <= 1e-12 * h.total);
+            for p in [0.0, 0.5, 0.9, 0.95, 1.0] {
+                prop_assert_eq!(back.percentile(p), h.percentile(p));
+            }
+        }
+
+        /// Every value falls in the bucket whose edges hold it.
+        #[test]
+        fn bucket_edges_hold_their_values(e in -4.0f64..3.5) {
+            let o = HistogramOptions::CPU;
+            let v = 10f64.powf(e);
+            let i = o.bucket_of(v);
+            prop_assert!(o.bucket_start(i) <= v);
+            prop_assert!(v < o.bucket_end(i) || i == o.buckets() - 1);
+        }
+
+        /// Whatever the usage, the recommendation is ordered, above its floors and never below
+        /// the observed memory peak.
+        #[test]
+        fn recommendations_are_ordered_and_above_the_peak(
+            usage in prop::collection::vec((0.0f64..8.0, 0u64..(8 * GIB)), 1..60),
+            step in 1u64..7200,
+            oom in prop::option::of(0u64..(8 * GIB)),
+        ) {
+            let mut r = rec(RightsizingConfig::default());
+            let k = key("p");
+            for (i, (cpu, mem)) in usage.iter().enumerate() {
+                r.observe(&k, &Sample { at: t(i as u64 * step), cpu_cores: *cpu, memory_bytes: *mem });
+            }
+            if let Some(m) = oom {
+                r.observe_oom(&k, t(usage.len() as u64 * step), Some(m));
+            }
+            let x = r.recommendation(&k).expect("a recommendation");
+            prop_assert!(x.cpu_lower_cores <= x.cpu_target_cores && x.cpu_target_cores <= x.cpu_upper_cores);
+            prop_assert!(x.memory_lower_bytes <= x.memory_target_bytes && x.memory_target_bytes <= x.memory_upper_bytes);
+            prop_assert!(x.cpu_lower_cores >= 0.01);
+            prop_assert!(x.memory_lower_bytes >= 20 * MIB);
+            let peak = usage.iter().map(|u| u.1).max().unwrap_or(0);
+            prop_assert_eq!(x.memory_peak_bytes, peak);
+            prop_assert!(x.memory_target_bytes >= peak);
+            if let Some(m) = oom {
+                prop_assert!(x.memory_target_bytes >= m + 100 * MIB);
+            }
+        }
+    }
+}
