@@ -1570,6 +1570,9 @@ mod tests {
         let m = HistogramOptions::MEMORY;
         // 200 MiB: 20 MiB × (1.05^i − 1) ≤ 200 MiB ⇔ i ≤ ln 11 / ln 1.05 = 49.1.
         assert_eq!(m.bucket_of((200 * MIB) as f64), 49);
+        // The bucket counts docs/rightsizing.md gives.
+        assert_eq!(o.buckets(), 175);
+        assert_eq!(m.buckets(), 223);
     }
 
     #[test]
