@@ -69,8 +69,8 @@ fn prom_value(prom: SocketAddr, expr: &str) -> Option<f64> {
 
 /// What a query gave: its series' labels and values, or why it is not data.
 enum Answer {
-    /// Series, each with its labels and whether it has a finite value.
-    Series(Vec<(serde_json::Map<String, Value>, bool)>),
+    /// Series, each with its labels and its last finite value (None: only NaN or infinite).
+    Series(Vec<(serde_json::Map<String, Value>, Option<f64>)>),
     /// Prometheus refused the query (a parse or evaluation error): never retried.
     Refused(String),
 }
@@ -96,7 +96,7 @@ fn run_query(prom: SocketAddr, expr: &str, instant: bool) -> Answer {
     let finite = |s: &Value| {
         s.as_str()
             .and_then(|s| s.parse::<f64>().ok())
-            .is_some_and(f64::is_finite)
+            .filter(|v| v.is_finite())
     };
     let series = v["data"]["result"]
         .as_array()
@@ -110,7 +110,7 @@ fn run_query(prom: SocketAddr, expr: &str, instant: bool) -> Answer {
             } else {
                 r["values"]
                     .as_array()
-                    .is_some_and(|vs| vs.iter().any(|p| finite(&p[1])))
+                    .and_then(|vs| vs.iter().rev().find_map(|p| finite(&p[1])))
             };
             (labels, ok)
         })
@@ -123,7 +123,7 @@ fn not_data(q: &Query, answer: &Answer) -> Option<String> {
     match answer {
         Answer::Refused(why) => Some(format!("Prometheus refused it: {why}")),
         Answer::Series(s) if s.is_empty() => Some("no series".into()),
-        Answer::Series(s) if !s.iter().any(|(_, ok)| *ok) => {
+        Answer::Series(s) if s.iter().all(|(_, v)| v.is_none()) => {
             Some("only NaN or infinite values".into())
         }
         Answer::Series(s) => {
@@ -398,6 +398,65 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
             .map(|(f, w, q, e, _)| (f, w, q, e))
             .collect();
         std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // The panels show the activity, not only zeros: (dashboard, panel, a series' label).
+    let v2_digest = v2.as_str();
+    let activity = [
+        (
+            "ragent-images.json",
+            "Pre-pull bytes since the agents started: fetched vs reused",
+            ("result", "fetched"),
+        ),
+        (
+            "ragent-images.json",
+            "Pre-pull bytes since the agents started: fetched vs reused",
+            ("result", "reused"),
+        ),
+        (
+            "ragent-images.json",
+            "Pull bytes by image (since the agents started)",
+            ("image", batch.as_str()),
+        ),
+        (
+            "ragent-rebase.json",
+            "Rebase results (time range)",
+            ("result", "rebased"),
+        ),
+        (
+            "ragent-rebase.json",
+            "App images per run-image digest",
+            ("run_image_digest", v2_digest),
+        ),
+        (
+            "ragent-pods.json",
+            "Pod receive (top 10)",
+            ("pod", "fetcher"),
+        ),
+        (
+            "ragent-node.json",
+            "Node traffic by owner",
+            ("owner", "pods"),
+        ),
+    ];
+    for (file, panel, (label, value)) in activity {
+        let q = dashboards
+            .iter()
+            .find(|d| d.file() == file)
+            .and_then(|d| d.queries().into_iter().find(|q| q.panel == panel))
+            .unwrap_or_else(|| panic!("{file} has no panel {panel:?}"));
+        let expr = substitute(&q.expr, &choices[1].1).expect("variables");
+        let shown = match run_query(prom, &expr, q.instant) {
+            Answer::Series(s) => s
+                .into_iter()
+                .find(|(l, _)| l.get(label).and_then(Value::as_str) == Some(value))
+                .and_then(|(_, v)| v),
+            Answer::Refused(why) => panic!("{file} panel {panel:?}: {why}"),
+        };
+        assert!(
+            shown.is_some_and(|v| v > 0.0),
+            "{file} panel {panel:?} shows {shown:?} for {label}={value}, not the test's activity\n  {expr}"
+        );
     }
 
     // With another cluster or node picked, every query is empty; with another namespace,

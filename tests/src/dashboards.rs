@@ -995,6 +995,42 @@ mod tests {
         }
     }
 
+    /// `dashboards/README.md` lists every panel of every dashboard, with its type and metrics.
+    #[test]
+    fn the_dashboards_readme_lists_every_panel() {
+        let readme = include_str!("../../dashboards/README.md");
+        let mut missing = Vec::new();
+        for d in shipped() {
+            if !readme.contains(&format!("`{}`", d.file())) {
+                missing.push(format!("the dashboard {}", d.file()));
+            }
+            for p in d.panels() {
+                let title = p["title"].as_str().unwrap_or("");
+                let kind = p["type"].as_str().unwrap_or("");
+                let row = if kind == "row" {
+                    format!("| **{title}** | row | |")
+                } else {
+                    let mut metrics = BTreeSet::new();
+                    for t in p["targets"].as_array().into_iter().flatten() {
+                        metrics.extend(
+                            metric_names(t["expr"].as_str().unwrap_or("")).unwrap_or_default(),
+                        );
+                    }
+                    let metrics: Vec<String> = metrics.iter().map(|m| format!("`{m}`")).collect();
+                    format!("| {title} | {kind} | {} |", metrics.join(", "))
+                };
+                if !readme.lines().any(|l| l == row) {
+                    missing.push(row);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "dashboards/README.md lacks these rows:\n{}",
+            missing.join("\n")
+        );
+    }
+
     /// The README's table and the catalogue name the same metrics with the same types, so
     /// "only catalogued metrics" means the same thing to a reader and to the tests.
     #[test]
