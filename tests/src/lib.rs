@@ -1,11 +1,13 @@
 //! ragent's test kit: the deterministic CNB sample images, the local node (containerd with CRI,
 //! a registry, Prometheus), registries that demand credentials (`auth`), cgroup files as ground
-//! truth (`cgroups`), pods through CRI as kubelet makes them (`pod`), loopback endpoints with
-//! known payloads (`payload`), a reader of the Prometheus text format (`promtext`) and small
-//! helpers the end-to-end tests and `cargo xtask` share.
+//! truth (`cgroups`), the Grafana dashboards as the tests read them (`dashboards`), pods through
+//! CRI as kubelet makes them (`pod`), loopback endpoints with known payloads (`payload`), a
+//! reader of the Prometheus text format (`promtext`) and small helpers the end-to-end tests and
+//! `cargo xtask` share.
 pub mod accesslog;
 pub mod auth;
 pub mod cgroups;
+pub mod dashboards;
 pub mod expect;
 pub mod fixtures;
 pub mod http;

@@ -79,6 +79,9 @@ const CONTAINERD_TOML: &str = include_str!("../../deploy/local/containerd.toml")
 const REGISTRY_YML: &str = include_str!("../../deploy/local/registry.yml");
 const PROMETHEUS_YML: &str = include_str!("../../deploy/local/prometheus.yml");
 const HOSTS_TOML: &str = include_str!("../../deploy/local/hosts.toml");
+/// The `cluster` label the node's Prometheus adds to what it scrapes from ragent.
+pub const CLUSTER: &str = "local";
+
 const SERVICES: [&str; 3] = ["registry", "containerd", "prometheus"];
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
@@ -161,6 +164,17 @@ impl Node {
     /// `127.0.0.1:<port>`
     pub fn registry(&self) -> String {
         format!("127.0.0.1:{}", self.config.registry_port)
+    }
+
+    /// The node's name in Prometheus: the `node` label its scrape job adds (the directory's
+    /// name, e.g. `ragent-node` or `ragent-test-1`), as relabeling adds the Kubernetes node
+    /// name in a cluster.
+    pub fn name(&self) -> String {
+        self.config
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "local".into())
     }
 
     pub fn prometheus_addr(&self) -> SocketAddr {
@@ -263,6 +277,8 @@ impl Node {
                     "{{AGENT}}",
                     &format!("127.0.0.1:{}", self.config.agent_port),
                 )
+                .replace("{{NODE}}", &self.name())
+                .replace("{{CLUSTER}}", CLUSTER)
         };
         fs::write(d.join("registry.yml"), fill(REGISTRY_YML))?;
         fs::write(d.join("containerd.toml"), fill(CONTAINERD_TOML))?;
