@@ -1,0 +1,190 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "ragent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ragent.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ragent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ragent.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ragent.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ragent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "ragent.serviceAccountName" -}}
+{{- default (include "ragent.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "ragent.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ragent.eventsNamespace" -}}
+{{- default .Release.Namespace .Values.kubernetes.eventsNamespace -}}
+{{- end -}}
+
+{{/*
+Where the agent reads its config file, and where registryAuth's Secret is mounted.
+*/}}
+{{- define "ragent.configPath" -}}/etc/ragent/config.toml{{- end -}}
+{{- define "ragent.authPath" -}}/etc/ragent/registry-auth/.dockerconfigjson{{- end -}}
+
+{{/*
+The container's ports: one entry per port. A later feature's port (the cluster-sharing peer
+port) is one more entry here; the Service picks up the ports it is told to expose.
+*/}}
+{{- define "ragent.ports" -}}
+- name: metrics
+  containerPort: {{ int .Values.agent.metricsPort }}
+  protocol: TCP
+{{- end -}}
+
+{{/*
+The host directories the agent uses, each defined once: the DaemonSet turns every entry into a
+hostPath volume and a mount. A later feature's directory (the right-sizing checkpoints, the
+containerd certs.d mount) is one more entry here.
+  name       volume name
+  hostPath   where it is on the node
+  mountPath  where the agent sees it
+  type       the hostPath type kubelet checks before starting the pod
+  readOnly   the mount's flag
+*/}}
+{{- define "ragent.hostMounts" -}}
+- name: containerd
+  hostPath: {{ dir .Values.containerd.socket }}
+  mountPath: {{ dir .Values.containerd.socket }}
+  type: Directory
+  readOnly: true
+- name: cgroup
+  hostPath: {{ .Values.hostPaths.cgroup }}
+  mountPath: /sys/fs/cgroup
+  type: Directory
+  readOnly: true
+- name: bpffs
+  hostPath: {{ .Values.hostPaths.bpffs }}
+  mountPath: /sys/fs/bpf
+  type: Directory
+  readOnly: true
+- name: tracefs
+  hostPath: {{ .Values.hostPaths.tracefs }}
+  mountPath: /sys/kernel/tracing
+  type: Directory
+  readOnly: true
+{{- if .Values.hostPaths.btf }}
+- name: btf
+  hostPath: {{ .Values.hostPaths.btf }}
+  mountPath: /sys/kernel/btf
+  type: Directory
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/*
+A value in TOML: strings (JSON string escapes are valid TOML), booleans, integers (Helm reads
+numbers as floats, printed here without a fraction) and lists of those.
+*/}}
+{{- define "ragent.toml.value" -}}
+{{- if kindIs "string" . -}}
+{{- toJson . -}}
+{{- else if kindIs "bool" . -}}
+{{- . -}}
+{{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- int64 . -}}
+{{- else if kindIs "slice" . -}}
+[{{- range $i, $e := . }}{{ if $i }}, {{ end }}{{ include "ragent.toml.value" $e }}{{ end -}}]
+{{- else -}}
+{{- fail (printf "ragent.toml.value: cannot write %v (%s) as TOML" . (kindOf .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+One TOML table from (dict "name" NAME "pairs" (list (list KEY VALUE) ...)): only the keys whose
+value is set (not null, not "", not an empty list); no table at all when none is.
+*/}}
+{{- define "ragent.toml.table" -}}
+{{- $set := list -}}
+{{- range .pairs -}}
+{{- $v := index . 1 -}}
+{{- $unset := or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v "")) (and (kindIs "slice" $v) (empty $v)) -}}
+{{- if not $unset -}}
+{{- $set = append $set . -}}
+{{- end -}}
+{{- end -}}
+{{- if $set }}
+
+[{{ .name }}]
+{{- range $set }}
+{{ index . 0 }} = {{ include "ragent.toml.value" (index . 1) }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The agent's config file (docs/config.md), from the values.
+*/}}
+{{- define "ragent.config" -}}
+{{- $v := .Values -}}
+{{- $auth := "" -}}
+{{- if $v.registryAuth.secretName -}}
+{{- $auth = include "ragent.authPath" . -}}
+{{- end -}}
+# Rendered by the ragent Helm chart from its values; see docs/config.md.
+containerd = {{ include "ragent.toml.value" $v.containerd.socket }}
+namespace = {{ include "ragent.toml.value" $v.containerd.namespace }}
+log_format = {{ include "ragent.toml.value" $v.log.format }}
+{{- include "ragent.toml.table" (dict "name" "agent" "pairs" (list
+  (list "metrics_addr" (printf "0.0.0.0:%d" (int $v.agent.metricsPort)))
+  (list "ebpf" $v.agent.ebpf)
+  (list "cgroup_root" $v.agent.cgroupRoot)
+  (list "refresh_debounce_ms" $v.agent.refreshDebounceMs)
+  (list "series_grace_s" $v.agent.seriesGraceSeconds)
+)) }}
+{{- $prepull := list
+  (list "images" $v.prepull.images)
+  (list "insecure_registries" $v.prepull.insecureRegistries)
+  (list "concurrency" $v.prepull.concurrency)
+  (list "max_rate" $v.prepull.maxRate)
+  (list "refresh_interval_s" $v.prepull.refreshIntervalSeconds)
+  (list "retry_max_s" $v.prepull.retryMaxSeconds)
+}}
+{{- if $v.prepull.images }}
+{{- $prepull = append $prepull (list "auth" $auth) }}
+{{- end }}
+{{- include "ragent.toml.table" (dict "name" "prepull" "pairs" $prepull) }}
+{{- $rebase := list
+  (list "follow" $v.rebase.follow)
+  (list "mode" $v.rebase.mode)
+  (list "tag_suffix" $v.rebase.tagSuffix)
+  (list "poll_interval_s" $v.rebase.pollIntervalSeconds)
+  (list "retry_max_s" $v.rebase.retryMaxSeconds)
+  (list "insecure_registries" $v.rebase.insecureRegistries)
+}}
+{{- if $v.rebase.follow }}
+{{- $rebase = append $rebase (list "auth" $auth) }}
+{{- end }}
+{{- include "ragent.toml.table" (dict "name" "rebase" "pairs" $rebase) }}
+{{- include "ragent.toml.table" (dict "name" "kubernetes" "pairs" (list
+  (list "enabled" $v.kubernetes.enabled)
+  (list "pull_secret_namespaces" (uniq $v.prepull.pullSecretNamespaces))
+  (list "events_namespace" $v.kubernetes.eventsNamespace)
+)) }}
+{{- end -}}

@@ -1,0 +1,450 @@
+"""The Helm chart (deploy/helm/ragent), checked with real tools: Helm's own template engine and
+linter (helm-python-sdk), the Kubernetes API schemas (kubernetes-validate --strict), and the
+prometheus-operator schema and types for the ServiceMonitor (npm, monitor_check.cjs). Then the
+rendered objects are read: capabilities, host mounts, RBAC, probes, the config file.
+
+Run by `cargo xtask test` (step "== Helm chart") with the tools `cargo xtask setup` installs:
+    ~/.cache/ragent/chart-tools/venv/bin/python -m unittest discover -s deploy/helm/tests -v
+Environment:
+    RAGENT_CHART_NODE_MODULES  node_modules with the npm packages of package.json (required)
+    RAGENT_CHART_OUT           a directory to write each scenario's config.toml into, for
+                               xtask's check of them with ragent's own config parser (optional)
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+import unittest
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import kubernetes_validate.utils as kv_utils
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CHART = HERE.parent / "ragent"
+RELEASE = "ragent"
+NAMESPACE = "ragent"
+
+# The Kubernetes minor versions the README claims: every rendered manifest and CRD is validated
+# against each one's API schemas, unknown fields rejected.
+KUBE_VERSIONS = [f"1.{m}" for m in range(25, 38)]
+
+# Kinds kubernetes-validate has no schema for; monitor_check.cjs checks them instead.
+MONITOR_KINDS = {"ServiceMonitor", "PodMonitor"}
+
+# What the agent needs from the kernel, and nothing else (README.md, "Capabilities").
+CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN"}
+
+
+def load_scenarios():
+    """Values to render with: the defaults, and every file in values/."""
+    scenarios = {"default": {}}
+    for f in sorted((HERE / "values").glob("*.yaml")):
+        scenarios[f.stem] = yaml.safe_load(f.read_text()) or {}
+    return scenarios
+
+
+def parse_manifests(rendered):
+    """Template path -> rendered text, to a list of (template, object)."""
+    objects = []
+    for template, text in sorted(rendered.items()):
+        if not template.endswith((".yaml", ".yml")):
+            continue
+        for obj in yaml.safe_load_all(text):
+            if obj:
+                objects.append((template, obj))
+    return objects
+
+
+def find(objects, kind, name=None):
+    return [o for _, o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects, kind):
+    found = find(objects, kind)
+    if len(found) != 1:
+        raise AssertionError(f"expected one {kind}, found {len(found)}")
+    return found[0]
+
+
+def walk(value, path=""):
+    """Every (path, key, value) of a nested object."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield path, k, v
+            yield from walk(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk(v, f"{path}[{i}]")
+
+
+class Chart(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.chart = helm.Chart.load(str(CHART))
+        cls.scenarios = load_scenarios()
+        cls.rendered = {}
+        cls.objects = {}
+        for name, values in cls.scenarios.items():
+            out = cls.chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            cls.rendered[name] = out
+            cls.objects[name] = parse_manifests(out)
+        cls.crds = [yaml.safe_load(c["data"]) | {"__file": c["filename"]} for c in cls.chart.crds]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.chart.close()
+
+    def merged(self, scenario):
+        return self.chart.merge_values(self.scenarios[scenario])
+
+    def container(self, scenario):
+        ds = one(self.objects[scenario], "DaemonSet")
+        containers = ds["spec"]["template"]["spec"]["containers"]
+        self.assertEqual(len(containers), 1)
+        return ds["spec"]["template"]["spec"], containers[0]
+
+    # --- Helm itself -------------------------------------------------------------------------
+
+    def test_lint_strict(self):
+        for name, values in self.scenarios.items():
+            for kube in (KUBE_VERSIONS[0], KUBE_VERSIONS[-1]):
+                with self.subTest(values=name, kube=kube):
+                    report = helm.lint(
+                        str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{kube}.0"
+                    )
+                    bad = [m for m in report["messages"] if m["severity"] >= 2]
+                    self.assertEqual(report["errors"], [], report)
+                    self.assertEqual(bad, [], report)
+
+    def test_values_schema_rejects_wrong_values(self):
+        wrong = {
+            "a port as a string": {"agent": {"metricsPort": "9464"}},
+            "an unknown top-level key": {"tolerate": [{"operator": "Exists"}]},
+            "an unknown nested key": {"serviceMonitor": {"enable": True}},
+            "tolerations as a string": {"tolerations": "all"},
+            "hostPID as a string": {"hostPID": "yes"},
+            "capabilities as a string": {"securityContext": {"capabilities": "BPF"}},
+            "privileged as a string": {"securityContext": {"privileged": "false"}},
+            "a namespace that is not a name": {"prepull": {"pullSecretNamespaces": ["Team_A"]}},
+            "a rate without a number": {"prepull": {"maxRate": "fast"}},
+            "a relative socket path": {"containerd": {"socket": "containerd.sock"}},
+            "an unknown rebase mode": {"rebase": {"mode": "always"}},
+        }
+        for what, values in wrong.items():
+            with self.subTest(what):
+                with self.assertRaises(helm.HelmValuesError):
+                    self.chart.validate_schema(values)
+                with self.assertRaises(helm.HelmValuesError):
+                    self.chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        for name, values in self.scenarios.items():
+            with self.subTest(accepted=name):
+                self.chart.validate_schema(values)
+
+    # --- the API schemas ---------------------------------------------------------------------
+
+    def test_manifests_and_crds_validate_strictly(self):
+        available = {kv_utils.major_minor(v) for v in kv_utils.all_versions()}
+        self.assertTrue(set(KUBE_VERSIONS) <= available, f"kubernetes-validate has {sorted(available)}")
+        to_check = [(f"{name}: {t}", o) for name, objs in self.objects.items() for t, o in objs]
+        to_check += [(c["__file"], {k: v for k, v in c.items() if k != "__file"}) for c in self.crds]
+        failures = []
+        checked = 0
+        for where, obj in to_check:
+            if obj["kind"] in MONITOR_KINDS:
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                    checked += 1
+                except kubernetes_validate.ValidationError as e:
+                    path = ".".join(str(p) for p in e.path)
+                    failures.append(f"{where} {obj['kind']}/{obj['metadata']['name']} on {version}: {path}: {e.message}")
+                except kv_utils.SchemaNotFoundError as e:
+                    failures.append(f"{where}: {e.message}")
+        print(f"\n  kubernetes-validate --strict: {checked} object validations passed "
+              f"({len(to_check)} objects incl. {len(self.crds)} CRD(s), Kubernetes {KUBE_VERSIONS[0]}-{KUBE_VERSIONS[-1]})",
+              file=sys.stderr)
+        self.assertEqual(failures, [])
+
+    def test_service_monitor_matches_prometheus_operator(self):
+        node_modules = os.environ.get("RAGENT_CHART_NODE_MODULES")
+        self.assertTrue(node_modules and Path(node_modules).is_dir(),
+                        "RAGENT_CHART_NODE_MODULES must name the node_modules `cargo xtask setup` installs")
+        monitors = [(name, o) for name, objs in self.objects.items() for _, o in objs if o["kind"] in MONITOR_KINDS]
+        self.assertTrue(monitors, "no scenario renders a ServiceMonitor")
+        with tempfile.TemporaryDirectory() as tmp:
+            files = []
+            for i, (name, obj) in enumerate(monitors):
+                f = Path(tmp) / f"{name}-{obj['kind']}-{i}.json"
+                f.write_text(json.dumps(obj))
+                files.append(str(f))
+            r = subprocess.run(["node", str(HERE / "monitor_check.cjs"), node_modules, *files],
+                               capture_output=True, text=True)
+        print("\n  " + r.stdout.strip().replace("\n", "\n  "), file=sys.stderr)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    # --- what the objects say ----------------------------------------------------------------
+
+    def test_capabilities_exact_and_never_privileged(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                pod, c = self.container(name)
+                sc = c["securityContext"]
+                self.assertIs(sc["privileged"], False)
+                self.assertIs(sc["allowPrivilegeEscalation"], False)
+                self.assertIs(sc["readOnlyRootFilesystem"], True)
+                self.assertEqual(sc["runAsUser"], 0)
+                self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
+                self.assertEqual(set(sc["capabilities"]["add"]), CAPABILITIES)
+                self.assertEqual(len(sc["capabilities"]["add"]), len(CAPABILITIES))
+                self.assertNotIn("hostNetwork", pod)
+                self.assertNotIn("hostIPC", pod)
+                self.assertIs(pod["hostPID"], True)
+                for _, obj in self.objects[name]:
+                    for path, key, value in walk(obj):
+                        self.assertFalse(key == "privileged" and value is True, f"privileged: true at {path}")
+
+    def test_host_mounts_and_read_only_flags(self):
+        expected = {
+            "default": {
+                "/run/containerd": "/run/containerd",
+                "/sys/fs/cgroup": "/sys/fs/cgroup",
+                "/sys/fs/bpf": "/sys/fs/bpf",
+                "/sys/kernel/tracing": "/sys/kernel/tracing",
+                "/sys/kernel/btf": "/sys/kernel/btf",
+            },
+            "k3s-full": {
+                "/run/k3s/containerd": "/run/k3s/containerd",
+                "/sys/fs/cgroup": "/sys/fs/cgroup",
+                "/sys/fs/bpf": "/sys/fs/bpf",
+                "/sys/kernel/tracing": "/sys/kernel/debug/tracing",
+            },
+        }
+        for name, mounts_wanted in expected.items():
+            with self.subTest(values=name):
+                pod, c = self.container(name)
+                host_volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+                got = {}
+                for m in c["volumeMounts"]:
+                    if m["name"] in host_volumes:
+                        self.assertIs(m.get("readOnly"), True, f"hostPath mount {m['mountPath']} is writable")
+                        self.assertNotIn("subPath", m)
+                        got[m["mountPath"]] = host_volumes[m["name"]]["path"]
+                        self.assertEqual(host_volumes[m["name"]]["type"], "Directory")
+                self.assertEqual(got, mounts_wanted)
+                self.assertEqual(len(host_volumes), len(mounts_wanted), "a hostPath volume is not mounted")
+                # Every mount of the container is read-only, the chart's and the extra ones alike
+                # except what values add on purpose.
+                extra = {m["name"] for m in self.merged(name)["extraVolumeMounts"]}
+                for m in c["volumeMounts"]:
+                    if m["name"] not in extra:
+                        self.assertIs(m.get("readOnly"), True, m)
+
+    def test_containerd_socket_is_what_the_agent_dials(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                socket = self.merged(name)["containerd"]["socket"]
+                config = self.config(name)
+                self.assertEqual(config["containerd"], socket)
+                pod, c = self.container(name)
+                mounted = [m["mountPath"] for m in c["volumeMounts"]]
+                self.assertIn(str(Path(socket).parent), mounted)
+
+    def rbac(self, scenario):
+        """Every permission granted, as (namespace or "*", apiGroup, resource, verb), checking
+        that each rule is bound to the agent's ServiceAccount and to nothing else."""
+        objs = self.objects[scenario]
+        sa = one(objs, "ServiceAccount")["metadata"]
+        roles = {}
+        for kind in ("ClusterRole", "Role"):
+            for r in find(objs, kind):
+                ns = r["metadata"].get("namespace", "*") if kind == "Role" else "*"
+                roles[(kind, ns, r["metadata"]["name"])] = r["rules"]
+        bound = set()
+        for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+            for b in find(objs, kind):
+                self.assertEqual(b["subjects"], [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}])
+                self.assertEqual(b["roleRef"]["kind"], role_kind)
+                ns = b["metadata"].get("namespace", "*") if kind == "RoleBinding" else "*"
+                key = (role_kind, ns, b["roleRef"]["name"])
+                self.assertIn(key, roles, f"{kind} {b['metadata']['name']} binds a role the chart does not define")
+                bound.add(key)
+        self.assertEqual(bound, set(roles), "a role is defined but not bound")
+        grants = set()
+        for (_, ns, _), rules in roles.items():
+            for rule in rules:
+                self.assertEqual(set(rule) - {"apiGroups", "resources", "verbs"}, set(), rule)
+                for g in rule["apiGroups"]:
+                    for res in rule["resources"]:
+                        for v in rule["verbs"]:
+                            self.assertNotIn("*", (g, res, v))
+                            grants.add((ns, g, res, v))
+        return grants
+
+    def test_rbac_is_exactly_what_the_agent_uses(self):
+        cluster = {("*", "", "pods", "list"), ("*", "", "pods", "watch"),
+                   ("*", "", "nodes", "list"), ("*", "", "nodes", "watch"),
+                   ("*", "ragent.dev", "prepulls", "get"), ("*", "ragent.dev", "prepulls", "list"),
+                   ("*", "ragent.dev", "prepulls", "watch")}
+
+        def events(ns):
+            return {(ns, "events.k8s.io", "events", "create"), (ns, "events.k8s.io", "events", "patch")}
+
+        self.assertEqual(self.rbac("default"), cluster | events(NAMESPACE))
+        self.assertEqual(
+            self.rbac("k3s-full"),
+            cluster | events("ragent-events")
+            | {("team-a", "", "secrets", "get"), ("team-b", "", "secrets", "get")},
+        )
+
+    def test_secret_roles_only_in_listed_namespaces(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                listed = set(self.merged(name)["prepull"]["pullSecretNamespaces"])
+                secret_ns = {ns for ns, _, res, _ in self.rbac(name) if res == "secrets"}
+                self.assertEqual(secret_ns, listed)
+                in_config = self.config(name).get("kubernetes", {}).get("pull_secret_namespaces", [])
+                self.assertEqual(set(in_config), listed)
+                self.assertEqual(len(in_config), len(listed), "a namespace is listed twice")
+
+    def test_probes_and_ports(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                port = self.merged(name)["agent"]["metricsPort"]
+                _, c = self.container(name)
+                self.assertEqual(c["ports"], [{"name": "metrics", "containerPort": port, "protocol": "TCP"}])
+                self.assertEqual(c["livenessProbe"]["httpGet"], {"path": "/healthz", "port": "metrics"})
+                self.assertEqual(c["readinessProbe"]["httpGet"], {"path": "/readyz", "port": "metrics"})
+                self.assertEqual(self.config(name)["agent"]["metrics_addr"], f"0.0.0.0:{port}")
+
+    def test_downward_api_env(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                _, c = self.container(name)
+                env = {e["name"]: e for e in c["env"]}
+                self.assertEqual(env["NODE_NAME"]["valueFrom"], {"fieldRef": {"fieldPath": "spec.nodeName"}})
+                self.assertEqual(env["POD_NAMESPACE"]["valueFrom"], {"fieldRef": {"fieldPath": "metadata.namespace"}})
+                self.assertEqual(c["args"], ["agent", "--config", "/etc/ragent/config.toml"])
+
+    def test_daemonset_defaults(self):
+        pod, c = self.container("default")
+        self.assertEqual(pod["tolerations"], [{"operator": "Exists"}])
+        self.assertEqual(pod["priorityClassName"], "system-node-critical")
+        self.assertEqual(c["resources"], {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+        self.assertEqual(c["securityContext"]["seccompProfile"], {"type": "Unconfined"})
+        pod, c = self.container("k3s-full")
+        self.assertEqual(pod["tolerations"], self.scenarios["k3s-full"]["tolerations"])
+        self.assertEqual(c["resources"], self.scenarios["k3s-full"]["resources"])
+        self.assertEqual(pod["priorityClassName"], "platform-agents")
+
+    # --- the config file ---------------------------------------------------------------------
+
+    def config(self, scenario):
+        cm = one(self.objects[scenario], "ConfigMap")
+        return tomllib.loads(cm["data"]["config.toml"])
+
+    def test_config_file_renders_only_what_is_set(self):
+        self.assertEqual(self.config("default"), {
+            "containerd": "/run/containerd/containerd.sock",
+            "namespace": "k8s.io",
+            "log_format": "json",
+            "agent": {"metrics_addr": "0.0.0.0:9464", "ebpf": True},
+        })
+        full = self.config("k3s-full")
+        auth = "/etc/ragent/registry-auth/.dockerconfigjson"
+        self.assertEqual(full["prepull"], {
+            "images": ["registry.example.com/team/api:v3", "registry.example.com/team/worker:v3"],
+            "insecure_registries": ["mirror.internal:5000"],
+            "concurrency": 8, "max_rate": "50M", "refresh_interval_s": 0, "retry_max_s": 120,
+            "auth": auth,
+        })
+        self.assertEqual(full["rebase"], {
+            "follow": ["registry.example.com/buildpacks/run:jammy"], "mode": "tag",
+            "tag_suffix": "-patched", "poll_interval_s": 600, "retry_max_s": 300, "auth": auth,
+        })
+        self.assertEqual(full["kubernetes"], {
+            "enabled": True, "pull_secret_namespaces": ["team-a", "team-b"], "events_namespace": "ragent-events",
+        })
+        self.assertEqual(full["agent"], {
+            "metrics_addr": "0.0.0.0:9470", "ebpf": True, "cgroup_root": "/sys/fs/cgroup",
+            "refresh_debounce_ms": 500, "series_grace_s": 600,
+        })
+        pod, c = self.container("k3s-full")
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        self.assertIs(mounts[str(Path(auth).parent)]["readOnly"], True)
+        out = os.environ.get("RAGENT_CHART_OUT")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for name in self.scenarios:
+                cm = one(self.objects[name], "ConfigMap")
+                (Path(out) / f"{name}.toml").write_text(cm["data"]["config.toml"])
+
+    def test_config_change_rolls_the_pods(self):
+        def checksum(values):
+            objs = parse_manifests(self.chart.render(values, name=RELEASE, namespace=NAMESPACE))
+            return one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+        self.assertNotEqual(checksum({}), checksum({"prepull": {"images": ["registry.example.com/a:b"]}}))
+
+    # --- Prometheus ----------------------------------------------------------------------------
+
+    def test_service_monitor(self):
+        self.assertEqual(find(self.objects["default"], "ServiceMonitor"), [])
+        self.assertEqual(find(self.objects["default"], "Service"), [])
+        objs = self.objects["k3s-full"]
+        sm, svc = one(objs, "ServiceMonitor"), one(objs, "Service")
+        ds = one(objs, "DaemonSet")
+        self.assertEqual(sm["metadata"]["namespace"], "monitoring")
+        self.assertEqual(sm["metadata"]["labels"]["release"], "kube-prometheus-stack")
+        self.assertEqual(sm["spec"]["namespaceSelector"], {"matchNames": [NAMESPACE]})
+        labels = svc["metadata"]["labels"]
+        for k, v in sm["spec"]["selector"]["matchLabels"].items():
+            self.assertEqual(labels.get(k), v)
+        pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+        for k, v in svc["spec"]["selector"].items():
+            self.assertEqual(pod_labels.get(k), v)
+        self.assertEqual(svc["spec"]["clusterIP"], "None")
+        self.assertEqual(svc["spec"]["ports"][0]["name"], "metrics")
+        self.assertEqual(svc["spec"]["ports"][0]["targetPort"], "metrics")
+        [ep] = sm["spec"]["endpoints"]
+        self.assertEqual((ep["port"], ep["path"]), ("metrics", "/metrics"))
+        relabel = ep["relabelings"]
+        self.assertIn({"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node", "action": "replace"}, relabel)
+        self.assertIn({"targetLabel": "cluster", "replacement": "prod-eu-1", "action": "replace"}, relabel)
+        self.assertEqual(relabel[-1]["targetLabel"], "host_ip", "values' relabelings come after the chart's")
+
+    def test_notes_say_how_to_see_the_metrics(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                notes = next(v for k, v in self.rendered[name].items() if k.endswith("NOTES.txt"))
+                port = self.merged(name)["agent"]["metricsPort"]
+                self.assertIn(f"port-forward $POD {port}:metrics", notes)
+                self.assertIn(f"curl -s http://127.0.0.1:{port}/metrics", notes)
+                self.assertEqual("ServiceMonitor" in notes.split("Prometheus:")[1],
+                                 self.merged(name)["serviceMonitor"]["enabled"])
+
+    # --- the CRD -------------------------------------------------------------------------------
+
+    def test_crd_matches_the_rbac(self):
+        if not self.crds:
+            self.skipTest("no CRD under deploy/helm/ragent/crds/ yet")
+        prepull = [c for c in self.crds if c["spec"]["group"] == "ragent.dev"]
+        self.assertEqual(len(prepull), 1, [c["__file"] for c in self.crds])
+        crd = prepull[0]
+        self.assertEqual(crd["metadata"]["name"], "prepulls.ragent.dev")
+        self.assertEqual(crd["spec"]["names"]["plural"], "prepulls")
+        self.assertEqual(crd["spec"]["names"]["kind"], "PrePull")
+        self.assertEqual(crd["spec"]["scope"], "Cluster")
+        self.assertIn("v1alpha1", [v["name"] for v in crd["spec"]["versions"]])
+        granted = {res for ns, g, res, _ in self.rbac("default") if g == "ragent.dev"}
+        self.assertEqual(granted, {crd["spec"]["names"]["plural"]})
+
+
+if __name__ == "__main__":
+    unittest.main()
