@@ -1,12 +1,12 @@
 //! `cargo xtask`: setup, the local node (up/down), the test command, fixtures.
 //!
-//! - `setup`: installs what is missing (Debian packages, rust-src, bpf-linker for LLVM 22) and
-//!   mounts bpffs/tracefs; idempotent.
+//! - `setup`: installs what is missing (Debian packages, rust-src, bpf-linker for LLVM 22, the
+//!   Helm chart checks' Python and npm tools) and mounts bpffs/tracefs; idempotent.
 //! - `up`: the README's main command: a local node with sample buildpack images and
 //!   `ragent agent` in the foreground.
 //! - `down`: stops everything `up` (or a failed `test`) started, by PID.
-//! - `test`: the README's test command (what .ci/run runs): lints, unit tests, then end-to-end
-//!   tests against a real containerd, registry, kernel and Prometheus.
+//! - `test`: the README's test command (what .ci/run runs): lints, unit tests, the Helm chart's
+//!   checks, then end-to-end tests against a real containerd, registry, kernel and Prometheus.
 //! - `bench prepull`: ragent's pre-pull against containerd's CRI pulls (docs/bench.md).
 //! - `bench ebpf`: what the eBPF programs and the agent cost the node (docs/bench.md).
 //! - `bench rebase`: `ragent rebase` of a 20-layer app, and the bytes a node needs for a
@@ -14,6 +14,7 @@
 mod bench;
 mod bench_ebpf;
 mod bench_rebase;
+mod chart;
 
 use std::{
     path::{Path, PathBuf},
@@ -113,6 +114,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/jq", "jq"),
     ("/usr/bin/iperf3", "iperf3"),
+    // The Helm chart's checks: a venv of Debian's python3, and npm.
+    ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
+    ("/usr/bin/node", "nodejs"),
+    ("/usr/bin/npm", "npm"),
 ];
 
 /// The LLVM major the eBPF toolchain (nightly, or stable with RUSTC_BOOTSTRAP) and bpf-linker share.
@@ -228,6 +233,7 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))?;
         did.push(format!("installed bpf-linker for LLVM {LLVM_MAJOR}"));
     }
+    chart::setup(&root(), &mut did)?;
     for (fs, target) in [("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")] {
         let mounted = std::fs::read_to_string("/proc/self/mounts")
             .unwrap_or_default()
@@ -464,6 +470,8 @@ fn test(keep: bool, unit_only: bool, e2e_args: &[String]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--lib", "--bins"])
         .env("RAGENT_STRICT_TESTS", "1"))?;
+    println!("== Helm chart (lint, render, Kubernetes API schemas, ServiceMonitor, objects)");
+    chart::test(&root())?;
     if unit_only {
         return Ok(());
     }

@@ -294,12 +294,13 @@ class Chart(unittest.TestCase):
                    ("*", "ragent.dev", "prepulls", "watch")}
 
         def events(ns):
-            return {(ns, "events.k8s.io", "events", "create"), (ns, "events.k8s.io", "events", "patch")}
+            return {(ns, "events.k8s.io", "events", "create")}
 
-        self.assertEqual(self.rbac("default"), cluster | events(NAMESPACE))
+        # Events about the cluster-scoped PrePull resources live in `default`.
+        self.assertEqual(self.rbac("default"), cluster | events("default"))
         self.assertEqual(
             self.rbac("k3s-full"),
-            cluster | events("ragent-events")
+            cluster | events("default")
             | {("team-a", "", "secrets", "get"), ("team-b", "", "secrets", "get")},
         )
 
@@ -369,7 +370,7 @@ class Chart(unittest.TestCase):
             "tag_suffix": "-patched", "poll_interval_s": 600, "retry_max_s": 300, "auth": auth,
         })
         self.assertEqual(full["kubernetes"], {
-            "enabled": True, "pull_secret_namespaces": ["team-a", "team-b"], "events_namespace": "ragent-events",
+            "enabled": True, "pull_secret_namespaces": ["team-a", "team-b"],
         })
         self.assertEqual(full["agent"], {
             "metrics_addr": "0.0.0.0:9470", "ebpf": True, "cgroup_root": "/sys/fs/cgroup",

@@ -38,9 +38,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{- define "ragent.eventsNamespace" -}}
-{{- default .Release.Namespace .Values.kubernetes.eventsNamespace -}}
-{{- end -}}
+{{/*
+The namespace of the agent's Events. They are about PrePull resources, which are
+cluster-scoped, and the API server keeps Events about a cluster-scoped object in `default`
+(agent/src/adapters/kube.rs).
+*/}}
+{{- define "ragent.eventsNamespace" -}}default{{- end -}}
 
 {{/*
 Where the agent reads its config file, and where registryAuth's Secret is mounted.
@@ -185,6 +188,5 @@ log_format = {{ include "ragent.toml.value" $v.log.format }}
 {{- include "ragent.toml.table" (dict "name" "kubernetes" "pairs" (list
   (list "enabled" $v.kubernetes.enabled)
   (list "pull_secret_namespaces" (uniq $v.prepull.pullSecretNamespaces))
-  (list "events_namespace" $v.kubernetes.eventsNamespace)
 )) }}
 {{- end -}}
