@@ -741,6 +741,15 @@ pub struct KubeMetrics {
     pub events: IntCounterVec,
 }
 
+/// Metrics registered only when the kube adapter runs (`[kubernetes]` on).
+pub const KUBE_ONLY: &[&MetricDef] = &[
+    &KUBE_UP,
+    &KUBE_PODS,
+    &KUBE_WATCH_ERRORS,
+    &PREPULL_RESOURCES,
+    &KUBE_EVENTS,
+];
+
 /// The watches whose errors `ragent_kube_watch_errors_total` counts.
 pub const KUBE_WATCHES: &[&str] = &["pods", "nodes", "prepulls"];
 

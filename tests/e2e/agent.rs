@@ -46,15 +46,25 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
     let text = agent.metrics();
     promtool_check(&text);
     // Series per pod, container, image, registry or eBPF map exist once there is one (the
-    // insight tests check them); everything else is exported from the start.
+    // insight tests check them); the kube adapter's exist when it runs (it does not here; the
+    // `kube::` test reads them); everything else is exported from the start.
     let per_entity = ["namespace", "image", "registry", "map", "run_image_digest"];
+    let kube_only = |name: &str| ragent::metrics::KUBE_ONLY.iter().any(|k| k.name == name);
     for d in ragent::metrics::CATALOGUE.iter().filter(|d| {
-        d.name == "ragent_image_size_bytes" || !d.labels.iter().any(|l| per_entity.contains(l))
+        (d.name == "ragent_image_size_bytes" || !d.labels.iter().any(|l| per_entity.contains(l)))
+            && !kube_only(d.name)
     }) {
         assert!(
             text.contains(&format!("# TYPE {} ", d.name)),
             "{} missing from /metrics",
             d.name
+        );
+    }
+    for k in ragent::metrics::KUBE_ONLY {
+        assert!(
+            !text.contains(&format!("# TYPE {} ", k.name)),
+            "{} exported without the kube adapter",
+            k.name
         );
     }
     assert_eq!(agent.value("ragent_containerd_up"), Some(1.0));
