@@ -6,30 +6,14 @@
 use std::time::Duration;
 
 use clap::Parser;
-use ragent::{
-    adapters::containerd::Containerd,
-    config::{Cli, Command},
-};
+use ragent::config::{Cli, Command};
 use ragent_testkit::{
     auth::{self, AuthKind, AuthRegistry},
     kubeapi::{self, FakeApi, NODES, PREPULLS},
-    node::Node,
 };
 use serde_json::json;
 
 use crate::support::*;
-
-async fn record(node: &Node, name: &str) -> Option<String> {
-    Containerd::connect(&node.socket(), "k8s.io")
-        .await
-        .expect("connect")
-        .list_images()
-        .await
-        .expect("list")
-        .into_iter()
-        .find(|r| r.name == name)
-        .map(|r| r.target.digest)
-}
 
 fn reasons(api: &FakeApi, prepull: &str) -> Vec<String> {
     api.events()
@@ -136,23 +120,23 @@ pull_secret_namespaces = ["team-a"]
         "the PrePull images in containerd",
         Duration::from_secs(120),
         || async {
-            let a = record(&node, &web).await?;
-            let b = record(&node, &worker).await?;
-            let c = record(&node, &private).await?;
+            let a = record_target(&node, &web).await?;
+            let b = record_target(&node, &worker).await?;
+            let c = record_target(&node, &private).await?;
             Some((a, b, c))
         },
     )
     .await;
     assert_eq!(
-        record(&node, &web).await.as_deref(),
+        record_target(&node, &web).await.as_deref(),
         Some(want_web.manifest_digest.as_str())
     );
     assert_eq!(
-        record(&node, &worker).await.as_deref(),
+        record_target(&node, &worker).await.as_deref(),
         Some(want_worker.manifest_digest.as_str())
     );
     assert_eq!(
-        record(&node, &private).await.as_deref(),
+        record_target(&node, &private).await.as_deref(),
         Some(want_private.manifest_digest.as_str())
     );
     assert!(unpacked(&node, &set, "ragent/app-py-web", "v1"));
@@ -185,7 +169,7 @@ pull_secret_namespaces = ["team-a"]
     );
     // The resource for other nodes did nothing here.
     assert!(reasons(&api, "gpu-only").is_empty());
-    assert_eq!(record(&node, &batch).await, None);
+    assert_eq!(record_target(&node, &batch).await, None);
 
     let (status, metrics) = ragent_testkit::http::get(
         format!("127.0.0.1:{port}").parse().expect("addr"),
