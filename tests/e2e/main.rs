@@ -16,6 +16,7 @@ mod kube;
 mod pod;
 mod prepull;
 mod rebase;
+mod rightsizing;
 mod store;
 mod support;
 mod warm;

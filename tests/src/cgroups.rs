@@ -75,6 +75,41 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(stat_value(&stat, "usage_usec")? as f64 / 1e6)
 }
 
+/// The CPU limit of the process's cgroup in cores, `None` without one (v1
+/// `cpu.cfs_quota_us / cpu.cfs_period_us`, quota -1 meaning none; v2 `cpu.max`, `max` none).
+pub fn cpu_limit_cores(pid: u32) -> Option<f64> {
+    let d = controller_dir(pid, "cpu")?;
+    if let Ok(q) = fs::read_to_string(d.join("cpu.cfs_quota_us")) {
+        let p = fs::read_to_string(d.join("cpu.cfs_period_us")).ok()?;
+        return quota_cores(q.trim(), p.trim());
+    }
+    let max = fs::read_to_string(d.join("cpu.max")).ok()?;
+    let (q, p) = max.trim().split_once(' ')?;
+    quota_cores(q, p)
+}
+
+fn quota_cores(quota: &str, period: &str) -> Option<f64> {
+    let q: i64 = quota.parse().ok()?;
+    let p: i64 = period.parse().ok()?;
+    (q > 0 && p > 0).then(|| q as f64 / p as f64)
+}
+
+/// The memory limit of the process's cgroup in bytes, `None` without one (v1
+/// `memory.limit_in_bytes`, where no limit reads as a huge page-rounded number; v2
+/// `memory.max`, `max` none).
+pub fn memory_limit_bytes(pid: u32) -> Option<u64> {
+    let d = controller_dir(pid, "memory")?;
+    let text = fs::read_to_string(d.join("memory.limit_in_bytes"))
+        .or_else(|_| fs::read_to_string(d.join("memory.max")))
+        .ok()?;
+    memory_limit(text.trim())
+}
+
+fn memory_limit(text: &str) -> Option<u64> {
+    // v1 reports "no limit" as PAGE_COUNTER_MAX pages: anything from 2^62 up is none.
+    text.parse::<u64>().ok().filter(|v| *v < 1 << 62)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +134,16 @@ mod tests {
             controller_dir_in(V2, "0::/k8s.io/abc\n", "memory"),
             Some(PathBuf::from("/sys/fs/cgroup/k8s.io/abc"))
         );
+    }
+
+    #[test]
+    fn reads_limits_and_their_absence() {
+        assert_eq!(quota_cores("50000", "100000"), Some(0.5));
+        assert_eq!(quota_cores("-1", "100000"), None);
+        assert_eq!(quota_cores("max", "100000"), None);
+        assert_eq!(memory_limit("67108864"), Some(64 << 20));
+        assert_eq!(memory_limit("9223372036854771712"), None);
+        assert_eq!(memory_limit("max"), None);
     }
 
     #[test]

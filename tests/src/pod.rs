@@ -35,6 +35,9 @@ pub const POD_UID: &str = "io.kubernetes.pod.uid";
 /// The label kubelet adds on a container.
 pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
 
+/// kubelet's CFS period, in microseconds.
+pub const CPU_PERIOD_US: i64 = 100_000;
+
 /// What to run: one pod with one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
@@ -51,6 +54,9 @@ pub struct PodSpec {
     pub command: Vec<String>,
     /// 0: no limit.
     pub memory_limit_bytes: i64,
+    /// A CPU limit as kubelet sets it: a CFS quota of `millicores × 100` µs per 100 ms period
+    /// (0: no limit).
+    pub cpu_limit_millicores: i64,
 }
 
 impl PodSpec {
@@ -73,6 +79,7 @@ impl PodSpec {
             image: image.into(),
             command: Vec::new(),
             memory_limit_bytes: 0,
+            cpu_limit_millicores: 0,
         }
     }
 
@@ -97,6 +104,13 @@ impl PodSpec {
     /// A memory limit on the container.
     pub fn memory_limit(mut self, bytes: i64) -> PodSpec {
         self.memory_limit_bytes = bytes;
+        self
+    }
+
+    /// A CPU limit on the container, in millicores (kubelet's `resources.limits.cpu`): the
+    /// kernel then lets it run `millicores / 1000` of a core per CFS period.
+    pub fn cpu_limit_millicores(mut self, millicores: i64) -> PodSpec {
+        self.cpu_limit_millicores = millicores;
         self
     }
 
@@ -157,10 +171,26 @@ impl PodSpec {
             // Relative to the sandbox's log directory, as kubelet lays it out.
             log_path: format!("{}/0.log", self.container),
             linux: Some(LinuxContainerConfig {
-                resources: (self.memory_limit_bytes > 0).then(|| LinuxContainerResources {
-                    memory_limit_in_bytes: self.memory_limit_bytes,
-                    ..Default::default()
-                }),
+                resources: (self.memory_limit_bytes > 0 || self.cpu_limit_millicores > 0).then(
+                    || {
+                        // kubelet's conversion (MilliCPUToQuota): quota = millicores × period
+                        // / 1000 with the default 100 ms period.
+                        let (cpu_period, cpu_quota) = if self.cpu_limit_millicores > 0 {
+                            (
+                                CPU_PERIOD_US,
+                                self.cpu_limit_millicores * CPU_PERIOD_US / 1000,
+                            )
+                        } else {
+                            (0, 0)
+                        };
+                        LinuxContainerResources {
+                            memory_limit_in_bytes: self.memory_limit_bytes,
+                            cpu_period,
+                            cpu_quota,
+                            ..Default::default()
+                        }
+                    },
+                ),
                 ..Default::default()
             }),
             ..Default::default()
@@ -601,6 +631,23 @@ mod tests {
         assert_eq!(c.labels[POD_UID], s.uid);
         assert_eq!(c.log_path, "app/0.log");
         assert_ne!(PodSpec::new("ns1", "web", "i").uid, "", "a uid is set");
+        assert!(c.linux.expect("linux").resources.is_none(), "no limits");
+    }
+
+    #[test]
+    fn limits_as_kubelet_sets_them() {
+        let c = PodSpec::new("ns1", "web", "i")
+            .cpu_limit_millicores(500)
+            .container_config();
+        let r = c.linux.expect("linux").resources.expect("resources");
+        assert_eq!((r.cpu_period, r.cpu_quota), (100_000, 50_000));
+        assert_eq!(r.memory_limit_in_bytes, 0);
+        let c = PodSpec::new("ns1", "web", "i")
+            .memory_limit(64 << 20)
+            .container_config();
+        let r = c.linux.expect("linux").resources.expect("resources");
+        assert_eq!((r.cpu_period, r.cpu_quota), (0, 0));
+        assert_eq!(r.memory_limit_in_bytes, 64 << 20);
     }
 
     #[test]
