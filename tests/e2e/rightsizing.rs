@@ -964,7 +964,7 @@ async fn a_jvm_app_never_gets_less_than_heap_and_overhead_and_the_node_shape_cou
         .expect("this machine matches this-node");
     assert_eq!(current.name, "this-node");
     assert_eq!((current.vcpu, current.hourly_price), (cpus, 1.0));
-    let saving = (1.0 - recommended.hourly_price) / 1.0 * 100.0;
+    let saving = (current.hourly_price - recommended.hourly_price) / current.hourly_price * 100.0;
     let got = shape.saving_percent.expect("a saving");
     assert!(
         (got - saving).abs() < 1e-9,
