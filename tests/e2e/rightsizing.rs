@@ -1140,7 +1140,7 @@ async fn history_survives_a_restart_and_a_bad_checkpoint_is_reported_and_ignored
     ];
     for (reason, bytes) in cases {
         std::fs::write(&file, &bytes).expect("writing the bad checkpoint");
-        let agent = start_agent(&node, &dir, &["--config", &cfg]);
+        let mut agent = start_agent(&node, &dir, &["--config", &cfg]);
         let errors = checkpoint_errors(&agent);
         eprintln!("{reason}: checkpoint errors {errors:?}");
         assert_eq!(
