@@ -1207,13 +1207,13 @@ async fn a_vanished_container_keeps_its_recommendation_and_ragent_recommend_prin
     let gone = wait_entry(
         &agent,
         name,
-        "its samples to stop (3 s without one)",
+        "its samples to stop (3 s without one) and its current requests to go (null)",
         SEEN,
         |r| {
             if r.samples != last.0 {
                 last = (r.samples, Instant::now());
             }
-            last.1.elapsed() >= Duration::from_secs(3)
+            last.1.elapsed() >= Duration::from_secs(3) && r.current.is_none()
         },
     );
     eprintln!("after the pod was removed: {gone:#?}");
