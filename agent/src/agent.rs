@@ -6,7 +6,9 @@
 //! - the pre-pull policy of the config file's `[prepull]` (see [`crate::warm`]);
 //! - node insight ([`crate::insight`]): eBPF programs (optional: without them the agent says
 //!   why and goes on), cgroupfs, pull traffic attribution;
-//! - the HTTP endpoint: /metrics, /healthz, /readyz.
+//! - right-sizing ([`crate::rightsizing`]): a sample of every container each
+//!   `--sample-interval`, checkpoints, `GET /api/v1/recommendations`;
+//! - the HTTP endpoint: /metrics, /healthz, /readyz, /api/v1/recommendations.
 use std::{
     sync::{
         Arc, Mutex, RwLock,
@@ -70,6 +72,8 @@ pub enum AgentError {
     Serve(#[source] std::io::Error),
     #[error(transparent)]
     Kube(#[from] crate::adapters::kube::KubeError),
+    #[error(transparent)]
+    Rightsizing(#[from] crate::core::rightsizing::RightsizingError),
 }
 
 /// What the HTTP handlers read.
@@ -83,6 +87,8 @@ struct Shared {
     /// What eBPF could not load on this node, one line each (for /readyz).
     degraded: Vec<String>,
     scrape: tokio::sync::Mutex<()>,
+    /// None when `[rightsizing] enabled = false`.
+    rightsizing: Option<Arc<tokio::sync::Mutex<crate::rightsizing::Rightsizing>>>,
 }
 
 impl Shared {
@@ -194,6 +200,18 @@ pub async fn run_with(
     );
     metrics.ebpf_programs.set(insight.programs() as i64);
     let degraded = insight.degraded();
+    let node_capacity = Arc::new(RwLock::new(None));
+    let rightsizing = match cfg.rightsizing.clone() {
+        Some(settings) => Some(Arc::new(tokio::sync::Mutex::new(
+            crate::rightsizing::Rightsizing::start(
+                settings,
+                metrics.rightsizing.clone(),
+                node_name(&cfg),
+                node_capacity.clone(),
+            )?,
+        ))),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         metrics,
         ready: AtomicBool::new(false),
@@ -202,6 +220,7 @@ pub async fn run_with(
         insight: tokio::sync::Mutex::new(insight),
         degraded,
         scrape: tokio::sync::Mutex::new(()),
+        rightsizing,
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -210,13 +229,14 @@ pub async fn run_with(
             addr: cfg.metrics_addr,
             source,
         })?;
-    info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
+    info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz, /api/v1/recommendations");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
+        .route("/api/v1/recommendations", get(recommendations_handler))
         .with_state(shared.clone());
     let mut http_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
@@ -255,9 +275,12 @@ pub async fn run_with(
             stop_rx.clone(),
         ))
     });
-    let kubernetes = match (kube, cfg.kube.clone()) {
-        (Some(client), Some(settings)) => {
-            let pods = Arc::new(RwLock::new(crate::core::pods::Index::default()));
+    let pods = match (&kube, &cfg.kube) {
+        (Some(_), Some(_)) => Some(Arc::new(RwLock::new(crate::core::pods::Index::default()))),
+        _ => None,
+    };
+    let kubernetes = match (kube, cfg.kube.clone(), pods.clone()) {
+        (Some(client), Some(settings), Some(pods)) => {
             shared.insight.lock().await.set_pod_index(pods.clone());
             let opts = crate::kubernetes::Options {
                 settings,
@@ -265,6 +288,7 @@ pub async fn run_with(
                 namespace: cfg.common.namespace.clone(),
                 prepull: cfg.prepull.clone(),
                 reconcile_interval: crate::kubernetes::RECONCILE_INTERVAL,
+                node_capacity,
             };
             Some(tokio::spawn(crate::kubernetes::run(
                 client,
@@ -277,6 +301,14 @@ pub async fn run_with(
         }
         _ => None,
     };
+    let sampler = shared.rightsizing.clone().map(|rs| {
+        tokio::spawn(sample_usage(
+            shared.clone(),
+            rs,
+            pods.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let pulls = tokio::spawn(watch_pull_traffic(shared.clone(), stop_rx.clone()));
     let walks = tokio::spawn(walk_cgroups(shared.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_containerd(cfg.clone(), shared.clone(), stop_rx));
@@ -292,6 +324,11 @@ pub async fn run_with(
     }
     if let Err(e) = walks.await {
         warn!(error = %e, "the cgroup walk ended abnormally");
+    }
+    if let Some(s) = sampler
+        && let Err(e) = s.await
+    {
+        warn!(error = %e, "right-sizing sampling ended abnormally");
     }
     if let Some(w) = warm
         && let Err(e) = w.await
@@ -315,6 +352,120 @@ pub async fn run_with(
             warn!(error = %e, "the HTTP server task ended abnormally");
             Ok(())
         }
+    }
+}
+
+/// The node's name for reports: the Kubernetes node name when the adapter is configured, else
+/// the host name.
+fn node_name(cfg: &AgentConfig) -> String {
+    if let Some(k) = &cfg.kube {
+        return k.node_name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Samples every container each sampling interval, checkpoints the history every checkpoint
+/// interval and once more at shutdown.
+async fn sample_usage(
+    shared: Arc<Shared>,
+    rs: Arc<tokio::sync::Mutex<crate::rightsizing::Rightsizing>>,
+    pods: Option<Arc<RwLock<crate::core::pods::Index>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (every, checkpoint_every, dir) = {
+        let r = rs.lock().await;
+        let s = r.settings();
+        (
+            s.sample_interval,
+            s.checkpoint_interval,
+            s.checkpoint_dir.clone(),
+        )
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoint_tick =
+        tokio::time::interval_at(Instant::now() + checkpoint_every, checkpoint_every);
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    enum Step {
+        Stop,
+        Sample,
+        Checkpoint,
+    }
+    loop {
+        // Nothing awaits inside the select (a borrowed watch value must not cross one).
+        let step = tokio::select! {
+            _ = stop.wait_for(|s| *s) => Step::Stop,
+            _ = tick.tick() => Step::Sample,
+            _ = checkpoint_tick.tick() => Step::Checkpoint,
+        };
+        match step {
+            Step::Stop => break,
+            Step::Checkpoint => checkpoint(&rs, &dir).await,
+            Step::Sample => {
+                shared.refresh_scraped().await;
+                let (usage, ooms) = {
+                    let i = shared.insight.lock().await;
+                    (i.usage().to_vec(), i.oom_kills())
+                };
+                let jvm_env = |image: &str| -> Option<Vec<String>> {
+                    let inv = shared.inventory.read().ok()?;
+                    inv.as_ref()?
+                        .images
+                        .iter()
+                        .find(|i| i.names.iter().any(|n| n == image))
+                        .and_then(|i| i.jvm_env.clone())
+                };
+                let mut r = rs.lock().await;
+                // No await from here: the pod index lock is a std one.
+                let ix = pods.as_ref().map(|p| match p.read() {
+                    Ok(g) => g,
+                    Err(poisoned) => poisoned.into_inner(),
+                });
+                r.round(&usage, &ooms, ix.as_deref(), jvm_env);
+            }
+        }
+    }
+    checkpoint(&rs, &dir).await;
+}
+
+async fn checkpoint(
+    rs: &tokio::sync::Mutex<crate::rightsizing::Rightsizing>,
+    dir: &std::path::Path,
+) {
+    let bytes = rs.lock().await.checkpoint_bytes();
+    let d = dir.to_path_buf();
+    let result =
+        match tokio::task::spawn_blocking(move || crate::rightsizing::write_checkpoint(&d, &bytes))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+    rs.lock().await.checkpoint_written(&result);
+}
+
+async fn recommendations_handler(
+    State(shared): State<Arc<Shared>>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    match &shared.rightsizing {
+        Some(rs) => {
+            let report = rs.lock().await.report();
+            match serde_json::to_string(&report) {
+                Ok(body) => (StatusCode::OK, [("content-type", "application/json")], body),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [("content-type", "text/plain")],
+                    format!("cannot encode the report: {e}\n"),
+                ),
+            }
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            [("content-type", "text/plain")],
+            "right-sizing is turned off on this agent ([rightsizing] enabled = false in its config)\n".into(),
+        ),
     }
 }
 

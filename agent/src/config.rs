@@ -66,6 +66,9 @@ pub enum Command {
     /// Print the PrePull CustomResourceDefinition (YAML) for `kubectl apply -f -`; the Helm
     /// chart ships the same file.
     Crd,
+    /// Print a running agent's request recommendations per container (`--node`: the node
+    /// instance-shape advice)
+    Recommend(RecommendArgs),
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +213,30 @@ pub struct AgentArgs {
     /// Seconds the series of a gone pod, container or image stay before they are removed [default: 300]
     #[arg(long, env = "RAGENT_SERIES_GRACE", value_name = "SECONDS")]
     pub series_grace: Option<u64>,
+    /// Seconds between two right-sizing samples of every container [default: 15]
+    #[arg(long, env = "RAGENT_SAMPLE_INTERVAL", value_name = "SECONDS")]
+    pub sample_interval: Option<u64>,
+    /// Where the right-sizing history is checkpointed [default: /var/lib/ragent/rightsizing]
+    #[arg(long, env = "RAGENT_CHECKPOINT_DIR", value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// The agent to ask (its metrics address)
+    #[arg(
+        long,
+        env = "RAGENT_AGENT_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:9464"
+    )]
+    pub agent: String,
+    /// Print the agent's JSON instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Print the node instance-shape advice instead of the containers
+    #[arg(long)]
+    pub node: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +261,113 @@ pub struct FileConfig {
     pub rebase: RebaseSection,
     #[serde(default)]
     pub kubernetes: KubernetesSection,
+    #[serde(default)]
+    pub rightsizing: RightsizingSection,
+}
+
+/// `[rightsizing]`: sampling, history checkpoints, the model and the instance catalog.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RightsizingSection {
+    pub enabled: Option<bool>,
+    pub sample_interval_s: Option<u64>,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_interval_s: Option<u64>,
+    /// An instance-type catalog (TOML); the built-in sample catalog without one.
+    pub catalog: Option<PathBuf>,
+    pub model: Option<crate::core::rightsizing::RightsizingConfig>,
+    pub headroom: Option<crate::core::rightsizing::Headroom>,
+}
+
+/// The sample catalog shipped with ragent (`deploy/catalog/instance-types.toml`).
+pub const BUILTIN_CATALOG: &str = include_str!("../../deploy/catalog/instance-types.toml");
+pub const DEFAULT_SAMPLE_INTERVAL_S: u64 = 15;
+pub const DEFAULT_CHECKPOINT_DIR: &str = "/var/lib/ragent/rightsizing";
+pub const DEFAULT_CHECKPOINT_INTERVAL_S: u64 = 300;
+
+/// Validated `[rightsizing]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RightsizingSettings {
+    pub sample_interval: std::time::Duration,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_interval: std::time::Duration,
+    pub catalog: crate::core::rightsizing::Catalog,
+    /// The catalog file, or "built-in".
+    pub catalog_source: String,
+    pub model: crate::core::rightsizing::RightsizingConfig,
+    pub headroom: crate::core::rightsizing::Headroom,
+}
+
+/// Validates `[rightsizing]` with the flags over it; None when it is turned off.
+pub fn rightsizing_settings(
+    section: &RightsizingSection,
+    sample_interval: Option<u64>,
+    checkpoint_dir: Option<&Path>,
+) -> Result<Option<RightsizingSettings>, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::Rightsizing { key, reason };
+    if section.enabled == Some(false) {
+        return Ok(None);
+    }
+    let every = sample_interval
+        .or(section.sample_interval_s)
+        .unwrap_or(DEFAULT_SAMPLE_INTERVAL_S);
+    if !(1..=3600).contains(&every) {
+        return Err(invalid(
+            "sample_interval_s",
+            format!("{every} s is out of range: give --sample-interval between 1 and 3600 seconds"),
+        ));
+    }
+    let checkpoint_every = section
+        .checkpoint_interval_s
+        .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_S);
+    if !(1..=86_400).contains(&checkpoint_every) {
+        return Err(invalid(
+            "checkpoint_interval_s",
+            format!("{checkpoint_every} s is out of range (1..=86400)"),
+        ));
+    }
+    let checkpoint_dir = checkpoint_dir
+        .map(Path::to_path_buf)
+        .or_else(|| section.checkpoint_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CHECKPOINT_DIR));
+    if checkpoint_dir.as_os_str().is_empty() {
+        return Err(ConfigError::Empty {
+            what: "rightsizing.checkpoint_dir (--checkpoint-dir)",
+        });
+    }
+    let (text, catalog_source) = match &section.catalog {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| invalid("catalog", format!("cannot read {}: {e}", path.display())))?,
+            path.display().to_string(),
+        ),
+        None => (BUILTIN_CATALOG.to_string(), "built-in".to_string()),
+    };
+    let catalog = crate::core::rightsizing::Catalog::parse(&text)
+        .map_err(|e| invalid("catalog", format!("{catalog_source}: {e}")))?;
+    let model = section.model.clone().unwrap_or_default();
+    model
+        .validate()
+        .map_err(|e| invalid("model", e.to_string()))?;
+    let headroom = section.headroom.unwrap_or_default();
+    let h = &headroom;
+    let fraction_ok = h.fraction.is_finite() && (0.0..=10.0).contains(&h.fraction);
+    let reserved_ok = h.system_reserved_cpu_cores.is_finite() && h.system_reserved_cpu_cores >= 0.0;
+    if !(fraction_ok && reserved_ok) {
+        return Err(invalid(
+            "headroom",
+            "fraction must be in 0..=10 and system_reserved_cpu_cores at least 0".into(),
+        ));
+    }
+    Ok(Some(RightsizingSettings {
+        sample_interval: std::time::Duration::from_secs(every),
+        checkpoint_dir,
+        checkpoint_interval: std::time::Duration::from_secs(checkpoint_every),
+        catalog,
+        catalog_source,
+        model,
+        headroom,
+    }))
 }
 
 /// `[kubernetes]`: the kube adapter (pods of this node, `PrePull` resources, Events).
@@ -430,6 +564,8 @@ pub enum ConfigError {
     Rebase { key: &'static str, reason: String },
     #[error("kubernetes.{key}: {reason}")]
     Kubernetes { key: &'static str, reason: String },
+    #[error("rightsizing.{key}: {reason}")]
+    Rightsizing { key: &'static str, reason: String },
     #[error("{section}.auth: {source}")]
     Credentials {
         section: &'static str,
@@ -461,6 +597,8 @@ pub struct AgentConfig {
     pub rebase: RebasePolicy,
     /// None: the kube adapter does not run.
     pub kube: Option<KubeSettings>,
+    /// None: right-sizing is turned off.
+    pub rightsizing: Option<RightsizingSettings>,
 }
 
 /// Normalizes the references of a list setting (`key` names it in errors).
@@ -725,6 +863,11 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
         prepull: prepull_policy(&file.prepull)?,
         rebase: rebase_policy(&file.rebase)?,
         kube: kube_settings(&file.kubernetes, |k| std::env::var(k).ok())?,
+        rightsizing: rightsizing_settings(
+            &file.rightsizing,
+            args.sample_interval,
+            args.checkpoint_dir.as_deref(),
+        )?,
     })
 }
 
@@ -752,6 +895,77 @@ mod tests {
         assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9464");
         assert!(a.ebpf);
         assert_eq!(a.cgroup_root, None);
+    }
+
+    #[test]
+    fn rightsizing_defaults_flags_and_bad_values() {
+        let c = cli(&["agent"]);
+        let a = agent(&c, agent_args(&c), &FileConfig::default()).unwrap();
+        let r = a.rightsizing.expect("on by default");
+        assert_eq!(r.sample_interval, std::time::Duration::from_secs(15));
+        assert_eq!(r.checkpoint_dir, Path::new(DEFAULT_CHECKPOINT_DIR));
+        assert_eq!(r.catalog_source, "built-in");
+        assert_eq!(r.catalog.instance_types.len(), 16);
+
+        let file: FileConfig = toml::from_str(
+            "[rightsizing]\nsample_interval_s = 30\ncheckpoint_dir = \"/var/x\"\n\
+             [rightsizing.model]\nsafety_margin = 0.3\n[rightsizing.headroom]\nfraction = 0.5\n",
+        )
+        .unwrap();
+        let c = cli(&[
+            "agent",
+            "--sample-interval",
+            "1",
+            "--checkpoint-dir",
+            "/tmp/ck",
+        ]);
+        let r = agent(&c, agent_args(&c), &file)
+            .unwrap()
+            .rightsizing
+            .unwrap();
+        assert_eq!(r.sample_interval, std::time::Duration::from_secs(1));
+        assert_eq!(r.checkpoint_dir, Path::new("/tmp/ck"));
+        assert_eq!(r.model.safety_margin, 0.3);
+        assert_eq!(r.headroom.fraction, 0.5);
+        let c = cli(&["agent"]);
+        let r = agent(&c, agent_args(&c), &file)
+            .unwrap()
+            .rightsizing
+            .unwrap();
+        assert_eq!(r.sample_interval, std::time::Duration::from_secs(30));
+        assert_eq!(r.checkpoint_dir, Path::new("/var/x"));
+
+        let off: FileConfig = toml::from_str("[rightsizing]\nenabled = false\n").unwrap();
+        assert!(
+            agent(&c, agent_args(&c), &off)
+                .unwrap()
+                .rightsizing
+                .is_none()
+        );
+
+        for (text, needle) in [
+            (
+                "[rightsizing]\nsample_interval_s = 0\n",
+                "--sample-interval",
+            ),
+            (
+                "[rightsizing]\ncatalog = \"/nonexistent/catalog.toml\"\n",
+                "cannot read /nonexistent",
+            ),
+            (
+                "[rightsizing.model]\nsafety_margin = -1.0\n",
+                "rightsizing.model",
+            ),
+            (
+                "[rightsizing.headroom]\nfraction = -1.0\n",
+                "rightsizing.headroom",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = agent(&c, agent_args(&c), &file).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+        assert!(toml::from_str::<FileConfig>("[rightsizing]\nsample_intervall = 3\n").is_err());
     }
 
     #[test]

@@ -60,6 +60,21 @@ pub struct InsightOptions {
     pub grace: Duration,
 }
 
+/// One cgroupfs reading of a container, for right-sizing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub workload: Workload,
+    pub container_id: String,
+    /// The cgroup's path: a restarted container has a new one (its CPU counter starts again).
+    pub cgroup: String,
+    pub image: Option<String>,
+    pub at: SystemTime,
+    pub cpu_seconds: Option<f64>,
+    pub working_set_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub cpu_limit_cores: Option<f64>,
+}
+
 /// Everything the insight part of the agent keeps.
 pub struct Insight {
     metrics: InsightMetrics,
@@ -75,6 +90,10 @@ pub struct Insight {
     paths: HashMap<u64, (String, u64)>,
     /// container id -> who it is, with when it was last seen.
     containers: HashMap<String, (Workload, u64)>,
+    /// container id -> the image it runs (from containerd's records).
+    container_images: HashMap<String, String>,
+    /// The last cgroupfs reading of every live container (for right-sizing).
+    usage: Vec<Usage>,
     /// This node's pods from the Kubernetes API (when the kube adapter runs): names the
     /// containers containerd's records do not (no CRI labels, or no record any more).
     pods: Option<std::sync::Arc<std::sync::RwLock<crate::core::pods::Index>>>,
@@ -215,6 +234,8 @@ impl Insight {
             containerd: None,
             paths: HashMap::new(),
             containers: HashMap::new(),
+            container_images: HashMap::new(),
+            usage: Vec::new(),
             pods: None,
             watched: HashMap::new(),
             pod_bytes: Ledger::default(),
@@ -362,6 +383,9 @@ impl Insight {
         for r in records {
             let w = self.named(&r.id, Workload::from_labels(&r.id, &r.labels));
             self.containers.insert(r.id.clone(), (w, now));
+            if !r.image.is_empty() {
+                self.container_images.insert(r.id.clone(), r.image.clone());
+            }
         }
     }
 
@@ -550,6 +574,7 @@ impl Insight {
             };
             let containers = container_dirs(&layout, &known, |id| self.containers.contains_key(id));
             let oom_from_cgroupfs = !self.available(Feature::Oom);
+            self.usage.clear();
             for (rel, cid) in containers {
                 let w = self.workload_of(&cid).await;
                 if w.sandbox {
@@ -573,6 +598,17 @@ impl Insight {
                 if oom_from_cgroupfs && let Some(n) = s.oom_kills {
                     self.ooms.observe(src, &w, n, now);
                 }
+                self.usage.push(Usage {
+                    image: self.container_images.get(&cid).cloned(),
+                    workload: w,
+                    container_id: cid,
+                    cgroup: rel,
+                    at: SystemTime::now(),
+                    cpu_seconds: s.cpu_seconds,
+                    working_set_bytes: s.working_set_bytes,
+                    memory_limit_bytes: s.memory_limit_bytes,
+                    cpu_limit_cores: s.cpu_limit_cores,
+                });
             }
         }
         // 4. Retire what is gone (on the rounds that walked the tree).
@@ -616,6 +652,9 @@ impl Insight {
             .retain(|_, (_, seen)| now.saturating_sub(*seen) <= grace);
         self.containers
             .retain(|_, (_, seen)| now.saturating_sub(*seen) <= grace);
+        let containers = &self.containers;
+        self.container_images
+            .retain(|id, _| containers.contains_key(id));
         // Pull series of images still in the store stay; the unattributed ones stay too.
         let keep: Vec<(String, String)> = self
             .image_pull
@@ -628,6 +667,21 @@ impl Insight {
         }
         self.export(now);
         snap.map(|s| (s.net.total(), s.net.overflow))
+    }
+
+    /// The cgroupfs readings of the last [`Insight::refresh`], one per live container.
+    pub fn usage(&self) -> &[Usage] {
+        &self.usage
+    }
+
+    /// OOM kills so far per container (a ledger: never goes back while the series lives).
+    pub fn oom_kills(&self) -> Vec<(Workload, u64)> {
+        self.ooms.iter().map(|(w, n)| (w.clone(), n)).collect()
+    }
+
+    /// The image of a container, by id.
+    pub fn image_of(&self, container_id: &str) -> Option<&str> {
+        self.container_images.get(container_id).map(String::as_str)
     }
 
     /// Reads the pullers' registry traffic and attributes closed windows (every [`PULL_TICK`]).

@@ -25,7 +25,9 @@ use tracing::{info, warn};
 use crate::{
     adapters::{
         error_chain,
-        kube::{Change, Events, pull_credentials, watch_node, watch_pods, watch_prepulls},
+        kube::{
+            Change, Events, NodeFacts, pull_credentials, watch_node, watch_pods, watch_prepulls,
+        },
         registry::{Registry, normalize},
     },
     config::{KubeSettings, PrepullPolicy},
@@ -48,6 +50,8 @@ pub struct Options {
     /// The `[prepull]` settings every resource's policy uses (its images are not these).
     pub prepull: PrepullPolicy,
     pub reconcile_interval: Duration,
+    /// Where the Node's capacity (cores, bytes) is published for the instance-shape advice.
+    pub node_capacity: Arc<RwLock<Option<(f64, u64)>>>,
 }
 
 /// Runs until `stop` turns true.
@@ -242,11 +246,17 @@ impl Applier {
     /// True when the node's labels may have changed.
     fn node_changed(
         &mut self,
-        item: Result<Change<BTreeMap<String, String>>, crate::adapters::kube::KubeError>,
+        item: Result<Change<NodeFacts>, crate::adapters::kube::KubeError>,
     ) -> bool {
         match item {
-            Ok(Change::Apply(l)) | Ok(Change::Listed(l)) => {
-                self.labels = Some(l);
+            Ok(Change::Apply(n)) | Ok(Change::Listed(n)) => {
+                if let Some(c) = n.capacity {
+                    match self.opts.node_capacity.write() {
+                        Ok(mut g) => *g = Some(c),
+                        Err(p) => *p.into_inner() = Some(c),
+                    }
+                }
+                self.labels = Some(n.labels);
                 true
             }
             Ok(Change::ListDone) => {

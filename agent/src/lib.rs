@@ -17,5 +17,7 @@ pub mod metrics;
 pub mod prepull;
 pub mod progress;
 pub mod rebase;
+pub mod recommend;
+pub mod rightsizing;
 pub mod scan;
 pub mod warm;

@@ -132,6 +132,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             write_stdout(&text)?;
         }
         Command::Crd => write_stdout(&ragent::crd::crd_yaml())?,
+        Command::Recommend(args) => {
+            let (report, raw) = ragent::recommend::fetch(&args.agent).await?;
+            let text = match (args.json, args.node) {
+                (true, false) => serde_json::to_string_pretty(&raw)? + "\n",
+                (true, true) => serde_json::to_string_pretty(&raw["node_shape"])? + "\n",
+                (false, false) => ragent::core::usage::render_table(&report),
+                (false, true) => ragent::core::usage::render_node(&report),
+            };
+            write_stdout(&text)?;
+        }
         Command::Agent(args) => {
             let file = match &args.config {
                 Some(p) => config::load_file(p)?,

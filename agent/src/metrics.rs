@@ -7,8 +7,8 @@ use std::{
 };
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +395,63 @@ def!(
     "Inserts into each eBPF map that failed because it was full (counted, never silently dropped)."
 );
 
+def!(
+    RECOMMENDATION_CPU,
+    "ragent_recommendation_cpu_cores",
+    Gauge,
+    ["namespace", "pod", "container", "workload", "bound"],
+    "Recommended CPU request per container (bound=target) and its lower and upper bounds, in cores; workload is the owner (Kind/name) when the Kubernetes adapter knows it, else empty."
+);
+def!(
+    RECOMMENDATION_MEMORY,
+    "ragent_recommendation_memory_bytes",
+    Gauge,
+    ["namespace", "pod", "container", "workload", "bound"],
+    "Recommended memory request per container (bound=target) and its lower and upper bounds, in bytes."
+);
+def!(
+    RIGHTSIZING_CONTAINERS,
+    "ragent_rightsizing_containers",
+    Gauge,
+    [],
+    "Containers with right-sizing history on this node (gone ones included until the retention ends)."
+);
+def!(
+    RIGHTSIZING_SAMPLES,
+    "ragent_rightsizing_samples_total",
+    Counter,
+    [],
+    "Usage samples taken for right-sizing (one per container per sampling interval)."
+);
+def!(
+    RIGHTSIZING_CHECKPOINT_ERRORS,
+    "ragent_rightsizing_checkpoint_errors_total",
+    Counter,
+    ["reason"],
+    "Right-sizing checkpoints that could not be read back (reason: not_a_checkpoint, truncated, unsupported_version, checksum_mismatch, corrupt, read) or written (write)."
+);
+def!(
+    RIGHTSIZING_CHECKPOINT_TIME,
+    "ragent_rightsizing_checkpoint_timestamp_seconds",
+    Gauge,
+    [],
+    "When the last right-sizing checkpoint was written (Unix time); 0 before the first."
+);
+def!(
+    NODE_SAVING,
+    "ragent_recommendation_node_saving_ratio",
+    Gauge,
+    [],
+    "Saving of the recommended instance shape against the node's current one, as a fraction of the current price (negative: the node is too small); absent when either is unknown."
+);
+def!(
+    NODE_SHAPE,
+    "ragent_recommendation_node_shape_info",
+    Gauge,
+    ["recommended", "current"],
+    "Always 1; the labels name the recommended catalog shape and the node's current one (\"\" when no entry matches)."
+);
+
 /// Every metric ragent exports.
 pub const CATALOGUE: &[MetricDef] = &[
     BUILD_INFO,
@@ -447,6 +504,14 @@ pub const CATALOGUE: &[MetricDef] = &[
     EBPF_MAP_ENTRIES,
     EBPF_MAP_CAPACITY,
     EBPF_MAP_OVERFLOW,
+    RECOMMENDATION_CPU,
+    RECOMMENDATION_MEMORY,
+    RIGHTSIZING_CONTAINERS,
+    RIGHTSIZING_SAMPLES,
+    RIGHTSIZING_CHECKPOINT_ERRORS,
+    RIGHTSIZING_CHECKPOINT_TIME,
+    NODE_SAVING,
+    NODE_SHAPE,
 ];
 
 /// The containerd event topics counted under their own label value.
@@ -784,6 +849,62 @@ impl KubeMetrics {
     }
 }
 
+/// The right-sizing metrics.
+#[derive(Clone)]
+pub struct RightsizingMetrics {
+    pub cpu: GaugeVec,
+    pub memory: GaugeVec,
+    pub containers: IntGauge,
+    pub samples: IntCounter,
+    pub checkpoint_errors: IntCounterVec,
+    pub checkpoint_time: Gauge,
+    /// No label: a vec so the series can be absent when the saving is unknown.
+    pub node_saving: GaugeVec,
+    pub node_shape: IntGaugeVec,
+}
+
+/// Why a checkpoint could not be used (every value exists from the start).
+pub const CHECKPOINT_ERROR_REASONS: &[&str] = &[
+    "not_a_checkpoint",
+    "truncated",
+    "unsupported_version",
+    "checksum_mismatch",
+    "corrupt",
+    "read",
+    "write",
+];
+
+impl RightsizingMetrics {
+    pub fn new(r: &Registry) -> Result<RightsizingMetrics, prometheus::Error> {
+        let m = RightsizingMetrics {
+            cpu: reg(
+                r,
+                GaugeVec::new(opts(&RECOMMENDATION_CPU), RECOMMENDATION_CPU.labels)?,
+            )?,
+            memory: reg(
+                r,
+                GaugeVec::new(opts(&RECOMMENDATION_MEMORY), RECOMMENDATION_MEMORY.labels)?,
+            )?,
+            containers: reg(r, IntGauge::with_opts(opts(&RIGHTSIZING_CONTAINERS))?)?,
+            samples: reg(r, IntCounter::with_opts(opts(&RIGHTSIZING_SAMPLES))?)?,
+            checkpoint_errors: reg(
+                r,
+                IntCounterVec::new(
+                    opts(&RIGHTSIZING_CHECKPOINT_ERRORS),
+                    RIGHTSIZING_CHECKPOINT_ERRORS.labels,
+                )?,
+            )?,
+            checkpoint_time: reg(r, Gauge::with_opts(opts(&RIGHTSIZING_CHECKPOINT_TIME))?)?,
+            node_saving: reg(r, GaugeVec::new(opts(&NODE_SAVING), NODE_SAVING.labels)?)?,
+            node_shape: reg(r, IntGaugeVec::new(opts(&NODE_SHAPE), NODE_SHAPE.labels)?)?,
+        };
+        for reason in CHECKPOINT_ERROR_REASONS {
+            m.checkpoint_errors.with_label_values(&[*reason]);
+        }
+        Ok(m)
+    }
+}
+
 /// Handles to every metric, registered into the registry passed in.
 pub struct Metrics {
     registry: Registry,
@@ -809,6 +930,7 @@ pub struct Metrics {
     pub prepull: PrepullMetrics,
     pub rebase: RebaseMetrics,
     pub insight: InsightMetrics,
+    pub rightsizing: RightsizingMetrics,
     /// Set when the kube adapter runs ([`Metrics::kube`]).
     kube: std::sync::OnceLock<KubeMetrics>,
     image_series: Mutex<BTreeSet<String>>,
@@ -865,6 +987,7 @@ impl Metrics {
             prepull: PrepullMetrics::new(r)?,
             rebase: RebaseMetrics::new(r)?,
             insight: InsightMetrics::new(r)?,
+            rightsizing: RightsizingMetrics::new(r)?,
             kube: std::sync::OnceLock::new(),
             image_series: Mutex::new(BTreeSet::new()),
             registry,
@@ -979,6 +1102,12 @@ mod tests {
         i.map_entries.with_label_values(&["M"]);
         i.map_capacity.with_label_values(&["M"]);
         i.map_overflow.with_label_values(&["M"]);
+        let rs = &m.rightsizing;
+        rs.cpu.with_label_values(&["ns", "pod", "c", "", "target"]);
+        rs.memory
+            .with_label_values(&["ns", "pod", "c", "", "target"]);
+        rs.node_shape.with_label_values(&["a", "b"]);
+        rs.node_saving.with_label_values::<&str>(&[]).set(0.5);
         m.kube().unwrap();
         // Registered once: a second call returns the same handles.
         m.kube().unwrap().pods.set(3);

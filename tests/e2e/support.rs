@@ -171,10 +171,16 @@ impl Agent {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = node.dir().join(format!("agent-{port}.log"));
         let f = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new(ragent_bin())
-            .args(["agent", "--metrics-addr", &addr.to_string()])
+        // Each agent its own right-sizing checkpoint (not the node-wide default directory).
+        let checkpoints = node.dir().join(format!("rightsizing-{port}"));
+        let mut cmd = Command::new(ragent_bin());
+        cmd.args(["agent", "--metrics-addr", &addr.to_string()])
             .arg("--containerd")
-            .arg(node.socket())
+            .arg(node.socket());
+        if !extra.contains(&"--checkpoint-dir") {
+            cmd.arg("--checkpoint-dir").arg(&checkpoints);
+        }
+        let child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("log"))

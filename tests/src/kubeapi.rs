@@ -539,6 +539,7 @@ mod tests {
             namespace: "k8s.io".into(),
             prepull: prepull_policy(&PrepullSection::default()).expect("defaults"),
             reconcile_interval: Duration::from_millis(300),
+            node_capacity: Default::default(),
         };
         let task = tokio::spawn(ragent::kubernetes::run(
             api.client(),

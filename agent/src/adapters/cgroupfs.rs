@@ -240,6 +240,37 @@ pub struct CgroupStats {
     pub working_set_bytes: Option<u64>,
     /// OOM kills the memory controller recorded (v2 memory.events, v1 memory.oom_control).
     pub oom_kills: Option<u64>,
+    /// The memory limit (v2 memory.max, v1 memory.limit_in_bytes); None when unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// The CPU limit in cores from the CFS quota (v2 cpu.max, v1 cpu.cfs_quota_us over
+    /// cpu.cfs_period_us); None when unlimited.
+    pub cpu_limit_cores: Option<f64>,
+}
+
+/// v1 reports "no limit" as a huge page-aligned number; anything from 2^62 on is no limit.
+const V1_UNLIMITED: u64 = 1 << 62;
+
+/// A memory limit file's content: `max` (v2) or a huge number (v1) is no limit. Pure.
+pub fn memory_limit(text: &str) -> Option<u64> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v < V1_UNLIMITED)
+}
+
+/// v2 `cpu.max` (`<quota|max> <period>`) in cores. Pure.
+pub fn cpu_max(text: &str) -> Option<f64> {
+    let mut it = text.split_whitespace();
+    let quota: u64 = it.next()?.parse().ok()?;
+    let period: u64 = it.next().unwrap_or("100000").parse().ok()?;
+    (period > 0).then(|| quota as f64 / period as f64)
+}
+
+/// v1 quota and period (`-1` quota is no limit) in cores. Pure.
+pub fn cfs_quota(quota: &str, period: &str) -> Option<f64> {
+    let q: i64 = quota.trim().parse().ok()?;
+    let p: i64 = period.trim().parse().ok()?;
+    (q > 0 && p > 0).then(|| q as f64 / p as f64)
 }
 
 /// A `key value` line of cpu.stat, memory.stat, memory.events or memory.oom_control. Pure.
@@ -290,10 +321,27 @@ pub fn read_stats(layout: &CgroupLayout, rel: &str) -> CgroupStats {
             (usage.map(|u| working_set(u, inactive)), ooms)
         }
     };
+    let memory_limit_bytes = match read(unified, "memory.max") {
+        Some(t) => memory_limit(&t),
+        None => {
+            read(layout.v1.get("memory"), "memory.limit_in_bytes").and_then(|t| memory_limit(&t))
+        }
+    };
+    let cpu_limit_cores = match read(unified, "cpu.max") {
+        Some(t) => cpu_max(&t),
+        None => {
+            let cpu = layout.v1.get("cpu");
+            read(cpu, "cpu.cfs_quota_us")
+                .zip(read(cpu, "cpu.cfs_period_us"))
+                .and_then(|(q, p)| cfs_quota(&q, &p))
+        }
+    };
     CgroupStats {
         cpu_seconds,
         working_set_bytes,
         oom_kills,
+        memory_limit_bytes,
+        cpu_limit_cores,
     }
 }
 
@@ -367,6 +415,19 @@ mod tests {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn limits_in_both_hierarchies() {
+        assert_eq!(memory_limit("max\n"), None);
+        assert_eq!(memory_limit("209715200\n"), Some(209_715_200));
+        // v1's "unlimited" is the largest page-aligned i64.
+        assert_eq!(memory_limit("9223372036854771712\n"), None);
+        assert_eq!(cpu_max("50000 100000\n"), Some(0.5));
+        assert_eq!(cpu_max("max 100000\n"), None);
+        assert_eq!(cpu_max("150000 100000"), Some(1.5));
+        assert_eq!(cfs_quota("-1\n", "100000\n"), None);
+        assert_eq!(cfs_quota("25000\n", "100000\n"), Some(0.25));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use kube::{
 use crate::{
     core::{
         credentials::{Credentials, CredentialsError},
-        pods::{PodInfo, container_id, workload_of},
+        pods::{PodInfo, Resources, container_id, cpu_cores, memory_bytes, workload_of},
         prepulls::{Notice, Resource, SecretRef, clip_note},
     },
     crd::{PrePull, to_core},
@@ -93,7 +93,29 @@ pub fn pod_info(p: &Pod) -> PodInfo {
             workload_of(&o.kind, &o.name, hash)
         });
     let mut containers: Vec<(String, Option<String>)> = Vec::new();
+    let mut resources = Vec::new();
     if let Some(spec) = &p.spec {
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+        {
+            let r = c.resources.as_ref();
+            let (req, lim) = (
+                r.and_then(|r| r.requests.as_ref()),
+                r.and_then(|r| r.limits.as_ref()),
+            );
+            let res = Resources {
+                cpu_request_cores: get(req, "cpu").and_then(cpu_cores),
+                cpu_limit_cores: get(lim, "cpu").and_then(cpu_cores),
+                memory_request_bytes: get(req, "memory").and_then(memory_bytes),
+                memory_limit_bytes: get(lim, "memory").and_then(memory_bytes),
+            };
+            if !res.is_empty() {
+                resources.push((c.name.clone(), res));
+            }
+        }
         let names = spec
             .init_containers
             .iter()
@@ -128,6 +150,7 @@ pub fn pod_info(p: &Pod) -> PodInfo {
         name: meta.name.clone().unwrap_or_default(),
         workload,
         containers,
+        resources,
     }
 }
 
@@ -147,14 +170,38 @@ pub fn watch_pods(client: Client, node: &str) -> Watch<PodInfo> {
         .boxed()
 }
 
-/// The labels of `node` (one object: a field selector on its name).
-pub fn watch_node(client: Client, node: &str) -> Watch<BTreeMap<String, String>> {
+type Quantities = BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>;
+
+fn get<'a>(which: Option<&'a Quantities>, name: &str) -> Option<&'a str> {
+    which.and_then(|m| m.get(name)).map(|q| q.0.as_str())
+}
+
+/// What the agent reads of its own Node: labels (for PrePull selectors) and capacity (cores,
+/// bytes) for the instance-shape advice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeFacts {
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Option<(f64, u64)>,
+}
+
+fn node_facts(n: &Node) -> NodeFacts {
+    let capacity = n.status.as_ref().and_then(|s| s.capacity.as_ref());
+    NodeFacts {
+        labels: n.metadata.labels.clone().unwrap_or_default(),
+        capacity: get(capacity, "cpu")
+            .and_then(cpu_cores)
+            .zip(get(capacity, "memory").and_then(memory_bytes)),
+    }
+}
+
+/// `node`'s labels and capacity (one object: a field selector on its name).
+pub fn watch_node(client: Client, node: &str) -> Watch<NodeFacts> {
     let api: Api<Node> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
     watcher(api, cfg)
         .default_backoff()
         .map(|r| {
-            r.map(|e| change(e, |n: &Node| n.metadata.labels.clone().unwrap_or_default()))
+            r.map(|e| change(e, node_facts))
                 .map_err(|e| KubeError::Watch("nodes", e))
         })
         .boxed()

@@ -57,9 +57,35 @@ pub fn read_self() -> ProcessStats {
     }
 }
 
+/// `MemTotal` of /proc/meminfo in bytes. Pure.
+pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemTotal:")?;
+        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
+/// This machine's capacity: online CPUs and memory (for the instance-shape advice when no
+/// Node object says it).
+pub fn machine_capacity() -> Option<(f64, u64)> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let memory = parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
+    (cpus > 0).then_some((cpus as f64, memory))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_bytes() {
+        let m = "MemTotal:        8129740 kB\nMemFree:          123 kB\n";
+        assert_eq!(parse_mem_total(m), Some(8_129_740 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert!(machine_capacity().is_some_and(|(c, m)| c >= 1.0 && m > 0));
+    }
 
     #[test]
     fn stat_with_spaces_and_parens_in_the_name() {

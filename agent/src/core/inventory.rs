@@ -51,6 +51,10 @@ pub struct ImageEntry {
     pub layers: Vec<LayerEntry>,
     pub cnb: Option<CnbInfo>,
     pub warnings: Vec<String>,
+    /// For an image whose buildpacks provide a JVM: its JVM option variables (`NAME=value`
+    /// entries of `Env`, see `core::rightsizing::JVM_OPTION_VARIABLES`); None otherwise.
+    #[serde(skip)]
+    pub jvm_env: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -170,6 +174,21 @@ pub fn build(resolved: Vec<ResolvedImage>, unresolved: Vec<Unresolved>) -> Inven
             platform,
             size_bytes: layers.iter().map(|l| l.size_bytes).sum(),
             layers,
+            jvm_env: cnb
+                .as_ref()
+                .filter(|c| super::usage::runs_jvm(&c.info.buildpacks))
+                .map(|_| {
+                    img.config
+                        .env
+                        .iter()
+                        .filter(|kv| {
+                            kv.split_once('=').is_some_and(|(k, _)| {
+                                super::rightsizing::JVM_OPTION_VARIABLES.contains(&k)
+                            })
+                        })
+                        .cloned()
+                        .collect()
+                }),
             cnb: cnb.map(|c| c.info),
             warnings,
         });

@@ -17,4 +17,5 @@ pub mod pulls;
 pub mod rate;
 pub mod rebase;
 pub mod rightsizing;
+pub mod usage;
 pub mod workloads;

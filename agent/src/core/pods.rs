@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::workloads::Workload;
 
 /// What the agent keeps of a pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodInfo {
     pub uid: String,
     pub namespace: String,
@@ -19,6 +19,70 @@ pub struct PodInfo {
     /// (container name, runtime container id without the `containerd://` prefix). Init and
     /// ephemeral containers included; containers not started yet have no id.
     pub containers: Vec<(String, Option<String>)>,
+    /// Requests and limits per container name, from the pod spec (containers without any are
+    /// absent).
+    pub resources: Vec<(String, Resources)>,
+}
+
+/// A container's requests and limits from its pod spec, in base units (None: not set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Resources {
+    pub cpu_request_cores: Option<f64>,
+    pub cpu_limit_cores: Option<f64>,
+    pub memory_request_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `1e3`) as a number in base units, or
+/// None when it does not parse (the API server only stores valid ones, so None means a
+/// quantity this parser does not know, and the value is treated as unknown).
+pub fn quantity(text: &str) -> Option<f64> {
+    let t = text.trim();
+    const SUFFIXES: [(&str, f64); 15] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, scale) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, scale)| t.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or((t, 1.0));
+    // Only digits, one point, a sign and (without a suffix) a decimal exponent.
+    let ok = !number.is_empty()
+        && number
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '+' | '-' | 'e' | 'E'));
+    let v: f64 = number.parse().ok().filter(|_| ok)?;
+    let v = v * scale;
+    (v.is_finite() && v >= 0.0).then_some(v)
+}
+
+/// A CPU quantity in cores.
+pub fn cpu_cores(text: &str) -> Option<f64> {
+    quantity(text)
+}
+
+/// A memory quantity in bytes (rounded up: `1.5` bytes is 2, as the API server does).
+pub fn memory_bytes(text: &str) -> Option<u64> {
+    quantity(text).map(|v| (v - 1e-9).ceil().max(0.0) as u64)
 }
 
 /// The container id in a containerStatuses `containerID` (`containerd://<id>`, `cri-o://<id>`).
@@ -127,6 +191,13 @@ impl Index {
         })
     }
 
+    /// A pod by namespace and name (a node has at most a few hundred: a scan).
+    pub fn by_name(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods
+            .values()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
     /// The owning workload of the pod a container belongs to.
     pub fn owner(&self, container_id: &str) -> Option<&str> {
         self.pods
@@ -150,6 +221,7 @@ mod tests {
                 .iter()
                 .map(|(n, id)| (n.to_string(), id.map(str::to_string)))
                 .collect(),
+            resources: Vec::new(),
         }
     }
 
@@ -159,6 +231,25 @@ mod tests {
         assert_eq!(container_id("cri-o://abc"), Some("abc"));
         assert_eq!(container_id("abc"), Some("abc"));
         assert_eq!(container_id("containerd://"), None);
+    }
+
+    #[test]
+    fn quantities_are_read_in_base_units() {
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9 * b.max(1.0));
+        assert!(close(cpu_cores("500m"), 0.5));
+        assert!(close(cpu_cores("2"), 2.0));
+        assert!(close(cpu_cores("0.25"), 0.25));
+        assert!(close(cpu_cores("1e3"), 1000.0));
+        assert!(close(cpu_cores("100000u"), 0.1));
+        assert_eq!(memory_bytes("128Mi"), Some(128 * 1024 * 1024));
+        assert_eq!(memory_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(memory_bytes("1.5Gi"), Some(1_610_612_736));
+        assert_eq!(memory_bytes("64k"), Some(64_000));
+        assert_eq!(memory_bytes("1000"), Some(1000));
+        // Not quantities: unknown, never a wrong number.
+        for bad in ["", "Mi", "12q", "-1", "1.2.3Gi", "ten", "1 Gi"] {
+            assert_eq!(quantity(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1330,7 +1330,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<CheckpointBody, RightsizingError> {
 // ---------------------------------------------------------------------------------------------
 
 /// One machine shape of the catalog.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceType {
     pub name: String,
     pub vcpu: u32,
@@ -1455,7 +1455,7 @@ impl Default for Headroom {
 }
 
 /// The advice for one node.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShapeAdvice {
     /// `Σ cpu_target × (1 + fraction) + reserved cpu`.
     pub needed_cpu_cores: f64,
