@@ -186,7 +186,8 @@ pub fn test(root: &Path) -> Result<()> {
 
 /// Reads a rendered config.toml as the agent would: the file's keys and types, then each
 /// section's validation (auth files are not on this machine, so they are left out; the kube
-/// section with the environment the chart gives the pod).
+/// section with the environment the chart gives the pod; the catalog the chart mounts read
+/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config).
 fn check_config(path: &Path) -> Result<()> {
     use ragent::config;
     let text = fs::read_to_string(path)?;
@@ -204,5 +205,21 @@ fn check_config(path: &Path) -> Result<()> {
         "NODE_NAME" => Some("node-1".into()),
         _ => None,
     })?;
+    let mut rightsizing = file.rightsizing;
+    if rightsizing.catalog.is_some() {
+        let shipped = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("catalog")
+            .join(path.file_name().unwrap_or_default());
+        if !shipped.is_file() {
+            bail!(
+                "the config names a catalog but the chart's ConfigMap has none ({} is missing)",
+                shipped.display()
+            );
+        }
+        rightsizing.catalog = Some(shipped);
+    }
+    config::rightsizing_settings(&rightsizing, None, None)?;
     Ok(())
 }

@@ -145,6 +145,7 @@ class Chart(unittest.TestCase):
             "right-sizing on as a string": {"rightsizing": {"enabled": "yes"}},
             "a sample interval as a string": {"rightsizing": {"sampleIntervalSeconds": "15"}},
             "a sample interval of 0": {"rightsizing": {"sampleIntervalSeconds": 0}},
+            "a sample interval over an hour": {"rightsizing": {"sampleIntervalSeconds": 3601}},
             "a fractional checkpoint interval": {"rightsizing": {"checkpointIntervalSeconds": 2.5}},
             "a relative checkpoint directory": {"rightsizing": {"checkpointHostPath": "var/lib/ragent"}},
             "the host root as checkpoint directory": {"rightsizing": {"checkpointHostPath": "/"}},
