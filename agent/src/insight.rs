@@ -97,6 +97,9 @@ pub struct Insight {
     /// This node's pods from the Kubernetes API (when the kube adapter runs): names the
     /// containers containerd's records do not (no CRI labels, or no record any more).
     pods: Option<std::sync::Arc<std::sync::RwLock<crate::core::pods::Index>>>,
+    /// Where the agent's cgroup namespace root is in the mounted tree (`/`: the host's
+    /// namespace); None when the tree does not show it.
+    ns_root: Option<String>,
     /// The cgroups of the processes that pull: containerd's and the agent's own.
     watched: HashMap<u64, Owner>,
     pod_bytes: Ledger<(PodKey, &'static str)>,
@@ -235,6 +238,7 @@ impl Insight {
             paths: HashMap::new(),
             containers: HashMap::new(),
             container_images: HashMap::new(),
+            ns_root: Some("/".into()),
             usage: Vec::new(),
             pods: None,
             watched: HashMap::new(),
@@ -261,7 +265,22 @@ impl Insight {
         };
         // The agent's own pulls: its cgroup, unless that is the root (then it would count
         // every process of the node that has no cgroup of its own).
-        match cgroupfs::process_cgroup("self").as_deref() {
+        if let Some(u) = insight.cgroup2_root() {
+            insight.ns_root = cgroupfs::namespace_root(&u);
+            match insight.ns_root.as_deref() {
+                Some("/") => {}
+                Some(root) => {
+                    info!(
+                        root,
+                        "the agent runs in a cgroup namespace rooted here: other processes' cgroups are resolved from it"
+                    )
+                }
+                None => warn!(
+                    "the agent runs in a cgroup namespace and its cgroup2 mount shows only that namespace: containerd's cgroup cannot be found, so its registry traffic is not split out (mount the host's cgroup2 tree)"
+                ),
+            }
+        }
+        match insight.path_of_pid("self").as_deref() {
             Some("/") | None => info!(
                 "the agent runs in the root cgroup: its own registry traffic is not measured per registry"
             ),
@@ -312,9 +331,15 @@ impl Insight {
     }
 
     /// The cgroup id of a process (`self` or a pid), on the cgroup2 mount.
+    /// A process's cgroup as a path in the whole mounted tree (resolved through the agent's
+    /// cgroup namespace, so it works from a pod's private namespace).
+    fn path_of_pid(&self, pid: &str) -> Option<String> {
+        cgroupfs::resolve_ns_path(self.ns_root.as_deref()?, &cgroupfs::process_cgroup(pid)?)
+    }
+
     fn cgroup_of_pid(&self, pid: &str) -> Option<u64> {
         let unified = self.layout.as_ref()?.unified.as_ref()?;
-        let rel = cgroupfs::process_cgroup(pid)?;
+        let rel = self.path_of_pid(pid)?;
         cgroupfs::cgroup_id(&unified.join(rel.trim_start_matches('/'))).ok()
     }
 
@@ -345,7 +370,7 @@ impl Insight {
         match c.server_pid().await {
             Some(pid) => match self.cgroup_of_pid(&pid.to_string()) {
                 Some(id) => {
-                    if cgroupfs::process_cgroup(&pid.to_string()).as_deref() == Some("/") {
+                    if self.path_of_pid(&pid.to_string()).as_deref() == Some("/") {
                         warn!(
                             pid,
                             "containerd runs in the root cgroup: outbound traffic of other processes there counts as registry traffic; run it in a service cgroup"

@@ -42,6 +42,10 @@ pub const ROLLBACK_SUFFIX: &str = "-ragent-rollback";
 pub const LABEL_REBASED_FROM: &str = "io.ragent.rebase.from";
 pub const LABEL_RUN_IMAGE: &str = "io.ragent.rebase.run-image";
 pub const LABEL_ROLLBACK_OF: &str = "io.ragent.rebase.rollback-of";
+/// On a rebased image: the manifest digest the chain of local rebases started from (what the
+/// registry served). A pre-pull policy treats the image as current while the registry still
+/// serves that manifest.
+pub const LABEL_UPSTREAM: &str = "io.ragent.rebase.upstream";
 const LABEL_CRI: &str = "io.cri-containerd.image";
 /// Exit code of a refused rebase (the lifecycle uses 70–79 for rebase errors).
 pub const EXIT_REFUSED: u8 = 70;
@@ -700,6 +704,12 @@ async fn write(
 
     // The records. The rollback record first: a crash after it leaves the old image under two
     // names, never under none.
+    // The registry's manifest this image came from: kept through rebases of rebases.
+    let upstream = record
+        .labels
+        .get(LABEL_UPSTREAM)
+        .cloned()
+        .unwrap_or_else(|| record.target.digest.clone());
     let mut labels: HashMap<String, String> = record
         .labels
         .iter()
@@ -722,6 +732,7 @@ async fn write(
         LABEL_RUN_IMAGE.into(),
         format!("{}@{}", run.name, run.bytes.manifest_digest),
     );
+    labels.insert(LABEL_UPSTREAM.into(), upstream);
     c.put_image(lease, out_name, &manifest_desc, labels.clone())
         .await?;
     // Images that CRI manages get the records a CRI pull makes: repo@digest and the image ID.

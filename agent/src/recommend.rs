@@ -40,6 +40,9 @@ pub async fn fetch(agent: &str) -> Result<(Report, serde_json::Value), Recommend
         url: url.clone(),
         reason: e.to_string(),
     };
+    // reqwest is built without a default TLS provider (the agent picks ring): without one it
+    // panics building even a plain-HTTP client.
+    crate::adapters::registry::install_tls_provider();
     let client = reqwest::Client::builder()
         .timeout(TIMEOUT)
         .build()

@@ -54,6 +54,8 @@ pub struct Rightsizing {
     metrics: RightsizingMetrics,
     /// Label sets of the exported recommendation series (namespace, pod, container, workload).
     series: BTreeSet<[String; 4]>,
+    /// The labels of the node shape series (recommended, current).
+    shape_labels: Option<[String; 2]>,
     node: String,
     node_capacity: Arc<RwLock<Option<(f64, u64)>>>,
     machine_capacity: Option<(f64, u64)>,
@@ -117,6 +119,7 @@ impl Rightsizing {
             live: HashSet::new(),
             metrics,
             series: BTreeSet::new(),
+            shape_labels: None,
             node,
             node_capacity,
             machine_capacity: crate::adapters::procfs::machine_capacity(),
@@ -201,9 +204,11 @@ impl Rightsizing {
                 self.recommender.observe_oom(&key, now, None);
             }
         }
-        for gone in self.recommender.expire(now) {
-            self.known.remove(&gone);
-        }
+        self.recommender.expire(now);
+        // Keep what the report says only of containers running or with history.
+        let (live, recommender) = (&self.live, &self.recommender);
+        self.known
+            .retain(|k, _| live.contains(k) || recommender.get(k).is_some());
         // A container not running keeps its history, not its current requests.
         for (k, v) in self.known.iter_mut() {
             if !self.live.contains(k) {
@@ -261,17 +266,29 @@ impl Rightsizing {
         }
         self.series = now;
         let shape = self.node_shape(&recs);
-        self.metrics.node_shape.reset();
-        if let Some(r) = &shape.advice.recommended {
+        let labels = shape.advice.recommended.as_ref().map(|r| {
             let current = shape
                 .advice
                 .current
                 .as_ref()
                 .map_or("", |c| c.name.as_str());
-            self.metrics
-                .node_shape
-                .with_label_values(&[r.name.as_str(), current])
-                .set(1);
+            [r.name.clone(), current.to_string()]
+        });
+        // Replace the series only when the shapes change: a scrape never sees none.
+        if labels != self.shape_labels {
+            if let Some(old) = &self.shape_labels {
+                let _ = self
+                    .metrics
+                    .node_shape
+                    .remove_label_values(&[old[0].as_str(), old[1].as_str()]);
+            }
+            if let Some(new) = &labels {
+                self.metrics
+                    .node_shape
+                    .with_label_values(&[new[0].as_str(), new[1].as_str()])
+                    .set(1);
+            }
+            self.shape_labels = labels;
         }
         match shape.advice.saving_percent {
             Some(p) => self

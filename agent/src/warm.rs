@@ -14,11 +14,12 @@ use crate::{
     },
     config::PrepullPolicy,
     core::{
-        policy::{Counts, Policy},
+        policy::{Counts, Policy, is_current},
         prepulls::Outcome,
     },
     metrics::PrepullMetrics,
     prepull::{Options, PrepullError, Puller},
+    rebase::LABEL_UPSTREAM,
 };
 
 /// Where a policy reports each image's outcome (the kube adapter turns them into Events).
@@ -163,9 +164,16 @@ async fn pass(
                 continue;
             }
         };
-        // Already there (pulled before, by us or by kubelet)? Nothing to fetch.
+        // Already there (pulled before, by us or by kubelet, or rebased here from that very
+        // manifest)? Nothing to fetch.
         match p.containerd().get_image(&resolved.name).await {
-            Ok(Some(rec)) if rec.target.digest == resolved.manifest_desc.digest => {
+            Ok(Some(rec))
+                if is_current(
+                    &rec.target.digest,
+                    rec.labels.get(LABEL_UPSTREAM).map(String::as_str),
+                    &resolved.manifest_desc.digest,
+                ) =>
+            {
                 state.ready(r, &resolved.manifest_desc.digest, Instant::now());
                 let digest = resolved.manifest_desc.digest.clone();
                 tell(reports, r, Outcome::Pulled { digest });

@@ -368,3 +368,73 @@ async fn autorebase_in_tag_mode_writes_one_output_per_change_and_never_rebases_i
     drop(agent);
     remove_all_images(&node);
 }
+
+/// The same app in a pre-pull policy (refreshing every second) and rebased in place by the
+/// rebase policy: the pre-pull treats the local rebase of the registry's manifest as current,
+/// so it never pulls the original back, and the app is rebased once, not once per refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepulled_app_rebased_in_place_is_not_pulled_back() {
+    let node = node();
+    let set = fixtures(&node);
+    remove_all_images(&node);
+    let follow = set.reference("ragent/run", "follow-prepull");
+    retag(&set.reference("ragent/run", "v1"), &follow);
+    let app = set.reference("ragent/app-py-web", "v1");
+    let original = set
+        .image("ragent/app-py-web", "v1")
+        .expect("fixture")
+        .manifest_digest
+        .clone();
+    let cfg = node.dir().join("prepull-and-rebase.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[prepull]\nimages = [{app:?}]\nrefresh_interval_s = 1\nretry_max_s = 2\ninsecure_registries = [{reg:?}]\n\
+             [rebase]\nfollow = [{follow:?}]\n{IN_PLACE}\npoll_interval_s = 1\nretry_max_s = 2\ninsecure_registries = [{reg:?}]\n",
+            reg = node.registry()
+        ),
+    )
+    .expect("config");
+    let agent = Agent::start(
+        &node,
+        free_port(),
+        &["--no-ebpf", "--config", cfg.to_str().expect("utf-8 path")],
+    );
+    let ready = |a: &Agent| a.value("ragent_prepull_images{state=\"ready\"}") == Some(1.0);
+    wait_for("the pre-pull", Duration::from_secs(60), || {
+        ready(&agent).then_some(())
+    });
+    wait_polls(&agent, QUIET_POLLS);
+    assert_eq!(
+        record_target(&node, &app).await.as_deref(),
+        Some(original.as_str())
+    );
+
+    let v2 = run_digest(&set, "v2");
+    retag(&set.reference("ragent/run", "v2"), &follow);
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        wait_for("the app rebased onto run:v2", REBASE_DEADLINE, || {
+            (rt.block_on(app_state(&node, &app)).run_image == v2 && rebased(&agent) >= 1.0)
+                .then_some(())
+        })
+    });
+    let rebased_state = app_state(&node, &app).await;
+    // Bytes the pre-pull needed (fetched or found in containerd): every pull adds to them.
+    let needed = |a: &Agent| sum_of(&a.metrics(), "ragent_prepull_bytes_total{");
+    let pulled = needed(&agent);
+    assert!(pulled > 0.0, "the pre-pull pulled the app");
+    // Many refreshes and polls later: still the one rebase, the record still the rebased
+    // image, nothing pulled again.
+    wait_polls(&agent, 2.0 * QUIET_POLLS);
+    assert_eq!(rebased(&agent), 1.0, "{}", agent.metrics());
+    assert_eq!(app_state(&node, &app).await, rebased_state);
+    assert!(ready(&agent), "{}", agent.metrics());
+    assert_eq!(
+        needed(&agent),
+        pulled,
+        "the pre-pull pulled nothing after the rebase"
+    );
+    drop(agent);
+    remove_all_images(&node);
+}

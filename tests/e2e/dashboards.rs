@@ -2,7 +2,9 @@
 //! scrapes a real `ragent agent` (on the node's agent port, with the `node` and `cluster`
 //! labels relabeling adds in a cluster) while the node is busy: the agent pre-pulls an app
 //! (and fails on an image that does not exist), CRI pulls an app while it watches, a pod sends
-//! traffic, and a followed run-image tag moves so the agent rebases every app.
+//! traffic, a pod's memory hog is OOM-killed again and again, the agent samples every container
+//! each second for right-sizing (with a catalog that holds this machine's shape) and
+//! checkpoints each second, and a followed run-image tag moves so the agent rebases every app.
 //!
 //! Then every query of every panel is run as Grafana runs it (instant for stat, bar gauge and
 //! table panels, else a range), with the variables as a user picks them (All, then this node,
@@ -40,6 +42,15 @@ const RANGE: &str = "1h";
 const DATA_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the agent may take to pre-pull, and to rebase the apps after the tag moved.
 const ACTIVITY_DEADLINE: Duration = Duration::from_secs(90);
+/// The memory limit of the pod whose hog (a 64 MiB `dd` buffer) the OOM killer kills.
+const OOM_LIMIT: u64 = 32 << 20;
+/// After an OOM kill the memory recommendation is at least this much above the memory at the
+/// kill, which the agent takes to be the limit (docs/rightsizing.md, `oom_min_bump_bytes`).
+const OOM_MIN_BUMP: u64 = 100 << 20;
+/// The catalog's shapes: this machine (matched from its CPUs and MemTotal, as the agent does
+/// without a Node object) and a cheaper one the test's few containers fit in.
+const MACHINE_SHAPE: &str = "dash-this-machine";
+const SMALL_SHAPE: &str = "dash-small-4x8";
 
 fn urlencode(s: &str) -> String {
     s.bytes()
@@ -150,7 +161,30 @@ fn choice(cluster: &str, node: &str, namespace: &str) -> BTreeMap<&'static str, 
     ])
 }
 
-fn write_config(node: &ragent_testkit::node::Node, prepull: &[String], follow: &str) -> String {
+/// An instance-type catalog with this machine's shape (price 1) and a smaller one (price 0.1).
+fn write_catalog(node: &ragent_testkit::node::Node) -> String {
+    let (cpus, memory) =
+        ragent::adapters::procfs::machine_capacity().expect("this machine's CPUs and MemTotal");
+    let path = node.dir().join("dashboards-catalog.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "currency = \"USD\"\n\n\
+             [[instance_type]]\nname = {MACHINE_SHAPE:?}\nvcpu = {cpus}\nmemory_gib = {:.6}\nhourly_price = 1.0\n\n\
+             [[instance_type]]\nname = {SMALL_SHAPE:?}\nvcpu = 4\nmemory_gib = 8\nhourly_price = 0.1\n",
+            memory as f64 / (1u64 << 30) as f64
+        ),
+    )
+    .expect("writing the catalog");
+    path.display().to_string()
+}
+
+fn write_config(
+    node: &ragent_testkit::node::Node,
+    prepull: &[String],
+    follow: &str,
+    catalog: &str,
+) -> String {
     let path = node.dir().join("dashboards-agent.toml");
     let reg = node.registry();
     std::fs::write(
@@ -160,7 +194,8 @@ fn write_config(node: &ragent_testkit::node::Node, prepull: &[String], follow: &
              # never re-resolved: the in-place rebase below moves the tag's record on purpose\n\
              refresh_interval_s = 0\nretry_max_s = 2\n\n\
              [rebase]\nfollow = [{follow:?}]\npoll_interval_s = 1\nretry_max_s = 2\n\
-             insecure_registries = [{reg:?}]\n"
+             insecure_registries = [{reg:?}]\n\n\
+             [rightsizing]\nsample_interval_s = 1\ncheckpoint_interval_s = 1\ncatalog = {catalog:?}\n"
         ),
     )
     .expect("writing the agent config");
@@ -185,8 +220,17 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
     let follow = set.reference("ragent/run", "follow-dash");
     retag(&set.reference("ragent/run", "v1"), &follow);
     cri_pull(&node, &web).await;
-    let cfg = write_config(&node, &[worker.clone(), absent], &follow);
-    let agent = Agent::start(&node, node.config.agent_port, &["--config", &cfg]);
+    let catalog = write_catalog(&node);
+    let cfg = write_config(&node, &[worker.clone(), absent], &follow, &catalog);
+    // A history of this test's containers only: no checkpoint of an earlier run or test.
+    let checkpoints = node.dir().join("rightsizing-dashboards");
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    let checkpoints = checkpoints.display().to_string();
+    let agent = Agent::start(
+        &node,
+        node.config.agent_port,
+        &["--config", &cfg, "--checkpoint-dir", &checkpoints],
+    );
 
     // A pod that keeps moving bytes.
     let server = PayloadServer::start(256 << 10, Duration::from_secs(600)).expect("payload server");
@@ -201,6 +245,19 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
     )
     .await
     .expect("a pod that sends traffic");
+    // A pod whose memory hog the OOM killer kills every few seconds; its shell lives on.
+    let oom = Pod::start(
+        &node,
+        PodSpec::new(NAMESPACE, "oom", &set.reference("ragent/run", "v1"))
+            .container("hog")
+            .memory_limit(OOM_LIMIT as i64)
+            .shell(
+                "while true; do /bin/busybox dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null; \
+                 /bin/busybox sleep 2; done",
+            ),
+    )
+    .await
+    .expect("a pod that is OOM-killed");
     cri_pull(&node, &batch).await;
     wait_for(
         "the pre-pull of the worker app and a failure for the missing image",
@@ -249,6 +306,39 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
                 prom,
                 &format!("ragent_rebases_total{{{sel}, result=\"rebased\"}}"),
             )? >= 3.0)
+                .then_some(())
+        },
+    );
+    // Right-sizing: recommendations for both pods, the hog's OOM kills raising its memory
+    // recommendation, the node's saving against its shape, and a checkpoint written.
+    wait_for(
+        "right-sizing: recommendations, the hog's OOM kills, the node's saving and a checkpoint",
+        ACTIVITY_DEADLINE,
+        || {
+            let m = ragent_testkit::promtext::parse(&agent.metrics());
+            let v =
+                |name: &str, want: &[(&str, &str)]| ragent_testkit::promtext::value(&m, name, want);
+            let fetcher = [
+                ("namespace", NAMESPACE),
+                ("pod", "fetcher"),
+                ("container", "fetch"),
+            ];
+            let hog = [
+                ("namespace", NAMESPACE),
+                ("pod", "oom"),
+                ("container", "hog"),
+            ];
+            let target = |c: &[(&'static str, &'static str)]| {
+                let mut l = c.to_vec();
+                l.push(("bound", "target"));
+                l
+            };
+            (v("ragent_recommendation_cpu_cores", &target(&fetcher))? > 0.0
+                && v("ragent_container_oom_kills_total", &hog)? >= 1.0
+                && v("ragent_recommendation_memory_bytes", &target(&hog))?
+                    >= (OOM_LIMIT + OOM_MIN_BUMP) as f64
+                && v("ragent_recommendation_node_saving_ratio", &[])?.is_finite()
+                && v("ragent_rightsizing_checkpoint_timestamp_seconds", &[])? > 0.0)
                 .then_some(())
         },
     );
@@ -459,6 +549,92 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
         );
     }
 
+    // The right-sizing panels show the test's pods: (panel, query, pod, more than this).
+    let rightsizing = [
+        (
+            "Recommended vs used CPU (10 largest targets, cores)",
+            "A",
+            "fetcher",
+            0.0,
+        ),
+        (
+            "Recommended vs used CPU (10 largest targets, cores)",
+            "B",
+            "fetcher",
+            0.0,
+        ),
+        (
+            "Recommended vs working-set memory (10 largest targets)",
+            "A",
+            "fetcher",
+            0.0,
+        ),
+        (
+            "Recommended vs working-set memory (10 largest targets)",
+            "B",
+            "fetcher",
+            0.0,
+        ),
+        ("OOM kills and raised recommendations", "A", "oom", 0.0),
+        // The hog's memory recommendation, raised above its limit by its OOM kills.
+        (
+            "OOM kills and raised recommendations",
+            "B",
+            "oom",
+            (OOM_LIMIT + OOM_MIN_BUMP) as f64 - 1.0,
+        ),
+    ];
+    let pods = dashboards
+        .iter()
+        .find(|d| d.file() == "ragent-pods.json")
+        .expect("ragent-pods.json");
+    let query = |panel: &str, ref_id: &str| {
+        pods.queries()
+            .into_iter()
+            .find(|q| q.panel == panel && q.ref_id == ref_id)
+            .unwrap_or_else(|| panic!("ragent-pods.json has no panel {panel:?} query {ref_id}"))
+    };
+    for (panel, ref_id, pod, least) in rightsizing {
+        let q = query(panel, ref_id);
+        let expr = substitute(&q.expr, &choices[1].1).expect("variables");
+        let shown = match run_query(prom, &expr, q.instant) {
+            Answer::Series(s) => s
+                .into_iter()
+                .find(|(l, _)| l.get("pod").and_then(Value::as_str) == Some(pod))
+                .and_then(|(_, v)| v),
+            Answer::Refused(why) => panic!("ragent-pods.json panel {panel:?}: {why}"),
+        };
+        assert!(
+            shown.is_some_and(|v| v > least),
+            "ragent-pods.json panel {panel:?} ({ref_id}) shows {shown:?} for pod {pod}, not more than {least}\n  {expr}"
+        );
+    }
+    // The node's shape is the catalog's entry for this machine, the advice the smaller entry:
+    // a saving of (1.0 - 0.1) / 1.0.
+    let q = query("Node shape advice: saving against the current shape", "A");
+    let expr = substitute(&q.expr, &choices[1].1).expect("variables");
+    match run_query(prom, &expr, q.instant) {
+        Answer::Series(s) => {
+            let [(labels, saving)] = s.as_slice() else {
+                panic!(
+                    "the node shape panel shows {} series, not this node's one: {s:?}\n  {expr}",
+                    s.len()
+                );
+            };
+            let label = |k: &str| labels.get(k).and_then(Value::as_str).unwrap_or("");
+            assert_eq!(
+                (label("node"), label("current"), label("recommended")),
+                (name.as_str(), MACHINE_SHAPE, SMALL_SHAPE),
+                "the node shape panel: {labels:?}\n  {expr}"
+            );
+            assert!(
+                saving.is_some_and(|v| (v - 0.9).abs() < 1e-9),
+                "the node shape panel shows a saving of {saving:?}, not 0.9\n  {expr}"
+            );
+        }
+        Answer::Refused(why) => panic!("the node shape panel: {why}"),
+    }
+
     // With another cluster or node picked, every query is empty; with another namespace,
     // every query that filters by namespace.
     let elsewhere = [
@@ -512,6 +688,7 @@ async fn dashboards_show_data_from_prometheus_scraping_a_busy_agent() {
     let status = agent.terminate(Duration::from_secs(15));
     assert!(status.success());
     drop(pod);
+    drop(oom);
     // The rebased apps, their rollback records and the followed tag's record are this test's.
     remove_all_images(&node);
 }

@@ -456,6 +456,91 @@ async fn pull_bytes_of_an_image_match_the_registry_access_log() {
     );
 }
 
+/// The agent in a private cgroup namespace, as in a pod on a cgroup v2 node (with the host's
+/// cgroup2 tree mounted): `/proc/<pid>/cgroup` of containerd reads `/../..`-relative there, and
+/// the agent must still find containerd's cgroup and split out its registry traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_in_a_cgroup_namespace_still_measures_containerds_pulls() {
+    if !ebpf_host() {
+        return;
+    }
+    let node = node();
+    let set = fixtures(&node);
+    let image = ("ragent/app-py-worker", "v1");
+    empty_store(&node, &[image]).await;
+    let root = ragent_testkit::node::cgroup2_mount().expect("cgroup2");
+    let cg = root.join(format!("ragent-cgns-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cg).expect("a cgroup for the agent");
+    let port = free_port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let log = node.dir().join(format!("agent-cgns-{port}.log"));
+    let f = std::fs::File::create(&log).expect("agent log");
+    // Into its own cgroup first, then a new cgroup namespace rooted there, then the agent.
+    let child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {procs} && exec unshare --cgroup -- {bin} agent --metrics-addr {addr} --containerd {sock} --namespace k8s.io --checkpoint-dir {ck}",
+            procs = cg.join("cgroup.procs").display(),
+            bin = ragent_bin().display(),
+            sock = node.socket().display(),
+            ck = node.dir().join(format!("rightsizing-{port}")).display(),
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .spawn()
+        .expect("starting the agent in a cgroup namespace");
+    let agent = Agent { child, addr, log };
+    agent.wait_ready(Duration::from_secs(30));
+    // It is in a namespace of its own, which shows its cgroup as the root.
+    let pid = agent.child.id();
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).ok();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "a private cgroup namespace"
+    );
+    let seen = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroup");
+    assert!(
+        seen.contains(&format!("ragent-cgns-test-{}", std::process::id())),
+        "{seen}"
+    );
+
+    let reference = set.reference(image.0, image.1);
+    let mark = registry_log_mark(&node);
+    cri_pull(&node, &reference).await;
+    let (served, _) = served_pull_bytes_since(&node, mark);
+    assert_ebpf_net(&agent);
+    let got = settled(
+        &agent,
+        "ragent_image_pull_bytes_total",
+        &[
+            ("image", reference.as_str()),
+            ("registry", node.registry().as_str()),
+        ],
+    );
+    let s = served as f64;
+    eprintln!(
+        "from a cgroup namespace the agent counted {got} ({:.4} of the access log)",
+        got / s
+    );
+    let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(text.contains("cgroup namespace rooted here"), "{text}");
+    assert!(!text.contains("cannot find containerd's cgroup"), "{text}");
+    assert_within(
+        "the image's pull bytes against the access log",
+        got,
+        0.95 * s,
+        1.05 * s,
+    );
+    drop(agent);
+    // The agent's cgroup is empty once it is gone.
+    let t0 = Instant::now();
+    while std::fs::remove_dir(&cg).is_err() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_pulls_sharing_layers_add_up_to_the_access_log() {
     if !ebpf_host() {

@@ -205,3 +205,153 @@ pull_secret_namespaces = ["team-a"]
         .args(["images", "rm", "--sync", &private])
         .output();
 }
+
+/// Right-sizing with the kube side on: a CRI pod whose Pod object the API serves gets its
+/// current requests from the pod spec and its owner as `workload`; the node's capacity (hence
+/// its current shape) comes from the Node object, not the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rightsizing_reads_requests_from_the_pod_spec_and_capacity_from_the_node() {
+    use ragent_testkit::pod::{Pod, PodSpec};
+    if !require(is_root(), "needs root (the node runs containerd)") {
+        return;
+    }
+    let node = node();
+    let set = fixtures(&node);
+    let image = set.reference("ragent/run", "v1");
+    let pod = Pod::start(
+        &node,
+        PodSpec::new("shop", "web-rs", &image)
+            .container("web")
+            .shell("/bin/busybox sleep 3600"),
+    )
+    .await
+    .expect("the pod");
+    pod.wait_running(Duration::from_secs(30))
+        .await
+        .expect("running");
+
+    let api = FakeApi::new();
+    // 4 cores and 15.5 GiB: what a general-4x16 machine reports (the kernel keeps some).
+    api.put(
+        NODES,
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1", "uid": "uid-node-1", "labels": {}},
+            "status": {"capacity": {"cpu": "4", "memory": "16252928Ki", "pods": "110"}}
+        }),
+    );
+    api.put(
+        kubeapi::PODS,
+        kubeapi::pod(
+            "shop",
+            "web-rs",
+            &pod.spec().uid,
+            "node-1",
+            &[("web", pod.container_id())],
+        ),
+    );
+
+    let port = free_port();
+    let socket = node.socket();
+    let cli = Cli::try_parse_from([
+        "ragent".as_ref(),
+        "--containerd".as_ref(),
+        socket.as_os_str(),
+        "agent".as_ref(),
+        "--no-ebpf".as_ref(),
+        "--metrics-addr".as_ref(),
+        format!("127.0.0.1:{port}").as_ref(),
+        "--sample-interval".as_ref(),
+        "1".as_ref(),
+        "--checkpoint-dir".as_ref(),
+        node.dir().join(format!("rightsizing-{port}")).as_os_str(),
+    ])
+    .expect("flags");
+    let file: ragent::config::FileConfig =
+        toml::from_str("[kubernetes]\nenabled = true\nnode_name = \"node-1\"\n").expect("config");
+    let Command::Agent(args) = &cli.command else {
+        panic!("agent")
+    };
+    let cfg = ragent::config::agent(&cli, args, &file).expect("valid config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(ragent::agent::run_with(cfg, Some(api.client()), async {
+        let _ = stop_rx.await;
+    }));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let report = || -> Option<serde_json::Value> {
+        let (status, body) = ragent_testkit::http::get(addr, "/api/v1/recommendations").ok()?;
+        (status == 200).then(|| serde_json::from_str(&body).ok())?
+    };
+    let entry = wait_for_async(
+        "a recommendation for shop/web-rs/web with its pod spec",
+        Duration::from_secs(60),
+        || async {
+            let r = report()?;
+            let e = r["containers"]
+                .as_array()?
+                .iter()
+                .find(|c| c["namespace"] == "shop" && c["pod"] == "web-rs")?
+                .clone();
+            (e["samples"].as_u64()? >= 2 && e["current"]["source"] == "pod_spec").then_some((r, e))
+        },
+    )
+    .await;
+    let (r, e) = entry;
+    eprintln!("{e:#}\n{:#}", r["node_shape"]);
+    assert_eq!(e["container"], "web");
+    assert_eq!(e["workload"], "Deployment/web");
+    // kubeapi::pod asks for 100m and 128Mi and sets no limits.
+    assert_eq!(e["current"]["cpu_request_cores"], 0.1);
+    assert_eq!(e["current"]["memory_request_bytes"], 128 << 20);
+    assert!(e["current"]["cpu_limit_cores"].is_null());
+    assert!(e["current"]["memory_limit_bytes"].is_null());
+    let target = e["cpu_target_cores"].as_f64().expect("target");
+    let diff = e["cpu_diff_cores"].as_f64().expect("diff");
+    assert!(
+        (diff - (target - 0.1)).abs() < 1e-9,
+        "{diff} vs {target} - 0.1"
+    );
+    let mem_target = e["memory_target_bytes"].as_i64().expect("memory target");
+    assert_eq!(
+        e["memory_diff_bytes"].as_i64(),
+        Some(mem_target - (128 << 20))
+    );
+
+    let shape = &r["node_shape"];
+    assert_eq!(shape["capacity"]["source"], "node");
+    assert_eq!(shape["capacity"]["cpu_cores"], 4.0);
+    assert_eq!(shape["capacity"]["memory_bytes"], 16_252_928u64 * 1024);
+    assert_eq!(shape["current"]["name"], "general-4x16");
+    let rec = &shape["recommended"];
+    let price = rec["hourly_price"].as_f64().expect("price");
+    let saving = shape["saving_percent"].as_f64().expect("saving");
+    assert!(
+        ((0.18 - price) / 0.18 * 100.0 - saving).abs() < 1e-9,
+        "{shape}"
+    );
+    assert!(rec["vcpu"].as_f64() >= shape["needed_cpu_cores"].as_f64());
+    assert!(rec["memory_bytes"].as_u64() >= shape["needed_memory_bytes"].as_u64());
+
+    let (_, metrics) = ragent_testkit::http::get(addr, "/metrics").expect("metrics");
+    let series = "ragent_recommendation_cpu_cores{bound=\"target\",container=\"web\",namespace=\"shop\",pod=\"web-rs\",workload=\"Deployment/web\"}";
+    assert_eq!(metric_value(&metrics, series), Some(target), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "ragent_recommendation_node_saving_ratio"),
+        Some(saving / 100.0)
+    );
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("the agent stops within 30 s")
+        .expect("no panic")
+        .expect("the agent ends cleanly");
+    assert!(
+        node.dir()
+            .join(format!("rightsizing-{port}"))
+            .join("recommender.ckpt")
+            .exists(),
+        "the agent checkpoints at shutdown"
+    );
+    pod.remove().await.expect("remove the pod");
+}

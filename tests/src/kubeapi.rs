@@ -520,6 +520,7 @@ mod tests {
 
     struct Agent {
         pods: Arc<RwLock<Index>>,
+        capacity: Arc<RwLock<Option<(f64, u64)>>>,
         metrics: KubeMetrics,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
@@ -530,6 +531,7 @@ mod tests {
         let metrics = m.kube().expect("kube metrics");
         let pods = Arc::new(RwLock::new(Index::default()));
         let (stop, stop_rx) = watch::channel(false);
+        let capacity = Arc::new(RwLock::new(None));
         let opts = ragent::kubernetes::Options {
             settings: KubeSettings {
                 node_name: "node-1".into(),
@@ -539,7 +541,7 @@ mod tests {
             namespace: "k8s.io".into(),
             prepull: prepull_policy(&PrepullSection::default()).expect("defaults"),
             reconcile_interval: Duration::from_millis(300),
-            node_capacity: Default::default(),
+            node_capacity: capacity.clone(),
         };
         let task = tokio::spawn(ragent::kubernetes::run(
             api.client(),
@@ -551,6 +553,7 @@ mod tests {
         ));
         Agent {
             pods,
+            capacity,
             metrics,
             stop,
             task,
@@ -627,6 +630,28 @@ mod tests {
             .owner("c1")
             .map(str::to_string);
         assert_eq!(owner.as_deref(), Some("Deployment/web"));
+        // Requests from the spec, in base units; the Node's capacity for the shape advice.
+        let resources = agent
+            .pods
+            .read()
+            .expect("index")
+            .by_name("shop", "web-2")
+            .map(|p| p.resources.clone())
+            .expect("web-2");
+        let want = ragent::core::pods::Resources {
+            cpu_request_cores: Some(0.1),
+            cpu_limit_cores: None,
+            memory_request_bytes: Some(128 << 20),
+            memory_limit_bytes: None,
+        };
+        assert_eq!(
+            resources,
+            vec![("web".to_string(), want), ("proxy".to_string(), want)]
+        );
+        until("the node's capacity", || {
+            *agent.capacity.read().expect("capacity") == Some((2.0, 24 << 30))
+        })
+        .await;
         // Every pod request was field-selected to this node.
         let pod_requests: Vec<Recorded> = api
             .requests()

@@ -106,7 +106,8 @@ pub fn setup(root: &Path, did: &mut Vec<String>) -> Result<()> {
 
 /// `== Helm chart`: the unittest suite in deploy/helm/tests (lint, render, API schemas,
 /// ServiceMonitor, assertions on the objects), then every config file it rendered read by
-/// ragent's own config parser and validators.
+/// ragent's own config parser and validators, and every instance-type catalog it put in a
+/// ConfigMap by ragent's catalog parser.
 pub fn test(root: &Path) -> Result<()> {
     let t = tools(root);
     if !t.python.exists() || !t.node_modules.exists() {
@@ -154,16 +155,39 @@ pub fn test(root: &Path) -> Result<()> {
             )
         })?;
     }
+    // The instance-type catalogs the chart ships in its ConfigMap (rightsizing.catalog).
+    let mut catalogs: Vec<PathBuf> = fs::read_dir(out.join("catalog"))
+        .with_context(|| {
+            format!(
+                "the chart checks wrote no catalog directory in {}",
+                out.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    catalogs.sort();
+    for f in &catalogs {
+        let text = fs::read_to_string(f)?;
+        ragent::core::rightsizing::Catalog::parse(&text).with_context(|| {
+            format!(
+                "the chart ships an instance-type catalog ragent refuses ({}; values in {TESTS}/values)",
+                f.display()
+            )
+        })?;
+    }
     println!(
-        "chart: {} rendered config files accepted by ragent's config parser",
-        files.len()
+        "chart: {} rendered config files accepted by ragent's config parser, {} catalogs by its catalog parser",
+        files.len(),
+        catalogs.len()
     );
     Ok(())
 }
 
 /// Reads a rendered config.toml as the agent would: the file's keys and types, then each
 /// section's validation (auth files are not on this machine, so they are left out; the kube
-/// section with the environment the chart gives the pod).
+/// section with the environment the chart gives the pod; the catalog the chart mounts read
+/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config).
 fn check_config(path: &Path) -> Result<()> {
     use ragent::config;
     let text = fs::read_to_string(path)?;
@@ -181,5 +205,21 @@ fn check_config(path: &Path) -> Result<()> {
         "NODE_NAME" => Some("node-1".into()),
         _ => None,
     })?;
+    let mut rightsizing = file.rightsizing;
+    if rightsizing.catalog.is_some() {
+        let shipped = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("catalog")
+            .join(path.file_name().unwrap_or_default());
+        if !shipped.is_file() {
+            bail!(
+                "the config names a catalog but the chart's ConfigMap has none ({} is missing)",
+                shipped.display()
+            );
+        }
+        rightsizing.catalog = Some(shipped);
+    }
+    config::rightsizing_settings(&rightsizing, None, None)?;
     Ok(())
 }

@@ -346,6 +346,8 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
          \x20 ragent images                 # the node's images, layer roles, what they share\n\
          \x20 ragent images --json | jq .summary\n\
          \x20 curl -s {metrics} | grep ^ragent_\n\
+         \x20 ragent recommend --agent {agent_url}   # request recommendations (samples every 5 s here)\n\
+         \x20 ragent recommend --agent {agent_url} --node\n\
          \x20 ragent prepull --insecure-registry {reg} {more} {run2}   # each missing blob once; watch ragent_images change\n\
          \x20 Prometheus: http://{prom}/graph?g0.expr=ragent_node_layer_bytes\n\
          Stop the agent with Ctrl-C; `cargo xtask down` stops the node.\n",
@@ -358,6 +360,7 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
         more = set.reference("ragent/app-py-legacy", "v1"),
         run2 = set.reference("ragent/run", "v2"),
         prom = node.prometheus_addr(),
+        agent_url = format!("http://127.0.0.1:{}", node.config.agent_port),
     );
     if no_agent {
         return Ok(());
@@ -368,6 +371,9 @@ fn up(scale: u32, no_agent: bool) -> Result<()> {
         .arg(node.socket())
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", node.config.agent_port))
+        // Right-sizing: faster samples for a demo, the history under the node's directory.
+        .args(["--sample-interval", "5", "--checkpoint-dir"])
+        .arg(node.dir().join("rightsizing"))
         .spawn()?;
     // Ctrl-C reaches the whole foreground group: the agent stops on it, xtask stays to say so.
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.

@@ -232,6 +232,57 @@ pub fn process_cgroup(pid: &str) -> Option<String> {
     parse_proc_cgroup(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
 }
 
+/// A path from `/proc/<pid>/cgroup` as a path from the root of the whole cgroup2 tree. Such
+/// paths are relative to the reader's cgroup namespace root and climb out of it with `..`
+/// (`/../../system.slice/containerd.service` for containerd, seen from an agent in a pod's
+/// private cgroup namespace); `ns_root` is where that root is in the tree (`/` in the host's
+/// namespace). None when the path climbs above the tree's root. Pure.
+pub fn resolve_ns_path(ns_root: &str, rel: &str) -> Option<String> {
+    let mut parts: Vec<&str> = ns_root.split('/').filter(|p| !p.is_empty()).collect();
+    for p in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if p == ".." {
+            parts.pop()?;
+        } else {
+            parts.push(p);
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// `full` without its trailing `tail` (both absolute cgroup paths): the namespace root when
+/// `full` is where this process is in the tree and `tail` what its namespace shows. Pure.
+pub fn strip_tail(full: &str, tail: &str) -> Option<String> {
+    let full: Vec<&str> = full.split('/').filter(|p| !p.is_empty()).collect();
+    let tail: Vec<&str> = tail.split('/').filter(|p| !p.is_empty()).collect();
+    let keep = full.len().checked_sub(tail.len())?;
+    (full[keep..] == tail[..]).then(|| format!("/{}", full[..keep].join("/")))
+}
+
+/// Where this process's cgroup namespace root is in the cgroup2 tree mounted at `unified`:
+/// `/` when the path `/proc/self/cgroup` shows is this process's directory in the tree (the
+/// host's namespace); otherwise the directory whose `cgroup.procs` lists this process, less the
+/// path its namespace shows. None when this process is not in the mounted tree (a mount of the
+/// namespace's own subtree: what is outside it cannot be seen at all).
+pub fn namespace_root(unified: &Path) -> Option<String> {
+    let me = std::process::id().to_string();
+    let lists_me = |rel: &str| {
+        std::fs::read_to_string(
+            unified
+                .join(rel.trim_start_matches('/'))
+                .join("cgroup.procs"),
+        )
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim() == me))
+    };
+    let shown = process_cgroup("self")?;
+    if lists_me(&shown) {
+        return Some("/".into());
+    }
+    walk(unified)
+        .into_values()
+        .find(|rel| lists_me(rel))
+        .and_then(|rel| strip_tail(&rel, &shown))
+}
+
 /// CPU and memory of one container's cgroup, from whichever hierarchy has them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CgroupStats {
@@ -415,6 +466,25 @@ mod tests {
         assert_eq!(unescape(r"/a\040b"), "/a b");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn paths_seen_from_a_cgroup_namespace_resolve_in_the_whole_tree() {
+        let root = "/kubepods.slice/kubepods-pod1.slice/cri-containerd-abc.scope";
+        assert_eq!(
+            resolve_ns_path(root, "/../../../system.slice/containerd.service").as_deref(),
+            Some("/system.slice/containerd.service")
+        );
+        assert_eq!(resolve_ns_path(root, "/").as_deref(), Some(root));
+        assert_eq!(
+            resolve_ns_path("/", "/system.slice/containerd.service").as_deref(),
+            Some("/system.slice/containerd.service")
+        );
+        assert_eq!(resolve_ns_path("/a", "/../.."), None);
+        assert_eq!(strip_tail("/a/b/c", "/").as_deref(), Some("/a/b/c"));
+        assert_eq!(strip_tail("/a/b/c", "/c").as_deref(), Some("/a/b"));
+        assert_eq!(strip_tail("/a/b/c", "/x"), None);
+        assert_eq!(strip_tail("/a", "/a/b"), None);
     }
 
     #[test]

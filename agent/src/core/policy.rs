@@ -155,6 +155,18 @@ impl Policy {
     }
 }
 
+/// Whether the node's image record is current for the manifest the registry serves now: it
+/// points at that manifest, or it is ragent's local rebase of exactly that manifest (its
+/// upstream label names it). A pre-pull must not undo an in-place rebase until the registry's
+/// manifest itself changes.
+pub fn is_current(
+    record_digest: &str,
+    record_upstream: Option<&str>,
+    registry_digest: &str,
+) -> bool {
+    record_digest == registry_digest || record_upstream == Some(registry_digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +260,16 @@ mod tests {
         ));
         // Recovering to the same digest is not a move.
         assert!(!p.ready("a", "sha256:1", t0));
+    }
+
+    #[test]
+    fn a_local_rebase_of_the_registrys_manifest_is_current() {
+        assert!(is_current("sha256:a", None, "sha256:a"));
+        assert!(!is_current("sha256:a", None, "sha256:b"));
+        // Rebased in place from the registry's manifest: current.
+        assert!(is_current("sha256:rebased", Some("sha256:a"), "sha256:a"));
+        // The tag moved on the registry since: not current, pull the new app.
+        assert!(!is_current("sha256:rebased", Some("sha256:a"), "sha256:b"));
     }
 
     #[test]

@@ -7,8 +7,9 @@ Run by `cargo xtask test` (step "== Helm chart") with the tools `cargo xtask set
     ~/.cache/ragent/chart-tools/venv/bin/python -m unittest discover -s deploy/helm/tests -v
 Environment:
     RAGENT_CHART_NODE_MODULES  node_modules with the npm packages of package.json (required)
-    RAGENT_CHART_OUT           a directory to write each scenario's config.toml into, for
-                               xtask's check of them with ragent's own config parser (optional)
+    RAGENT_CHART_OUT           a directory to write each scenario's config.toml into (and, in
+                               catalog/, the instance-type catalog it ships), for xtask's check
+                               of them with ragent's own parsers (optional)
 """
 
 import json
@@ -39,6 +40,12 @@ MONITOR_KINDS = {"ServiceMonitor", "PodMonitor"}
 
 # What the agent needs from the kernel, and nothing else (README.md, "Capabilities").
 CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN"}
+
+# The right-sizing checkpoint directory's default: the only host directory mounted read-write.
+CHECKPOINT_DIR = "/var/lib/ragent/rightsizing"
+# Where a catalog from rightsizing.catalog is mounted, read-only, and the agent reads it.
+CATALOG_DIR = "/etc/ragent/catalog"
+CATALOG_KEY = "instance-types.toml"
 
 
 def load_scenarios():
@@ -135,6 +142,23 @@ class Chart(unittest.TestCase):
             "a rate without a number": {"prepull": {"maxRate": "fast"}},
             "a relative socket path": {"containerd": {"socket": "containerd.sock"}},
             "an unknown rebase mode": {"rebase": {"mode": "always"}},
+            "right-sizing on as a string": {"rightsizing": {"enabled": "yes"}},
+            "a sample interval as a string": {"rightsizing": {"sampleIntervalSeconds": "15"}},
+            "a sample interval of 0": {"rightsizing": {"sampleIntervalSeconds": 0}},
+            "a sample interval over an hour": {"rightsizing": {"sampleIntervalSeconds": 3601}},
+            "a fractional checkpoint interval": {"rightsizing": {"checkpointIntervalSeconds": 2.5}},
+            "a relative checkpoint directory": {"rightsizing": {"checkpointHostPath": "var/lib/ragent"}},
+            "the host root as checkpoint directory": {"rightsizing": {"checkpointHostPath": "/"}},
+            "a catalog that is not text": {"rightsizing": {"catalog": {"instance_type": []}}},
+            "an unknown right-sizing key": {"rightsizing": {"sampleInterval": 15}},
+            "an unknown headroom key": {"rightsizing": {"headroom": {"reserved_cpu": 1}}},
+            "a headroom fraction as a string": {"rightsizing": {"headroom": {"fraction": "15%"}}},
+            "fractional reserved bytes": {"rightsizing": {"headroom": {"system_reserved_memory_bytes": 1.5}}},
+            "an unknown model key": {"rightsizing": {"model": {"target_percentile": 0.9}}},
+            "a percentile above 1": {"rightsizing": {"model": {"cpu_target_percentile": 90}}},
+            "a histogram ratio of 1": {"rightsizing": {"model": {"memory_histogram": {
+                "first_bucket": 1048576, "ratio": 1, "max_value": 1e12, "half_life_s": 86400}}}},
+            "a histogram without its layout": {"rightsizing": {"model": {"cpu_histogram": {"ratio": 1.1}}}},
         }
         for what, values in wrong.items():
             with self.subTest(what):
@@ -211,40 +235,59 @@ class Chart(unittest.TestCase):
                         self.assertFalse(key == "privileged" and value is True, f"privileged: true at {path}")
 
     def test_host_mounts_and_read_only_flags(self):
+        read_only = {
+            "/run/containerd": "/run/containerd",
+            "/sys/fs/cgroup": "/sys/fs/cgroup",
+            "/sys/fs/bpf": "/sys/fs/bpf",
+            "/sys/kernel/tracing": "/sys/kernel/tracing",
+            "/sys/kernel/btf": "/sys/kernel/btf",
+        }
+        # (read-only mounts: container path -> host path, the one writable mount or None)
         expected = {
-            "default": {
-                "/run/containerd": "/run/containerd",
-                "/sys/fs/cgroup": "/sys/fs/cgroup",
-                "/sys/fs/bpf": "/sys/fs/bpf",
-                "/sys/kernel/tracing": "/sys/kernel/tracing",
-                "/sys/kernel/btf": "/sys/kernel/btf",
-            },
-            "k3s-full": {
+            "default": (read_only, CHECKPOINT_DIR),
+            "rightsizing-off": (read_only, None),
+            "k3s-full": ({
                 "/run/k3s/containerd": "/run/k3s/containerd",
                 "/sys/fs/cgroup": "/sys/fs/cgroup",
                 "/sys/fs/bpf": "/sys/fs/bpf",
                 "/sys/kernel/tracing": "/sys/kernel/debug/tracing",
-            },
+            }, "/var/lib/rancher/ragent/rightsizing"),
         }
-        for name, mounts_wanted in expected.items():
+        self.assertEqual(set(expected), set(self.scenarios), "every scenario's mounts are pinned here")
+        for name, (mounts_wanted, writable_wanted) in expected.items():
             with self.subTest(values=name):
                 pod, c = self.container(name)
                 host_volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
-                got = {}
+                got, writable = {}, []
                 for m in c["volumeMounts"]:
-                    if m["name"] in host_volumes:
-                        self.assertIs(m.get("readOnly"), True, f"hostPath mount {m['mountPath']} is writable")
-                        self.assertNotIn("subPath", m)
-                        got[m["mountPath"]] = host_volumes[m["name"]]["path"]
-                        self.assertEqual(host_volumes[m["name"]]["type"], "Directory")
+                    if m["name"] not in host_volumes:
+                        continue
+                    self.assertNotIn("subPath", m)
+                    host = host_volumes[m["name"]]
+                    if m.get("readOnly") is True:
+                        got[m["mountPath"]] = host["path"]
+                        self.assertEqual(host["type"], "Directory")
+                    else:
+                        # The checkpoint directory: the agent writes recommender.ckpt there
+                        # (temp file + rename), at the path its config names, created if missing.
+                        self.assertIs(m.get("readOnly"), False, m)
+                        self.assertEqual(m["name"], "rightsizing", f"hostPath mount {m['mountPath']} is writable")
+                        self.assertEqual(host, {"path": m["mountPath"], "type": "DirectoryOrCreate"})
+                        self.assertNotIn("mountPropagation", m)
+                        writable.append(m["mountPath"])
                 self.assertEqual(got, mounts_wanted)
-                self.assertEqual(len(host_volumes), len(mounts_wanted), "a hostPath volume is not mounted")
-                # Every mount of the container is read-only, the chart's and the extra ones alike
-                # except what values add on purpose.
+                self.assertEqual(writable, [writable_wanted] if writable_wanted else [])
+                self.assertEqual(len(host_volumes), len(mounts_wanted) + len(writable),
+                                 "a hostPath volume is not mounted")
+                rightsizing = self.config(name)["rightsizing"]
+                self.assertEqual(rightsizing.get("checkpoint_dir"), writable_wanted)
+                # Every other mount of the container is read-only, the chart's and the extra
+                # ones alike except what values add on purpose.
                 extra = {m["name"] for m in self.merged(name)["extraVolumeMounts"]}
                 for m in c["volumeMounts"]:
-                    if m["name"] not in extra:
+                    if m["name"] not in extra and m["name"] != "rightsizing":
                         self.assertIs(m.get("readOnly"), True, m)
+                self.assertIs(c["securityContext"]["readOnlyRootFilesystem"], True)
 
     def test_containerd_socket_is_what_the_agent_dials(self):
         for name in self.scenarios:
@@ -356,7 +399,12 @@ class Chart(unittest.TestCase):
             "namespace": "k8s.io",
             "log_format": "json",
             "agent": {"metrics_addr": "0.0.0.0:9464", "ebpf": True},
+            "rightsizing": {
+                "enabled": True, "sample_interval_s": 15, "checkpoint_dir": CHECKPOINT_DIR,
+                "checkpoint_interval_s": 300,
+            },
         })
+        self.assertEqual(self.config("rightsizing-off")["rightsizing"], {"enabled": False})
         full = self.config("k3s-full")
         auth = "/etc/ragent/registry-auth/.dockerconfigjson"
         self.assertEqual(full["prepull"], {
@@ -376,15 +424,71 @@ class Chart(unittest.TestCase):
             "metrics_addr": "0.0.0.0:9470", "ebpf": True, "cgroup_root": "/sys/fs/cgroup",
             "refresh_debounce_ms": 500, "series_grace_s": 600,
         })
+        # Floats stay floats, whole numbers are integers (which the agent takes for a float
+        # field too), nested maps are sub-tables.
+        self.assertEqual(full["rightsizing"], {
+            "enabled": True, "sample_interval_s": 30,
+            "checkpoint_dir": "/var/lib/rancher/ragent/rightsizing", "checkpoint_interval_s": 120,
+            "catalog": f"{CATALOG_DIR}/{CATALOG_KEY}",
+            "headroom": {"fraction": 0.25, "system_reserved_cpu_cores": 1,
+                         "system_reserved_memory_bytes": 2147483648},
+            "model": {"safety_margin": 0.1, "memory_floor_bytes": 52428800, "retention_s": 1209600,
+                      "cpu_histogram": {"first_bucket": 0.005, "ratio": 1.05, "max_value": 256,
+                                        "half_life_s": 43200}},
+        })
+        for path, key, value in walk(full["rightsizing"]):
+            if key in ("system_reserved_memory_bytes", "memory_floor_bytes", "retention_s",
+                       "sample_interval_s", "checkpoint_interval_s"):
+                self.assertIs(type(value), int, f"{path}.{key}")
         pod, c = self.container("k3s-full")
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         self.assertIs(mounts[str(Path(auth).parent)]["readOnly"], True)
         out = os.environ.get("RAGENT_CHART_OUT")
         if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "catalog").mkdir(parents=True, exist_ok=True)
             for name in self.scenarios:
                 cm = one(self.objects[name], "ConfigMap")
                 (Path(out) / f"{name}.toml").write_text(cm["data"]["config.toml"])
+                if CATALOG_KEY in cm["data"]:
+                    (Path(out) / "catalog" / f"{name}.toml").write_text(cm["data"][CATALOG_KEY])
+
+    def test_toml_numbers(self):
+        """Helm reads a values file's numbers as floats: each reaches the config file as the
+        number it was, whole ones as integers."""
+        numbers = {"fraction": 0.1, "system_reserved_cpu_cores": 2.5, "system_reserved_memory_bytes": 8589934592}
+        model = {"lower_widening_days": 1 / 24, "cpu_floor_cores": 1e-05, "upper_widening_days": 1e21,
+                 "oom_min_bump_bytes": 0}
+        objs = parse_manifests(self.chart.render({"rightsizing": {"headroom": numbers, "model": model}},
+                                                 name=RELEASE, namespace=NAMESPACE))
+        got = tomllib.loads(one(objs, "ConfigMap")["data"]["config.toml"])["rightsizing"]
+        self.assertEqual(got["headroom"], numbers)
+        self.assertEqual(got["model"], model)
+        self.assertIs(type(got["headroom"]["system_reserved_memory_bytes"]), int)
+
+    def test_catalog_is_a_read_only_file_the_config_names(self):
+        for name in self.scenarios:
+            with self.subTest(values=name):
+                values = self.merged(name)["rightsizing"]
+                cm = one(self.objects[name], "ConfigMap")
+                pod, c = self.container(name)
+                mounts = {m["name"]: m for m in c["volumeMounts"]}
+                volumes = {v["name"]: v for v in pod["volumes"]}
+                config = self.config(name)["rightsizing"]
+                if not (values["enabled"] and values["catalog"]):
+                    self.assertNotIn(CATALOG_KEY, cm["data"])
+                    self.assertNotIn("catalog", mounts)
+                    self.assertNotIn("catalog", volumes)
+                    self.assertNotIn("catalog", config, "unset: the agent's built-in catalog")
+                    continue
+                self.assertEqual(cm["data"][CATALOG_KEY].strip(), values["catalog"].strip())
+                catalog = tomllib.loads(cm["data"][CATALOG_KEY])
+                self.assertTrue(catalog["instance_type"])
+                self.assertEqual(mounts["catalog"], {"name": "catalog", "mountPath": CATALOG_DIR, "readOnly": True})
+                self.assertEqual(volumes["catalog"]["configMap"], {
+                    "name": cm["metadata"]["name"], "items": [{"key": CATALOG_KEY, "path": CATALOG_KEY}],
+                })
+                self.assertEqual(config["catalog"], f"{CATALOG_DIR}/{CATALOG_KEY}")
+        self.assertIn("catalog", self.config("k3s-full")["rightsizing"], "no scenario ships a catalog")
 
     def test_config_change_rolls_the_pods(self):
         def checksum(values):
@@ -392,6 +496,9 @@ class Chart(unittest.TestCase):
             return one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
         self.assertNotEqual(checksum({}), checksum({"prepull": {"images": ["registry.example.com/a:b"]}}))
+        catalog = '[[instance_type]]\nname = "a"\nvcpu = 1\nmemory_gib = 1\nhourly_price = 0.01\n'
+        self.assertNotEqual(checksum({"rightsizing": {"catalog": catalog}}),
+                            checksum({"rightsizing": {"catalog": catalog.replace("0.01", "0.02")}}))
 
     # --- Prometheus ----------------------------------------------------------------------------
 
@@ -427,6 +534,8 @@ class Chart(unittest.TestCase):
                 port = self.merged(name)["agent"]["metricsPort"]
                 self.assertIn(f"port-forward $POD {port}:metrics", notes)
                 self.assertIn(f"curl -s http://127.0.0.1:{port}/metrics", notes)
+                self.assertEqual(f"curl -s http://127.0.0.1:{port}/api/v1/recommendations" in notes,
+                                 self.merged(name)["rightsizing"]["enabled"])
                 self.assertEqual("ServiceMonitor" in notes.split("Prometheus:")[1],
                                  self.merged(name)["serviceMonitor"]["enabled"])
 

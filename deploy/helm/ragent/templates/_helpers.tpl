@@ -52,6 +52,30 @@ Where the agent reads its config file, and where registryAuth's Secret is mounte
 {{- define "ragent.authPath" -}}/etc/ragent/registry-auth/.dockerconfigjson{{- end -}}
 
 {{/*
+The instance-type catalog of rightsizing.catalog: a key of the ConfigMap, mounted read-only
+(the directory holds only that key).
+*/}}
+{{- define "ragent.catalogKey" -}}instance-types.toml{{- end -}}
+{{- define "ragent.catalogDir" -}}/etc/ragent/catalog{{- end -}}
+{{- define "ragent.catalogPath" -}}{{ include "ragent.catalogDir" . }}/{{ include "ragent.catalogKey" . }}{{- end -}}
+{{- define "ragent.hasCatalog" -}}
+{{- if and .Values.rightsizing.enabled .Values.rightsizing.catalog -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The ConfigMap's data: the config file and, when set, the catalog. Its checksum is the pod
+template's checksum/config annotation, so a change to either rolls the pods.
+*/}}
+{{- define "ragent.configMapData" -}}
+config.toml: |
+  {{- include "ragent.config" . | nindent 2 }}
+{{- if include "ragent.hasCatalog" . }}
+{{ include "ragent.catalogKey" . }}: |
+  {{- .Values.rightsizing.catalog | trimSuffix "\n" | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
 The container's ports: one entry per port. A later feature's port (the cluster-sharing peer
 port) is one more entry here; the Service picks up the ports it is told to expose.
 */}}
@@ -63,8 +87,9 @@ port) is one more entry here; the Service picks up the ports it is told to expos
 
 {{/*
 The host directories the agent uses, each defined once: the DaemonSet turns every entry into a
-hostPath volume and a mount. A later feature's directory (the right-sizing checkpoints, the
-containerd certs.d mount) is one more entry here.
+hostPath volume and a mount. A later feature's directory (the containerd certs.d mount) is one more
+entry here. Every one is read-only except the right-sizing checkpoint directory, where the
+agent writes its usage history (README.md, "Host access, and why").
   name       volume name
   hostPath   where it is on the node
   mountPath  where the agent sees it
@@ -99,17 +124,27 @@ containerd certs.d mount) is one more entry here.
   type: Directory
   readOnly: true
 {{- end }}
+{{- if .Values.rightsizing.enabled }}
+- name: rightsizing
+  hostPath: {{ .Values.rightsizing.checkpointHostPath }}
+  mountPath: {{ .Values.rightsizing.checkpointHostPath }}
+  type: DirectoryOrCreate
+  readOnly: false
+{{- end }}
 {{- end -}}
 
 {{/*
-A value in TOML: strings (JSON string escapes are valid TOML), booleans, integers (Helm reads
-numbers as floats, printed here without a fraction) and lists of those.
+A value in TOML: strings (JSON string escapes are valid TOML), booleans, numbers and lists of
+those. Helm reads every number of a values file as a float: a whole number is printed as a TOML
+integer (which the agent also takes for a float field), any other as a TOML float.
 */}}
 {{- define "ragent.toml.value" -}}
 {{- if kindIs "string" . -}}
 {{- toJson . -}}
 {{- else if kindIs "bool" . -}}
 {{- . -}}
+{{- else if and (kindIs "float64" .) (ne (float64 (int64 .)) .) -}}
+{{- toString . -}}
 {{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
 {{- int64 . -}}
 {{- else if kindIs "slice" . -}}
@@ -138,6 +173,26 @@ value is set (not null, not "", not an empty list); no table at all when none is
 {{- range $set }}
 {{ index . 0 }} = {{ include "ragent.toml.value" (index . 1) }}
 {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A TOML table and its sub-tables from (dict "name" NAME "map" MAP): the map's scalar and list
+values as the table's keys (as ragent.toml.table writes them), each map value as the sub-table
+NAME.KEY. Keys are written as they are: values.schema.json admits only the config file's.
+*/}}
+{{- define "ragent.toml.tree" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .map -}}
+{{- if not (kindIs "map" $v) -}}
+{{- $pairs = append $pairs (list $k $v) -}}
+{{- end -}}
+{{- end -}}
+{{- include "ragent.toml.table" (dict "name" .name "pairs" $pairs) -}}
+{{- range $k, $v := .map -}}
+{{- if kindIs "map" $v -}}
+{{- include "ragent.toml.tree" (dict "name" (printf "%s.%s" $.name $k) "map" $v) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -189,4 +244,22 @@ log_format = {{ include "ragent.toml.value" $v.log.format }}
   (list "enabled" $v.kubernetes.enabled)
   (list "pull_secret_namespaces" (uniq $v.prepull.pullSecretNamespaces))
 )) }}
+{{- $rs := $v.rightsizing }}
+{{- if $rs.enabled }}
+{{- $catalog := "" }}
+{{- if include "ragent.hasCatalog" . }}
+{{- $catalog = include "ragent.catalogPath" . }}
+{{- end }}
+{{- include "ragent.toml.table" (dict "name" "rightsizing" "pairs" (list
+  (list "enabled" true)
+  (list "sample_interval_s" $rs.sampleIntervalSeconds)
+  (list "checkpoint_dir" $rs.checkpointHostPath)
+  (list "checkpoint_interval_s" $rs.checkpointIntervalSeconds)
+  (list "catalog" $catalog)
+)) }}
+{{- include "ragent.toml.tree" (dict "name" "rightsizing.model" "map" ($rs.model | default dict)) }}
+{{- include "ragent.toml.tree" (dict "name" "rightsizing.headroom" "map" ($rs.headroom | default dict)) }}
+{{- else }}
+{{- include "ragent.toml.table" (dict "name" "rightsizing" "pairs" (list (list "enabled" false))) }}
+{{- end }}
 {{- end -}}
