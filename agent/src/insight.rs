@@ -623,6 +623,11 @@ impl Insight {
                 if oom_from_cgroupfs && let Some(n) = s.oom_kills {
                     self.ooms.observe(src, &w, n, now);
                 }
+                // A cgroup that is gone (its path is kept for the series grace) has no
+                // readings: it is not a running container.
+                if s.cpu_seconds.is_none() && s.working_set_bytes.is_none() {
+                    continue;
+                }
                 self.usage.push(Usage {
                     image: self.container_images.get(&cid).cloned(),
                     workload: w,
