@@ -117,7 +117,7 @@ pub fn test(root: &Path) -> Result<()> {
             t.node_modules.display()
         );
     }
-    let out = root.join("target/helm-check");
+    let out = crate::target_dir().join("helm-check");
     if out.exists() {
         fs::remove_dir_all(&out)?;
     }

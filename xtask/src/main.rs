@@ -270,7 +270,16 @@ fn build_ragent() -> Result<PathBuf> {
     run(cargo()
         .current_dir(root())
         .args(["build", "-p", "ragent", "--bin", "ragent"]))?;
-    Ok(root().join("target/debug/ragent"))
+    Ok(target_dir().join("debug/ragent"))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the repository), else
+/// `target/`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root().join(d),
+        _ => root().join("target"),
+    }
 }
 
 /// Starts a node, builds and pushes the fixtures.
