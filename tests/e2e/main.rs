@@ -16,6 +16,7 @@ mod kube;
 mod pod;
 mod prepull;
 mod rebase;
+mod sharing;
 mod store;
 mod support;
 mod warm;
