@@ -138,6 +138,12 @@ fn check_requests(node: &Node, seen: &[Seen], missing: &BTreeSet<String>) {
             other => panic!("containerd asked the mirror {s:?}, which parses as {other:?}"),
         }
     }
+    eprintln!(
+        "the mirror saw {} requests ({} with credentials) for {} digests",
+        seen.len(),
+        seen.iter().filter(|s| s.authorized).count(),
+        asked.len()
+    );
     let not_asked: Vec<&String> = missing.difference(&asked).collect();
     assert!(
         not_asked.is_empty(),
@@ -155,7 +161,7 @@ async fn fetched(node: &Node, missing: &BTreeSet<String>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharing_containerd_asks_the_mirror_by_digest_and_falls_back_on_404() {
+async fn containerd_asks_the_mirror_by_digest_and_falls_back_on_404() {
     let node = node();
     let stub = Stub::start(Answer::NotFound).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
@@ -170,7 +176,7 @@ async fn sharing_containerd_asks_the_mirror_by_digest_and_falls_back_on_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharing_a_challenge_without_credentials_falls_back_to_the_registry() {
+async fn a_challenge_without_credentials_falls_back_to_the_registry() {
     let node = node();
     let stub = Stub::start(Answer::Challenge).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
@@ -184,7 +190,7 @@ async fn sharing_a_challenge_without_credentials_falls_back_to_the_registry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharing_a_challenge_brings_the_pulls_credentials() {
+async fn a_challenge_brings_the_pulls_credentials() {
     let node = node();
     let stub = Stub::start(Answer::Challenge).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
@@ -199,7 +205,8 @@ async fn sharing_a_challenge_brings_the_pulls_credentials() {
     fetched(&node, &missing).await;
     let seen = stub.seen();
     check_requests(&node, &seen, &missing);
-    // Each digest: first without credentials (challenged), then again with them.
+    // After the first challenge containerd sends them with every request to that host (seen:
+    // 9 requests, 8 with credentials, for 8 digests); each digest was asked with them.
     let authorized: BTreeSet<&str> = seen
         .iter()
         .filter(|s| s.authorized)
