@@ -14,6 +14,7 @@ pub mod images;
 pub mod insight;
 pub mod kubernetes;
 pub mod metrics;
+pub mod peer;
 pub mod prepull;
 pub mod progress;
 pub mod rebase;

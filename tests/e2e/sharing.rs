@@ -6,20 +6,26 @@
 //! asks a mirror (blobs and manifests by digest, with `?ns=<registry>`, never a tag) and that
 //! the pull still completes from the registry after a 404 and after a 401 challenge, and that
 //! a challenge brings the pull's credentials when the CRI AuthConfig has no server_address.
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, io::Write, net::SocketAddr, process::Stdio, time::Duration};
 
 use containerd_client::tonic::Request;
+use http_body_util::BodyExt;
 use k8s_cri::v1::{
     AuthConfig, ImageSpec, PullImageRequest, image_service_client::ImageServiceClient,
 };
 use ragent::{
-    adapters::certsd::{BACKUP, CertsDir, Installed, Restored},
-    core::sharing::{Original, Route, parse_request},
+    adapters::{
+        certsd::{BACKUP, CertsDir, Installed, Restored},
+        containerd::Containerd,
+    },
+    core::sharing::{Original, PublicPolicy, Route, parse_request},
 };
 use ragent_testkit::{
     node::Node,
     stub::{Answer, Seen, Stub},
 };
+use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
 
 use crate::support::*;
 
@@ -219,4 +225,254 @@ async fn a_challenge_brings_the_pulls_credentials() {
         );
     }
     installed.restore();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer server against the node's real content store.
+
+/// The peer server on a free loopback port, serving the node's k8s.io content store with
+/// `public` as the policy; stops when the sender is dropped.
+async fn start_peer(node: &Node, public: &[String]) -> (SocketAddr, oneshot::Sender<()>) {
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let policy = PublicPolicy::parse(public).expect("policy");
+    tokio::spawn(ragent::peer::serve(listener, c, policy, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+struct HttpAnswer {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Vec<u8>,
+}
+
+/// One HTTP/1.1 request to `addr`, bounded in time.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpAnswer {
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = send
+            .send_request(
+                req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        HttpAnswer {
+            status,
+            headers,
+            body,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 30 s"))
+}
+
+fn header<'a>(a: &'a HttpAnswer, name: &str) -> &'a str {
+    a.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_server_serves_committed_content_from_containerd() {
+    let node = node();
+    let set = fixtures(&node);
+    let reference = set.reference(REPO, TAG);
+    cri_pull(&node, &reference).await;
+    let img = set.image(REPO, TAG).expect("fixture");
+    let registry = node.registry();
+    let ns = format!("ns={}", registry.replace(':', "%3A"));
+    let (addr, _stop) = start_peer(&node, std::slice::from_ref(&registry)).await;
+
+    // The manifest, by digest: its bytes, its own media type.
+    let m = request(
+        addr,
+        "GET",
+        &format!("/v2/{REPO}/manifests/{}?{ns}", img.manifest_digest),
+        &[],
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    assert_eq!(sha256(&m.body), img.manifest_digest);
+    assert_eq!(header(&m, "docker-content-digest"), img.manifest_digest);
+    assert_eq!(header(&m, "content-length"), m.body.len().to_string());
+    let declared: serde_json::Value = serde_json::from_slice(&m.body).expect("json");
+    assert_eq!(
+        header(&m, "content-type"),
+        declared["mediaType"].as_str().expect("mediaType")
+    );
+
+    // Every layer: exact bytes; HEAD: the length and no body.
+    for l in &img.layers {
+        let path = format!("/v2/{REPO}/blobs/{}?{ns}", l.digest);
+        let b = request(addr, "GET", &path, &[]).await;
+        assert_eq!(b.status, 200, "{}", l.digest);
+        assert_eq!(b.body.len() as u64, l.size);
+        assert_eq!(sha256(&b.body), l.digest);
+        let h = request(addr, "HEAD", &path, &[]).await;
+        assert_eq!((h.status, h.body.len()), (200, 0));
+        assert_eq!(header(&h, "content-length"), l.size.to_string());
+        assert_eq!(header(&h, "docker-content-digest"), l.digest);
+    }
+    // A resumed download: the tail, 206.
+    let big = img.layers.iter().max_by_key(|l| l.size).expect("a layer");
+    let whole = request(
+        addr,
+        "GET",
+        &format!("/v2/{REPO}/blobs/{}?{ns}", big.digest),
+        &[],
+    )
+    .await;
+    let from = big.size / 2;
+    let tail = request(
+        addr,
+        "GET",
+        &format!("/v2/{REPO}/blobs/{}?{ns}", big.digest),
+        &[("range", &format!("bytes={from}-"))],
+    )
+    .await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, whole.body[from as usize..]);
+    assert_eq!(
+        header(&tail, "content-range"),
+        format!("bytes {from}-{}/{}", big.size - 1, big.size)
+    );
+
+    // Unknown digests and tags: 404, so containerd goes to the registry.
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    for path in [
+        format!("/v2/{REPO}/blobs/{unknown}?{ns}"),
+        format!("/v2/{REPO}/manifests/{unknown}?{ns}"),
+        format!("/v2/{REPO}/manifests/{TAG}?{ns}"),
+    ] {
+        assert_eq!(request(addr, "GET", &path, &[]).await.status, 404, "{path}");
+    }
+    // Not public: challenged, and with credentials declined (no upstream check yet).
+    let (private, _stop2) = start_peer(&node, &[]).await;
+    let path = format!("/v2/{REPO}/blobs/{}?{ns}", big.digest);
+    let c = request(private, "GET", &path, &[]).await;
+    assert_eq!(c.status, 401);
+    assert_eq!(header(&c, "www-authenticate"), "Basic realm=\"ragent\"");
+    let d = request(private, "GET", &path, &[("authorization", "Basic dTpw")]).await;
+    assert_eq!(d.status, 404);
+    assert!(
+        c.body.len() < 200 && d.body.len() < 200,
+        "no content leaked"
+    );
+}
+
+/// Bytes that compress badly and repeat nowhere: a sha256 chain.
+fn noise(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut block = Sha256::digest(b"ragent sharing ingest").to_vec();
+    while out.len() < len {
+        out.extend_from_slice(&block);
+        block = Sha256::digest(&block).to_vec();
+    }
+    out.truncate(len);
+    out
+}
+
+/// An ingest still being written is never served: 404 while `ctr content ingest` has half the
+/// bytes, 200 with the exact bytes once it committed (Spegel served such blobs, #502/#752).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_server_never_serves_an_ingest_in_progress() {
+    let node = node();
+    let registry = node.registry();
+    let ns = format!("ns={}", registry.replace(':', "%3A"));
+    let (addr, _stop) = start_peer(&node, std::slice::from_ref(&registry)).await;
+    let bytes = noise(3 << 20);
+    let digest = sha256(&bytes);
+    let reference = format!("ragent-e2e-ingest-{}", std::process::id());
+    let mut child = node
+        .ctr("k8s.io")
+        .args(["content", "ingest", "--expected-size"])
+        .arg(bytes.len().to_string())
+        .args(["--expected-digest", &digest, &reference])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr content ingest");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(&bytes[..bytes.len() / 2])
+        .expect("first half");
+    stdin.flush().expect("flush");
+    // containerd has the ingest (with some of its bytes).
+    wait_for(
+        "the ingest to show in `ctr content active`",
+        Duration::from_secs(20),
+        || {
+            let out = node
+                .ctr("k8s.io")
+                .args(["content", "active"])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&reference)
+                .then_some(())
+        },
+    );
+    let path = format!("/v2/{REPO}/blobs/{digest}?{ns}");
+    assert_eq!(request(addr, "HEAD", &path, &[]).await.status, 404);
+    assert_eq!(request(addr, "GET", &path, &[]).await.status, 404);
+    stdin
+        .write_all(&bytes[bytes.len() / 2..])
+        .expect("second half");
+    drop(stdin);
+    let out = child.wait_with_output().expect("ctr exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = request(addr, "GET", &path, &[]).await;
+    let _ = node.ctr("k8s.io").args(["content", "rm", &digest]).output();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), bytes.len());
+    assert!(
+        got.body == bytes,
+        "the served bytes differ from the ingested ones"
+    );
 }

@@ -420,6 +420,86 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// What a `Range` header asks of a blob of `size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// No range, or one the server may ignore (several ranges, another unit, malformed):
+    /// 200 with everything.
+    Full,
+    /// 206: bytes `start..=end`.
+    Partial { start: u64, end: u64 },
+    /// 416: starts at or after the end.
+    Unsatisfiable,
+}
+
+/// Parses `bytes=START-[END]` or `bytes=-SUFFIX` (containerd resumes a fetch with
+/// `bytes=N-`). Anything else is served whole, as RFC 9110 allows.
+pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return ByteRange::Full;
+    };
+    if spec.contains(',') {
+        return ByteRange::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return ByteRange::Full;
+    };
+    let num = |x: &str| x.trim().parse::<u64>().ok();
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        // bytes=-N: the last N bytes.
+        (true, false) => match num(b) {
+            Some(0) => ByteRange::Unsatisfiable,
+            Some(n) if size > 0 => ByteRange::Partial {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            },
+            Some(_) => ByteRange::Unsatisfiable,
+            None => ByteRange::Full,
+        },
+        (false, open) => {
+            let Some(start) = num(a) else {
+                return ByteRange::Full;
+            };
+            let end = if open {
+                size.saturating_sub(1)
+            } else {
+                match num(b) {
+                    Some(e) if e >= start => e.min(size.saturating_sub(1)),
+                    _ => return ByteRange::Full,
+                }
+            };
+            if start >= size {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Partial { start, end }
+            }
+        }
+        (true, true) => ByteRange::Full,
+    }
+}
+
+/// The media type to serve a stored manifest with: its `mediaType` when it names a manifest
+/// or an index, else what its shape says (an OCI manifest or index may omit the field). None
+/// when the bytes are not a manifest or an index (e.g. a layer asked for as a manifest).
+pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    use super::oci::{is_index, is_manifest};
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let obj = v.as_object()?;
+    match obj.get("mediaType").and_then(|m| m.as_str()) {
+        Some(m) if is_manifest(m) || is_index(m) => Some(m.into()),
+        Some(_) => None,
+        None if obj.get("manifests").is_some_and(|m| m.is_array()) => {
+            Some("application/vnd.oci.image.index.v1+json".into())
+        }
+        None if obj.get("config").is_some_and(|c| c.is_object())
+            && obj.get("layers").is_some_and(|l| l.is_array()) =>
+        {
+            Some("application/vnd.oci.image.manifest.v1+json".into())
+        }
+        None => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Registries and the public policy.
 
@@ -1125,6 +1205,60 @@ mod tests {
             prop_assert_eq!(c.name, name);
             prop_assert_eq!(c.digest.as_str(), format!("sha256:{hexd}"));
         }
+    }
+
+    #[test]
+    fn ranges() {
+        use ByteRange::*;
+        let cases: &[(Option<&str>, u64, ByteRange)] = &[
+            (None, 10, Full),
+            (Some("bytes=0-"), 10, Partial { start: 0, end: 9 }),
+            (Some("bytes=4-"), 10, Partial { start: 4, end: 9 }),
+            (Some("bytes=4-6"), 10, Partial { start: 4, end: 6 }),
+            (Some("bytes=4-100"), 10, Partial { start: 4, end: 9 }),
+            (Some("bytes=-3"), 10, Partial { start: 7, end: 9 }),
+            (Some("bytes=-30"), 10, Partial { start: 0, end: 9 }),
+            (Some("bytes=10-"), 10, Unsatisfiable),
+            (Some("bytes=-0"), 10, Unsatisfiable),
+            (Some("bytes=0-"), 0, Unsatisfiable),
+            (Some("bytes=6-4"), 10, Full),
+            (Some("bytes=0-1,4-5"), 10, Full),
+            (Some("items=0-1"), 10, Full),
+            (Some("bytes=x-"), 10, Full),
+            (Some("bytes=-"), 10, Full),
+        ];
+        for (h, size, want) in cases {
+            assert_eq!(parse_range(*h, *size), *want, "{h:?} of {size}");
+        }
+    }
+
+    #[test]
+    fn manifest_media_types() {
+        let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{},"layers":[]}"#;
+        assert_eq!(
+            manifest_media_type(docker).as_deref(),
+            Some("application/vnd.docker.distribution.manifest.v2+json")
+        );
+        let oci_no_type = br#"{"schemaVersion":2,"config":{"digest":"x"},"layers":[]}"#;
+        assert_eq!(
+            manifest_media_type(oci_no_type).as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        let index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert_eq!(
+            manifest_media_type(index).as_deref(),
+            Some("application/vnd.oci.image.index.v1+json")
+        );
+        // An image config, a layer, something else with a media type: not manifests.
+        assert_eq!(
+            manifest_media_type(br#"{"architecture":"amd64","rootfs":{}}"#),
+            None
+        );
+        assert_eq!(manifest_media_type(&[0x1f, 0x8b, 0, 1]), None);
+        assert_eq!(
+            manifest_media_type(br#"{"mediaType":"text/plain","layers":[]}"#),
+            None
+        );
     }
 
     // --- registries and policy
