@@ -21,7 +21,7 @@ use ragent::{
     core::sharing::{Original, PublicPolicy, Route, parse_request},
 };
 use ragent_testkit::{
-    node::Node,
+    node::{Node, TmpfsContainerd},
     stub::{Answer, Seen, Stub},
 };
 use sha2::{Digest as _, Sha256};
@@ -475,4 +475,79 @@ async fn the_peer_server_never_serves_an_ingest_in_progress() {
         got.body == bytes,
         "the served bytes differ from the ingested ones"
     );
+}
+
+/// The whole path between two nodes: a second containerd (no CRI, its root on a tmpfs) pulls
+/// an image the test node holds, with hosts.toml written by ragent's certs.d adapter pointing
+/// at the test node's peer server. Every blob comes from the peer (the registry serves none:
+/// its access log is the ground truth), containerd checks each digest as it commits, and only
+/// the tag is resolved at the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_containerd_pulls_every_blob_from_the_peer() {
+    let node = node();
+    let set = fixtures(&node);
+    let reference = set.reference(REPO, TAG);
+    cri_pull(&node, &reference).await;
+    let img = set.image(REPO, TAG).expect("fixture");
+    let registry = node.registry();
+    let (addr, _stop) = start_peer(&node, std::slice::from_ref(&registry)).await;
+
+    let other = TmpfsContainerd::start(&node.dir().join("peer-b"), 512).expect("containerd B");
+    let certs = node.dir().join("peer-b-certs");
+    let _ = std::fs::remove_dir_all(&certs);
+    std::fs::create_dir_all(certs.join(&registry)).expect("certs dir");
+    std::fs::copy(
+        node.hosts_dir().join(&registry).join("hosts.toml"),
+        certs.join(&registry).join("hosts.toml"),
+    )
+    .expect("the node's hosts.toml");
+    let installed = CertsDir::new(&certs, format!("http://{addr}"))
+        .install(&registry)
+        .expect("install");
+    assert_eq!(
+        installed,
+        Installed::Written {
+            original: Original::Backup
+        }
+    );
+
+    let mark = registry_log_mark(&node);
+    let out = other
+        .ctr("k8s.io")
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(&certs)
+        .arg(&reference)
+        .output()
+        .expect("ctr pull on containerd B");
+    let (served, gets) = served_since(&node, mark);
+    let log = std::fs::read_to_string(node.dir().join("registry.log")).expect("registry log");
+    let after: Vec<&str> = log.lines().skip(mark).collect();
+    let _ = std::fs::remove_dir_all(&certs);
+    assert!(
+        out.status.success(),
+        "ctr pull through the peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        (served, gets),
+        (0, 0),
+        "the registry served blobs: {after:#?}"
+    );
+    assert!(
+        after.iter().all(|l| !l.contains("/manifests/sha256:")),
+        "a manifest by digest came from the registry: {after:#?}"
+    );
+    // B holds every layer, committed (so verified against its digest) at its size.
+    let b = Containerd::connect(&other.socket(), "k8s.io")
+        .await
+        .expect("connect to B");
+    for l in &img.layers {
+        assert_eq!(
+            b.content_size(&l.digest).await.expect("Content.Info"),
+            Some(l.size),
+            "{}",
+            l.digest
+        );
+    }
+    assert!(b.get_image(&reference).await.expect("Images.Get").is_some());
 }
