@@ -21,4 +21,5 @@ pub mod rebase;
 pub mod recommend;
 pub mod rightsizing;
 pub mod scan;
+pub mod sharing;
 pub mod warm;

@@ -551,3 +551,98 @@ async fn a_second_containerd_pulls_every_blob_from_the_peer() {
     }
     assert!(b.get_image(&reference).await.expect("Images.Get").is_some());
 }
+
+/// `ragent agent` with `[sharing]` on: it writes the mirror entry into the certs.d it is given,
+/// serves peers on `peer_addr` (a second containerd pulls through it and the registry serves
+/// no blob), leaves the entry when it stops, and restores the original byte for byte when it
+/// starts again with sharing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_peers_and_restores_certs_d_when_sharing_is_off() {
+    let node = node();
+    let set = fixtures(&node);
+    let reference = set.reference(REPO, TAG);
+    cri_pull(&node, &reference).await;
+    let img = set.image(REPO, TAG).expect("fixture");
+    let registry = node.registry();
+    let certs = node.dir().join("agent-certs");
+    let _ = std::fs::remove_dir_all(&certs);
+    std::fs::create_dir_all(certs.join(&registry)).expect("certs dir");
+    let file = certs.join(&registry).join("hosts.toml");
+    std::fs::copy(node.hosts_dir().join(&registry).join("hosts.toml"), &file)
+        .expect("the node's hosts.toml");
+    let original = std::fs::read(&file).expect("read");
+    let peer_port = free_port();
+    let config = |enabled: bool| {
+        let path = node.dir().join(format!("sharing-{enabled}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[sharing]\nenabled = {enabled}\npeer_addr = \"127.0.0.1:{peer_port}\"\n\
+                 registries = [\"{registry}\"]\ncerts_dir = \"{}\"\npublic = [\"{registry}\"]\n",
+                certs.display()
+            ),
+        )
+        .expect("config");
+        path.display().to_string()
+    };
+
+    let on = config(true);
+    let agent = Agent::start(&node, free_port(), &["--no-ebpf", "--config", &on]);
+    let text = std::fs::read_to_string(&file).expect("hosts.toml");
+    assert!(
+        text.contains("# ragent-managed: original=backup")
+            && text.contains(&format!("[host.\"http://127.0.0.1:{peer_port}\"]")),
+        "{text}"
+    );
+    let peer: SocketAddr = ([127, 0, 0, 1], peer_port).into();
+    let ns = format!("ns={}", registry.replace(':', "%3A"));
+    let m = request(
+        peer,
+        "GET",
+        &format!("/v2/{REPO}/manifests/{}?{ns}", img.manifest_digest),
+        &[],
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    assert_eq!(sha256(&m.body), img.manifest_digest);
+
+    // A second containerd pulls through the agent.
+    let other = TmpfsContainerd::start(&node.dir().join("agent-b"), 512).expect("containerd B");
+    let mark = registry_log_mark(&node);
+    let out = other
+        .ctr("k8s.io")
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(&certs)
+        .arg(&reference)
+        .output()
+        .expect("ctr pull on containerd B");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        served_since(&node, mark),
+        (0, 0),
+        "the registry served blobs"
+    );
+    drop(other);
+
+    // Stopping keeps the entry (containerd finds the port closed and goes to the registry).
+    let status = agent.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    assert_eq!(std::fs::read_to_string(&file).expect("hosts.toml"), text);
+
+    // Sharing off: the original is back, byte for byte, and no backup is left.
+    let off = config(false);
+    let agent = Agent::start(&node, free_port(), &["--no-ebpf", "--config", &off]);
+    assert_eq!(std::fs::read(&file).expect("hosts.toml"), original);
+    assert!(!certs.join(&registry).join(BACKUP).exists());
+    assert!(
+        std::net::TcpStream::connect(peer).is_err(),
+        "nothing listens on the peer port with sharing off"
+    );
+    let status = agent.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&certs);
+}
