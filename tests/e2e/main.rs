@@ -17,7 +17,6 @@ mod pod;
 mod prepull;
 mod rebase;
 mod rightsizing;
-mod sharing;
 mod store;
 mod support;
 mod warm;

@@ -17,4 +17,3 @@ pub mod payload;
 pub mod pod;
 pub mod promtext;
 pub mod proxy;
-pub mod stub;

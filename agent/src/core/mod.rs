@@ -17,6 +17,5 @@ pub mod pulls;
 pub mod rate;
 pub mod rebase;
 pub mod rightsizing;
-pub mod sharing;
 pub mod usage;
 pub mod workloads;
