@@ -66,6 +66,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Sharing(#[from] crate::sharing::SharingRunError),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("the HTTP server failed: {0}")]
@@ -232,6 +234,14 @@ pub async fn run_with(
     info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz, /api/v1/recommendations");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // [sharing] (off by default): the peer server and containerd's certs.d mirror entries.
+    let sharing = crate::sharing::start(
+        &cfg.sharing,
+        &cfg.common.containerd,
+        &cfg.common.namespace,
+        stop_rx.clone(),
+    )
+    .await?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -344,6 +354,11 @@ pub async fn run_with(
         && let Err(e) = k.await
     {
         warn!(error = %e, "the Kubernetes watches ended abnormally");
+    }
+    if let Some(s) = sharing
+        && let Err(e) = s.await
+    {
+        warn!(error = %e, "the peer server ended abnormally");
     }
     match server.await {
         Ok(Ok(())) => Ok(()),

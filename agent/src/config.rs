@@ -263,6 +263,96 @@ pub struct FileConfig {
     pub kubernetes: KubernetesSection,
     #[serde(default)]
     pub rightsizing: RightsizingSection,
+    #[serde(default)]
+    pub sharing: SharingSection,
+}
+
+/// `[sharing]`: cluster-wide layer sharing (issue 8, docs/sharing.md). Off unless
+/// `enabled = true`; what exists so far is the peer server and the certs.d mirror entries.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SharingSection {
+    pub enabled: Option<bool>,
+    /// Where the peer server listens [default: 0.0.0.0:9465].
+    pub peer_addr: Option<String>,
+    /// Registries whose `certs.d/<registry>/hosts.toml` gets the local agent as a mirror.
+    #[serde(default)]
+    pub registries: Vec<String>,
+    /// containerd's registry `config_path` [default: /etc/containerd/certs.d].
+    pub certs_dir: Option<PathBuf>,
+    /// Registries or `registry/namespace` prefixes served to anyone (default: none).
+    #[serde(default)]
+    pub public: Vec<String>,
+}
+
+pub const DEFAULT_PEER_ADDR: &str = "0.0.0.0:9465";
+pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
+
+/// Validated `[sharing]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharingSettings {
+    /// false: the peer server does not run and ragent's entries in `certs_dir` are restored.
+    pub enabled: bool,
+    pub peer_addr: SocketAddr,
+    /// The URL containerd on this node reaches the peer server at (loopback when the peer
+    /// address is unspecified).
+    pub mirror: String,
+    pub registries: Vec<String>,
+    pub certs_dir: PathBuf,
+    pub public: crate::core::sharing::PublicPolicy,
+}
+
+/// Validates `[sharing]`.
+pub fn sharing_settings(section: &SharingSection) -> Result<SharingSettings, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::Sharing { key, reason };
+    let addr = section
+        .peer_addr
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PEER_ADDR.to_string());
+    let peer_addr = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Addr {
+        what: "sharing.peer_addr",
+        value: addr.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut registries = Vec::new();
+    for r in &section.registries {
+        crate::core::sharing::validate_registry(r)
+            .map_err(|e| invalid("registries", e.to_string()))?;
+        if !registries.contains(r) {
+            registries.push(r.clone());
+        }
+    }
+    let public = crate::core::sharing::PublicPolicy::parse(&section.public)
+        .map_err(|e| invalid("public", e.to_string()))?;
+    let certs_dir = section
+        .certs_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS_DIR));
+    if certs_dir.as_os_str().is_empty() {
+        return Err(ConfigError::Empty {
+            what: "sharing.certs_dir",
+        });
+    }
+    let ip = peer_addr.ip();
+    let host = if ip.is_unspecified() {
+        if ip.is_ipv4() {
+            "127.0.0.1".to_string()
+        } else {
+            "[::1]".to_string()
+        }
+    } else if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    Ok(SharingSettings {
+        enabled: section.enabled.unwrap_or(false),
+        peer_addr,
+        mirror: format!("http://{host}:{}", peer_addr.port()),
+        registries,
+        certs_dir,
+        public,
+    })
 }
 
 /// `[rightsizing]`: sampling, history checkpoints, the model and the instance catalog.
@@ -566,6 +656,8 @@ pub enum ConfigError {
     Kubernetes { key: &'static str, reason: String },
     #[error("rightsizing.{key}: {reason}")]
     Rightsizing { key: &'static str, reason: String },
+    #[error("sharing.{key}: {reason}")]
+    Sharing { key: &'static str, reason: String },
     #[error("{section}.auth: {source}")]
     Credentials {
         section: &'static str,
@@ -599,6 +691,7 @@ pub struct AgentConfig {
     pub kube: Option<KubeSettings>,
     /// None: right-sizing is turned off.
     pub rightsizing: Option<RightsizingSettings>,
+    pub sharing: SharingSettings,
 }
 
 /// Normalizes the references of a list setting (`key` names it in errors).
@@ -868,6 +961,7 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
             args.sample_interval,
             args.checkpoint_dir.as_deref(),
         )?,
+        sharing: sharing_settings(&file.sharing)?,
     })
 }
 
@@ -1254,5 +1348,59 @@ mod tests {
             .to_string();
         assert!(e.contains("\"Team_A\" is not a namespace name"), "{e}");
         assert!(parse_file(Path::new("t"), "[kubernetes]\nnodename = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn sharing_is_off_by_default_and_validated() {
+        let s = sharing_settings(&SharingSection::default()).unwrap();
+        assert!(!s.enabled);
+        assert_eq!(s.peer_addr, "0.0.0.0:9465".parse().unwrap());
+        assert_eq!(s.mirror, "http://127.0.0.1:9465");
+        assert_eq!(s.certs_dir, PathBuf::from("/etc/containerd/certs.d"));
+        assert!(s.registries.is_empty());
+        assert!(!s.public.is_public("docker.io", "library/busybox"));
+
+        let file: FileConfig = toml::from_str(
+            "[sharing]\nenabled = true\npeer_addr = \"10.0.0.7:9500\"\nregistries = [\"docker.io\", \"ghcr.io\", \"docker.io\"]\ncerts_dir = \"/tmp/c\"\npublic = [\"docker.io/library\"]\n",
+        )
+        .unwrap();
+        let s = sharing_settings(&file.sharing).unwrap();
+        assert!(s.enabled);
+        assert_eq!(s.mirror, "http://10.0.0.7:9500");
+        assert_eq!(s.registries, vec!["docker.io", "ghcr.io"]);
+        assert!(s.public.is_public("docker.io", "library/busybox"));
+        let v6 = SharingSection {
+            peer_addr: Some("[::]:9465".into()),
+            ..Default::default()
+        };
+        assert_eq!(sharing_settings(&v6).unwrap().mirror, "http://[::1]:9465");
+
+        for (section, want) in [
+            (
+                SharingSection {
+                    registries: vec!["../etc".into()],
+                    ..Default::default()
+                },
+                "sharing.registries",
+            ),
+            (
+                SharingSection {
+                    public: vec!["Docker.io/x y".into()],
+                    ..Default::default()
+                },
+                "sharing.public",
+            ),
+            (
+                SharingSection {
+                    peer_addr: Some("9465".into()),
+                    ..Default::default()
+                },
+                "sharing.peer_addr",
+            ),
+        ] {
+            let e = sharing_settings(&section).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(toml::from_str::<FileConfig>("[sharing]\nenable = true\n").is_err());
     }
 }

@@ -17,6 +17,7 @@ mod pod;
 mod prepull;
 mod rebase;
 mod rightsizing;
+mod sharing;
 mod store;
 mod support;
 mod warm;

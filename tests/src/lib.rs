@@ -17,3 +17,4 @@ pub mod payload;
 pub mod pod;
 pub mod promtext;
 pub mod proxy;
+pub mod stub;

@@ -290,6 +290,34 @@ impl Containerd {
         Ok(out)
     }
 
+    /// Streams `len` bytes of a committed blob from `offset` (`len` 0: to the end), as
+    /// containerd sends them. Content.Read only reads committed content: an ingest still being
+    /// written is not found. Callers that promise a length (an HTTP Content-Length) check
+    /// [`Containerd::content_size`] first; a blob removed mid-read ends the stream with an error.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn read_content(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ContainerdError>> + use<>, ContainerdError> {
+        let stream = ContentClient::new(self.channel.clone())
+            .read(self.request(ReadContentRequest {
+                digest: digest.into(),
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                size: i64::try_from(len).unwrap_or(i64::MAX),
+            }))
+            .await
+            .map_err(|s| match s.code() {
+                Code::NotFound => ContainerdError::NotFound {
+                    digest: digest.into(),
+                },
+                _ => rpc("Content.Read")(s),
+            })?
+            .into_inner();
+        Ok(stream.map(|r| r.map(|c| c.data).map_err(rpc("Content.Read"))))
+    }
+
     /// Every container record in the namespace.
     pub async fn list_containers(&self) -> Result<Vec<ContainerRecord>, ContainerdError> {
         let r = ContainersClient::new(self.channel.clone())

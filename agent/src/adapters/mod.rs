@@ -1,5 +1,6 @@
 //! Thin adapters, each named after what it talks to. They convert protocol types into the
 //! core's model and make no decisions of their own.
+pub mod certsd;
 pub mod cgroupfs;
 pub mod containerd;
 pub mod containerd_write;

@@ -17,5 +17,6 @@ pub mod pulls;
 pub mod rate;
 pub mod rebase;
 pub mod rightsizing;
+pub mod sharing;
 pub mod usage;
 pub mod workloads;
