@@ -219,6 +219,9 @@ pub struct AgentArgs {
     /// Where the right-sizing history is checkpointed [default: /var/lib/ragent/rightsizing]
     #[arg(long, env = "RAGENT_CHECKPOINT_DIR", value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Where the peer server listens when [sharing] is enabled [default: 0.0.0.0:9465]
+    #[arg(long, env = "RAGENT_PEER_ADDR", value_name = "HOST:PORT")]
+    pub peer_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -302,15 +305,18 @@ pub struct SharingSettings {
     pub public: crate::core::sharing::PublicPolicy,
 }
 
-/// Validates `[sharing]`.
-pub fn sharing_settings(section: &SharingSection) -> Result<SharingSettings, ConfigError> {
+/// Validates `[sharing]` with `--peer-addr` over it.
+pub fn sharing_settings(
+    section: &SharingSection,
+    peer_addr_flag: Option<&str>,
+) -> Result<SharingSettings, ConfigError> {
     let invalid = |key: &'static str, reason: String| ConfigError::Sharing { key, reason };
-    let addr = section
-        .peer_addr
-        .clone()
+    let addr = peer_addr_flag
+        .map(str::to_string)
+        .or_else(|| section.peer_addr.clone())
         .unwrap_or_else(|| DEFAULT_PEER_ADDR.to_string());
     let peer_addr = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Addr {
-        what: "sharing.peer_addr",
+        what: "--peer-addr (sharing.peer_addr)",
         value: addr.clone(),
         reason: e.to_string(),
     })?;
@@ -961,7 +967,7 @@ pub fn agent(cli: &Cli, args: &AgentArgs, file: &FileConfig) -> Result<AgentConf
             args.sample_interval,
             args.checkpoint_dir.as_deref(),
         )?,
-        sharing: sharing_settings(&file.sharing)?,
+        sharing: sharing_settings(&file.sharing, args.peer_addr.as_deref())?,
     })
 }
 
@@ -1352,7 +1358,7 @@ mod tests {
 
     #[test]
     fn sharing_is_off_by_default_and_validated() {
-        let s = sharing_settings(&SharingSection::default()).unwrap();
+        let s = sharing_settings(&SharingSection::default(), None).unwrap();
         assert!(!s.enabled);
         assert_eq!(s.peer_addr, "0.0.0.0:9465".parse().unwrap());
         assert_eq!(s.mirror, "http://127.0.0.1:9465");
@@ -1364,7 +1370,13 @@ mod tests {
             "[sharing]\nenabled = true\npeer_addr = \"10.0.0.7:9500\"\nregistries = [\"docker.io\", \"ghcr.io\", \"docker.io\"]\ncerts_dir = \"/tmp/c\"\npublic = [\"docker.io/library\"]\n",
         )
         .unwrap();
-        let s = sharing_settings(&file.sharing).unwrap();
+        let s = sharing_settings(&file.sharing, None).unwrap();
+        assert_eq!(
+            sharing_settings(&file.sharing, Some("127.0.0.1:9600"))
+                .unwrap()
+                .mirror,
+            "http://127.0.0.1:9600"
+        );
         assert!(s.enabled);
         assert_eq!(s.mirror, "http://10.0.0.7:9500");
         assert_eq!(s.registries, vec!["docker.io", "ghcr.io"]);
@@ -1373,7 +1385,10 @@ mod tests {
             peer_addr: Some("[::]:9465".into()),
             ..Default::default()
         };
-        assert_eq!(sharing_settings(&v6).unwrap().mirror, "http://[::1]:9465");
+        assert_eq!(
+            sharing_settings(&v6, None).unwrap().mirror,
+            "http://[::1]:9465"
+        );
 
         for (section, want) in [
             (
@@ -1395,10 +1410,10 @@ mod tests {
                     peer_addr: Some("9465".into()),
                     ..Default::default()
                 },
-                "sharing.peer_addr",
+                "--peer-addr (sharing.peer_addr)",
             ),
         ] {
-            let e = sharing_settings(&section).unwrap_err().to_string();
+            let e = sharing_settings(&section, None).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
         assert!(toml::from_str::<FileConfig>("[sharing]\nenable = true\n").is_err());

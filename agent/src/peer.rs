@@ -506,14 +506,28 @@ mod tests {
     async fn private_content_is_challenged_then_declined() {
         let (app, _, l) = peer_app(&["r.example/public"]);
         let uri = format!("/v2/private/app/blobs/{l}?ns=r.example");
-        let (s, hd, body) = call(&app, "GET", &uri, &[]).await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED);
-        assert_eq!(h(&hd, "www-authenticate"), "Basic realm=\"ragent\"");
-        assert!(!body.windows(5).any(|w| w == b"01234"));
+        let (s1, hd1, body1) = call(&app, "GET", &uri, &[]).await;
+        assert_eq!(s1, StatusCode::UNAUTHORIZED);
+        assert_eq!(h(&hd1, "www-authenticate"), "Basic realm=\"ragent\"");
+        assert!(!body1.windows(5).any(|w| w == b"01234"));
         // With credentials: not checked upstream yet, so declined (containerd goes upstream).
         let (s, _, body) = call(&app, "GET", &uri, &[("authorization", "Basic dTpw")]).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert!(!body.windows(5).any(|w| w == b"01234"));
+        // The decision comes before the store is looked at: a digest that is not there gets
+        // the same answers, so nobody learns which private content a node holds.
+        let missing = format!(
+            "/v2/private/app/blobs/sha256:{}?ns=r.example",
+            "0".repeat(64)
+        );
+        let (s2, hd2, body2) = call(&app, "GET", &missing, &[]).await;
+        assert_eq!(
+            (s2, h(&hd2, "www-authenticate")),
+            (s1, h(&hd1, "www-authenticate"))
+        );
+        assert_eq!(body2, body1);
+        let (s3, _, _) = call(&app, "GET", &missing, &[("authorization", "Basic dTpw")]).await;
+        assert_eq!(s3, StatusCode::NOT_FOUND);
         // Without ns= no rule applies: declined even for the public repository.
         let (s, _, _) = call(&app, "GET", &format!("/v2/public/app/blobs/{l}"), &[]).await;
         assert_eq!(s, StatusCode::NOT_FOUND);

@@ -22,6 +22,7 @@ use ragent::{
 };
 use ragent_testkit::{
     node::{Node, TmpfsContainerd},
+    oneoff::{self, OneOff},
     stub::{Answer, Seen, Stub},
 };
 use sha2::{Digest as _, Sha256};
@@ -107,33 +108,53 @@ async fn cri_pull_auth(node: &Node, reference: &str, user: &str, password: &str)
         .unwrap_or_else(|e| panic!("CRI PullImage {reference} with credentials: {e}"));
 }
 
-/// Makes the fixture's own blobs missing; returns the digests a pull must fetch.
-async fn missing_digests(node: &Node) -> BTreeSet<String> {
-    let set = fixtures(node);
-    make_missing(node, &set, REPO, TAG).await;
-    let img = set.image(REPO, TAG).expect("fixture");
-    let mut all: Vec<String> = img.layers.iter().map(|l| l.digest.clone()).collect();
-    all.push(img.config_digest.clone());
-    all.push(img.manifest_digest.clone());
-    let mut missing = BTreeSet::new();
-    for d in all {
-        if content_size_opt(node, &d).await.is_none() {
-            missing.insert(d);
+/// An image with blobs no test has pulled (containerd shares blobs between namespaces, so a
+/// fixture's blobs left in any namespace would never be fetched), pushed to the node's
+/// registry; all its digests are absent from the store.
+async fn fresh_image(node: &Node, name: &str) -> OneOff {
+    let img = oneoff::push(
+        &node.registry(),
+        &node.dir().join(format!("oneoff-{name}")),
+        &format!("ragent-e2e/sharing-{name}"),
+        3,
+        256 << 10,
+    )
+    .expect("pushing a one-off image");
+    for d in img.digests() {
+        assert!(
+            content_size_opt(node, &d).await.is_none(),
+            "{d} is already in the store"
+        );
+    }
+    img
+}
+
+/// Removes every record of the one-off image (CRI adds digest and config aliases), so it does
+/// not show up in other tests' image lists.
+async fn forget(node: &Node, img: &OneOff) {
+    let c = Containerd::connect(&node.socket(), "k8s.io")
+        .await
+        .expect("connect");
+    for r in c.list_images().await.expect("list") {
+        if r.target.digest == img.manifest_digest {
+            let _ = node
+                .ctr("k8s.io")
+                .args(["images", "rm", "--sync", &r.name])
+                .output();
         }
     }
-    missing
 }
 
 /// Every request containerd sent the mirror parses as the peer server's route for a digest of
 /// this registry, and every missing digest was asked for.
-fn check_requests(node: &Node, seen: &[Seen], missing: &BTreeSet<String>) {
+fn check_requests(node: &Node, seen: &[Seen], repo: &str, missing: &BTreeSet<String>) {
     assert!(!seen.is_empty(), "containerd never asked the mirror");
     let mut asked = BTreeSet::new();
     for s in seen {
         assert_eq!(s.method, "GET", "{s:?}");
         match parse_request(&s.method, &s.path, s.query.as_deref()) {
             Ok(Route::Content(c)) => {
-                assert_eq!(c.name, REPO, "{s:?}");
+                assert_eq!(c.name, repo, "{s:?}");
                 assert_eq!(
                     c.registry.as_deref(),
                     Some(node.registry().as_str()),
@@ -171,11 +192,13 @@ async fn containerd_asks_the_mirror_by_digest_and_falls_back_on_404() {
     let node = node();
     let stub = Stub::start(Answer::NotFound).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
-    let missing = missing_digests(&node).await;
-    cri_pull(&node, &fixtures(&node).reference(REPO, TAG)).await;
+    let img = fresh_image(&node, "404").await;
+    let missing: BTreeSet<String> = img.digests().into_iter().collect();
+    cri_pull(&node, &img.reference).await;
     fetched(&node, &missing).await;
+    forget(&node, &img).await;
     let seen = stub.seen();
-    check_requests(&node, &seen, &missing);
+    check_requests(&node, &seen, &img.repo, &missing);
     // A 404 is not a challenge: no credentials were ever sent.
     assert!(seen.iter().all(|s| !s.authorized), "{seen:?}");
     installed.restore();
@@ -186,11 +209,13 @@ async fn a_challenge_without_credentials_falls_back_to_the_registry() {
     let node = node();
     let stub = Stub::start(Answer::Challenge).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
-    let missing = missing_digests(&node).await;
-    cri_pull(&node, &fixtures(&node).reference(REPO, TAG)).await;
+    let img = fresh_image(&node, "challenge").await;
+    let missing: BTreeSet<String> = img.digests().into_iter().collect();
+    cri_pull(&node, &img.reference).await;
     fetched(&node, &missing).await;
+    forget(&node, &img).await;
     let seen = stub.seen();
-    check_requests(&node, &seen, &missing);
+    check_requests(&node, &seen, &img.repo, &missing);
     assert!(seen.iter().all(|s| !s.authorized), "{seen:?}");
     installed.restore();
 }
@@ -200,19 +225,16 @@ async fn a_challenge_brings_the_pulls_credentials() {
     let node = node();
     let stub = Stub::start(Answer::Challenge).expect("stub");
     let installed = MirrorInstalled::new(&node, &stub.url());
-    let missing = missing_digests(&node).await;
-    cri_pull_auth(
-        &node,
-        &fixtures(&node).reference(REPO, TAG),
-        "ragent-puller",
-        "s3cret",
-    )
-    .await;
+    let img = fresh_image(&node, "credentials").await;
+    let missing: BTreeSet<String> = img.digests().into_iter().collect();
+    cri_pull_auth(&node, &img.reference, "ragent-puller", "s3cret").await;
     fetched(&node, &missing).await;
+    forget(&node, &img).await;
     let seen = stub.seen();
-    check_requests(&node, &seen, &missing);
-    // After the first challenge containerd sends them with every request to that host (seen:
-    // 9 requests, 8 with credentials, for 8 digests); each digest was asked with them.
+    check_requests(&node, &seen, &img.repo, &missing);
+    // After the first challenge containerd sends them with every later request to that host
+    // (one request without, then one with credentials per digest); each digest was asked
+    // with them.
     let authorized: BTreeSet<&str> = seen
         .iter()
         .filter(|s| s.authorized)
@@ -401,10 +423,16 @@ async fn the_peer_server_serves_committed_content_from_containerd() {
     );
 }
 
-/// Bytes that compress badly and repeat nowhere: a sha256 chain.
+/// Bytes that compress badly and repeat nowhere: a sha256 chain, new on every call.
 fn noise(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 32);
-    let mut block = Sha256::digest(b"ragent sharing ingest").to_vec();
+    // Unique per run: a blob an earlier run left in any namespace would be "already there".
+    let seed = format!(
+        "ragent sharing ingest {} {:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let mut block = Sha256::digest(seed.as_bytes()).to_vec();
     while out.len() < len {
         out.extend_from_slice(&block);
         block = Sha256::digest(&block).to_vec();

@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod http;
 pub mod kubeapi;
 pub mod node;
+pub mod oneoff;
 pub mod payload;
 pub mod pod;
 pub mod promtext;

@@ -65,6 +65,12 @@ pub enum CertsdError {
         "{path} is not UTF-8 text, so it is no hosts.toml containerd can read; fix or remove it"
     )]
     NotText { path: PathBuf },
+    #[error(
+        "{root} does not exist, so containerd reads no hosts.toml from it: set [sharing] \
+         certs_dir to the config_path of containerd's CRI registry config (and set that \
+         config_path if it is empty)"
+    )]
+    NoCertsDir { root: PathBuf },
 }
 
 impl CertsdError {
@@ -77,6 +83,7 @@ impl CertsdError {
             CertsdError::OrphanBackup { .. } => "orphan_backup",
             CertsdError::BackupMissing { .. } => "backup_missing",
             CertsdError::NotText { .. } => "not_text",
+            CertsdError::NoCertsDir { .. } => "no_certs_dir",
         }
     }
 }
@@ -141,6 +148,13 @@ impl CertsDir {
     #[instrument(level = "debug", skip(self), fields(root = %self.root.display()))]
     pub fn install(&self, registry: &str) -> Result<Installed, CertsdError> {
         let (file, backup, dir) = self.paths(registry)?;
+        // A missing root means containerd is not configured to read it: writing there would
+        // change nothing and say nothing.
+        if !self.root.is_dir() {
+            return Err(CertsdError::NoCertsDir {
+                root: self.root.clone(),
+            });
+        }
         match read_opt(&file)? {
             Some(current) => {
                 let text = as_text(&file, &current)?;
@@ -612,6 +626,11 @@ mod tests {
             assert_eq!(e.metric_label(), "invalid_registry", "{bad:?}: {e}");
         }
         assert!(!t.0.join("x").exists() && !t.0.join("certs.d").exists());
+        // A certs.d that does not exist is not created: containerd would not read it.
+        let e = c.install("docker.io").unwrap_err();
+        assert_eq!(e.metric_label(), "no_certs_dir");
+        assert!(e.to_string().contains("config_path"), "{e}");
+        assert!(!t.0.join("certs.d").exists());
     }
 
     #[test]
