@@ -298,6 +298,25 @@ pub async fn run_with(
         (Some(_), Some(_)) => Some(Arc::new(RwLock::new(crate::core::pods::Index::default()))),
         _ => None,
     };
+    // Layer-sharing membership from the EndpointSlices of the agents' headless Service.
+    let peer_watch = match (&sharing, &cfg.sharing.service, &kube, &cfg.kube) {
+        (Some(running), Some((namespace, service)), Some(client), Some(_)) => {
+            Some(tokio::spawn(crate::kubernetes::keep_peers(
+                client.clone(),
+                namespace.clone(),
+                service.clone(),
+                cfg.sharing.peer_addr.port(),
+                running.peers.clone(),
+                shared.metrics.kube()?,
+                stop_rx.clone(),
+            )))
+        }
+        (Some(_), Some((_, service)), _, _) => {
+            warn!(%service, "[sharing] service needs the Kubernetes adapter ([kubernetes]); only the static peers are used");
+            None
+        }
+        _ => None,
+    };
     let kubernetes = match (kube, cfg.kube.clone(), pods.clone()) {
         (Some(client), Some(settings), Some(pods)) => {
             shared.insight.lock().await.set_pod_index(pods.clone());
@@ -364,6 +383,11 @@ pub async fn run_with(
         && let Err(e) = k.await
     {
         warn!(error = %e, "the Kubernetes watches ended abnormally");
+    }
+    if let Some(p) = peer_watch
+        && let Err(e) = p.await
+    {
+        warn!(error = %e, "the EndpointSlice watch ended abnormally");
     }
     if let Some(s) = sharing
         && let Err(e) = s.server.await

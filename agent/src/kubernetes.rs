@@ -20,7 +20,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     adapters::{
@@ -56,6 +56,9 @@ pub struct Options {
     pub mesh: Option<Arc<crate::sharing::NodeMesh>>,
 }
 
+/// The Node label layer sharing takes this node's zone from (unless `[sharing] zone` is set).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Runs until `stop` turns true.
 pub async fn run(
     client: Client,
@@ -79,6 +82,77 @@ pub async fn run(
     applier.run(stop).await;
     if let Err(e) = pod_task.await {
         warn!(error = %e, "the pod watch ended abnormally");
+    }
+}
+
+/// Keeps `peers` equal to the ready agents the EndpointSlices of `service` list (each at
+/// `port`, the peer port every agent of the DaemonSet uses), until `stop` turns true. A
+/// relist replaces the whole set once it is done; a failing watch keeps the last set.
+pub async fn keep_peers(
+    client: Client,
+    namespace: String,
+    service: String,
+    port: u16,
+    peers: watch::Sender<Vec<crate::core::sharing::Peer>>,
+    metrics: KubeMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::core::sharing::{SliceEndpoint, peers_from_slices};
+    info!(%namespace, %service, "layer-sharing peers from EndpointSlices");
+    let mut stream = crate::adapters::kube::watch_peer_slices(client, &namespace, &service);
+    let mut slices: BTreeMap<String, Vec<SliceEndpoint>> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<String, Vec<SliceEndpoint>>> = None;
+    loop {
+        let item = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            item = stream.next() => match item {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let changed = match item {
+            Ok(Change::Apply((name, eps))) => {
+                slices.insert(name, eps);
+                true
+            }
+            Ok(Change::Delete((name, _))) => slices.remove(&name).is_some(),
+            Ok(Change::Relist) => {
+                listing = Some(BTreeMap::new());
+                false
+            }
+            Ok(Change::Listed((name, eps))) => {
+                listing.get_or_insert_default().insert(name, eps);
+                false
+            }
+            Ok(Change::ListDone) => {
+                slices = listing.take().unwrap_or_default();
+                true
+            }
+            Err(e) => {
+                metrics
+                    .watch_errors
+                    .with_label_values(&["endpointslices"])
+                    .inc();
+                warn!(error = %error_chain(&e), "EndpointSlice watch failed; keeping the last peers, retrying with backoff");
+                false
+            }
+        };
+        if changed {
+            let all: Vec<SliceEndpoint> = slices.values().flatten().cloned().collect();
+            let next = peers_from_slices(&all, port);
+            debug!(
+                peers = next.len(),
+                ready = next.iter().filter(|p| p.ready).count(),
+                "layer-sharing membership"
+            );
+            peers.send_if_modified(|cur| {
+                if *cur == next {
+                    return false;
+                }
+                *cur = next;
+                true
+            });
+        }
     }
 }
 
@@ -257,6 +331,9 @@ impl Applier {
                         Ok(mut g) => *g = Some(c),
                         Err(p) => *p.into_inner() = Some(c),
                     }
+                }
+                if let Some(mesh) = &self.opts.mesh {
+                    mesh.set_node_zone(n.labels.get(ZONE_LABEL).cloned());
                 }
                 self.labels = Some(n.labels);
                 true

@@ -44,7 +44,9 @@ pub struct Fetched {
 
 pub struct Mesh<O: Origin, K: Keeper> {
     me: String,
+    /// `[sharing] zone`, which wins over the Node's label.
     zone: Option<String>,
+    node_zone: Mutex<Option<String>>,
     peers: watch::Receiver<Vec<Peer>>,
     down: Mutex<HashMap<String, Instant>>,
     token: Option<Token>,
@@ -90,6 +92,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         Arc::new(Mesh {
             me: me.to_string(),
             zone: zone.map(str::to_string),
+            node_zone: Mutex::new(None),
             peers,
             down: Mutex::new(HashMap::new()),
             token,
@@ -111,6 +114,15 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
     /// The current membership (ready or not).
     pub fn peers(&self) -> Vec<Peer> {
         self.peers.borrow().clone()
+    }
+
+    /// This node's zone from its Node object (used unless `[sharing] zone` is set).
+    pub fn set_node_zone(&self, zone: Option<String>) {
+        *lock(&self.node_zone) = zone.filter(|z| !z.is_empty());
+    }
+
+    fn zone(&self) -> Option<String> {
+        self.zone.clone().or_else(|| lock(&self.node_zone).clone())
     }
 
     /// Peers by state: (ready, not ready, down after a failure).
@@ -145,8 +157,9 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         }
         let down = self.down_ids();
         let down: Vec<&str> = down.iter().map(String::as_str).collect();
+        let zone = self.zone();
         let peers = self.peers.borrow();
-        plan_sources(digest, &peers, &self.me, self.zone.as_deref(), &down)
+        plan_sources(digest, &peers, &self.me, zone.as_deref(), &down)
     }
 
     /// A blob this node misses, from `offset`: from its home peer, the next one, or upstream.

@@ -873,7 +873,7 @@ pub const KUBE_ONLY: &[&MetricDef] = &[
 ];
 
 /// The watches whose errors `ragent_kube_watch_errors_total` counts.
-pub const KUBE_WATCHES: &[&str] = &["pods", "nodes", "prepulls"];
+pub const KUBE_WATCHES: &[&str] = &["pods", "nodes", "prepulls", "endpointslices"];
 
 impl KubeMetrics {
     pub fn new(r: &Registry) -> Result<KubeMetrics, prometheus::Error> {

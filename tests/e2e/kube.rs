@@ -355,3 +355,150 @@ async fn rightsizing_reads_requests_from_the_pod_spec_and_capacity_from_the_node
     );
     pod.remove().await.expect("remove the pod");
 }
+
+/// An EndpointSlice of the agents' headless Service, as the EndpointSlice controller writes it.
+fn peer_slice(name: &str, endpoints: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": kubeapi::AGENT_NAMESPACE,
+            "labels": {
+                "kubernetes.io/service-name": "ragent-peers",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+            },
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "ragent-peers", "uid": "5b1e", "controller": true}]
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "peer", "port": 9465, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+fn endpoint(ip: &str, node: &str, zone: &str, ready: bool, terminating: bool) -> serde_json::Value {
+    json!({
+        "addresses": [ip],
+        "conditions": {"ready": ready, "serving": ready, "terminating": terminating},
+        "nodeName": node,
+        "zone": zone,
+        "targetRef": {"kind": "Pod", "namespace": kubeapi::AGENT_NAMESPACE, "name": format!("ragent-{node}")}
+    })
+}
+
+/// Layer sharing's membership follows the EndpointSlices of the headless Service: ready
+/// endpoints only, one peer per node, a slice of another Service ignored, deletes and a
+/// relist after the watch ends applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharing_peers_follow_the_endpoint_slices() {
+    use kubeapi::ENDPOINTSLICES;
+    let api = FakeApi::new();
+    api.put(
+        ENDPOINTSLICES,
+        peer_slice(
+            "ragent-peers-abcde",
+            json!([
+                endpoint("10.0.1.11", "node-a", "zone-1", true, false),
+                endpoint("10.0.1.12", "node-b", "zone-1", false, false),
+            ]),
+        ),
+    );
+    let mut other = peer_slice(
+        "web-xyz",
+        json!([endpoint("10.0.9.9", "node-z", "zone-9", true, false)]),
+    );
+    other["metadata"]["labels"]["kubernetes.io/service-name"] = json!("web");
+    api.put(ENDPOINTSLICES, other);
+    let metrics = ragent::metrics::Metrics::new(prometheus::Registry::new())
+        .expect("metrics")
+        .kube()
+        .expect("kube metrics");
+    let (tx, mut rx) = tokio::sync::watch::channel(Vec::new());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(ragent::kubernetes::keep_peers(
+        api.client(),
+        kubeapi::AGENT_NAMESPACE.into(),
+        "ragent-peers".into(),
+        9465,
+        tx,
+        metrics,
+        stop_rx,
+    ));
+    let view = |p: &[ragent::core::sharing::Peer]| -> Vec<(String, String, bool, Option<String>)> {
+        p.iter()
+            .map(|p| (p.id.clone(), p.addr.clone(), p.ready, p.zone.clone()))
+            .collect()
+    };
+    let mut next = async |want: Vec<(&str, &str, bool)>| {
+        let want: Vec<(String, String, bool, Option<String>)> = want
+            .into_iter()
+            .map(|(id, addr, ready)| (id.into(), addr.into(), ready, Some("zone-1".into())))
+            .collect();
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| view(p) == want))
+                .await
+                .map(|r| r.is_ok());
+        assert_eq!(
+            waited,
+            Ok(true),
+            "peers never became {want:?}; last {:?}",
+            view(&rx.borrow())
+        );
+    };
+    next(vec![
+        ("node-a", "10.0.1.11:9465", true),
+        ("node-b", "10.0.1.12:9465", false),
+    ])
+    .await;
+    // A second slice (the controller splits large Services) adds a node; node-b turns ready.
+    api.put(
+        ENDPOINTSLICES,
+        peer_slice(
+            "ragent-peers-fghij",
+            json!([endpoint("10.0.1.13", "node-c", "zone-1", true, false)]),
+        ),
+    );
+    api.put(
+        ENDPOINTSLICES,
+        peer_slice(
+            "ragent-peers-abcde",
+            json!([
+                endpoint("10.0.1.11", "node-a", "zone-1", true, true),
+                endpoint("10.0.1.12", "node-b", "zone-1", true, false),
+            ]),
+        ),
+    );
+    next(vec![
+        ("node-a", "10.0.1.11:9465", false),
+        ("node-b", "10.0.1.12:9465", true),
+        ("node-c", "10.0.1.13:9465", true),
+    ])
+    .await;
+    // A slice deleted unseen (its event lost) is gone after the relist a 410 forces.
+    api.delete_quietly(
+        ENDPOINTSLICES,
+        &format!("{}/ragent-peers-fghij", kubeapi::AGENT_NAMESPACE),
+    );
+    api.expire_watches(ENDPOINTSLICES);
+    next(vec![
+        ("node-a", "10.0.1.11:9465", false),
+        ("node-b", "10.0.1.12:9465", true),
+    ])
+    .await;
+    let asked: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == ENDPOINTSLICES)
+        .collect();
+    assert!(
+        asked.iter().all(|r| r
+            .query
+            .contains("labelSelector=kubernetes.io%2Fservice-name%3Dragent-peers")),
+        "{asked:?}"
+    );
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("keep_peers stops")
+        .expect("no panic");
+}

@@ -23,6 +23,9 @@ use tokio::sync::mpsc;
 pub const PODS: &str = "/api/v1/pods";
 pub const NODES: &str = "/api/v1/nodes";
 pub const PREPULLS: &str = "/apis/ragent.dev/v1alpha1/prepulls";
+/// The agents' namespace in the fake cluster.
+pub const AGENT_NAMESPACE: &str = "ragent";
+pub const ENDPOINTSLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/ragent/endpointslices";
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
 type Body = StreamBody<Chunks>;
@@ -114,8 +117,13 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| decode(v))
 }
 
-/// A `fieldSelector` of the one form the agent uses: `path=value`.
+/// A `fieldSelector` or `labelSelector` of the one form the agent uses: `key=value` (a label
+/// comes back as `label:<key>`).
 fn field_selector(query: &str) -> Option<(String, String)> {
+    if let Some(s) = query_param(query, "labelSelector") {
+        let (k, v) = s.split_once('=')?;
+        return Some((format!("label:{k}"), v.to_string()));
+    }
     let s = query_param(query, "fieldSelector")?;
     let (k, v) = s.split_once('=')?;
     Some((k.to_string(), v.to_string()))
@@ -124,7 +132,10 @@ fn field_selector(query: &str) -> Option<(String, String)> {
 fn selected(filter: &Option<(String, String)>, obj: &Value) -> bool {
     filter
         .as_ref()
-        .is_none_or(|(k, v)| field(obj, k) == Some(v.as_str()))
+        .is_none_or(|(k, v)| match k.strip_prefix("label:") {
+            Some(label) => obj["metadata"]["labels"][label].as_str() == Some(v.as_str()),
+            None => field(obj, k) == Some(v.as_str()),
+        })
 }
 
 fn chunks_of(parts: Vec<Bytes>) -> Body {
@@ -166,6 +177,7 @@ impl FakeApi {
             (PODS, "v1", "PodList"),
             (NODES, "v1", "NodeList"),
             (PREPULLS, "ragent.dev/v1alpha1", "PrePullList"),
+            (ENDPOINTSLICES, "discovery.k8s.io/v1", "EndpointSliceList"),
         ] {
             collections.insert(
                 path,

@@ -5,11 +5,16 @@
 //! What the agent asks of the API server, and so all its RBAC needs: pods list/watch (field
 //! selector `spec.nodeName`), nodes list/watch (field selector `metadata.name`), prepulls
 //! get/list/watch, secrets get (by name, in allowed namespaces), events.k8s.io events
-//! create (in `default`). It never writes to a `PrePull`.
+//! create (in `default`), and with layer sharing discovery.k8s.io endpointslices list/watch in
+//! the agent's namespace (label selector `kubernetes.io/service-name`). It never writes to a
+//! `PrePull`.
 use std::collections::BTreeMap;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Secret};
+use k8s_openapi::api::{
+    core::v1::{Node, ObjectReference, Pod, Secret},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
@@ -20,6 +25,7 @@ use crate::{
         credentials::{Credentials, CredentialsError},
         pods::{PodInfo, Resources, container_id, cpu_cores, memory_bytes, workload_of},
         prepulls::{Notice, Resource, SecretRef, clip_note},
+        sharing::SliceEndpoint,
     },
     crd::{PrePull, to_core},
 };
@@ -203,6 +209,39 @@ pub fn watch_node(client: Client, node: &str) -> Watch<NodeFacts> {
         .map(|r| {
             r.map(|e| change(e, node_facts))
                 .map_err(|e| KubeError::Watch("nodes", e))
+        })
+        .boxed()
+}
+
+/// One EndpointSlice: its name and what its endpoints say.
+fn slice_endpoints(s: &EndpointSlice) -> (String, Vec<SliceEndpoint>) {
+    let endpoints = s
+        .endpoints
+        .iter()
+        .map(|e| SliceEndpoint {
+            addresses: e.addresses.clone(),
+            ready: e.conditions.as_ref().and_then(|c| c.ready),
+            terminating: e.conditions.as_ref().and_then(|c| c.terminating),
+            node_name: e.node_name.clone(),
+            zone: e.zone.clone(),
+        })
+        .collect();
+    (s.metadata.name.clone().unwrap_or_default(), endpoints)
+}
+
+/// The EndpointSlices of the Service `service` in `namespace` (the agents' headless Service).
+pub fn watch_peer_slices(
+    client: Client,
+    namespace: &str,
+    service: &str,
+) -> Watch<(String, Vec<SliceEndpoint>)> {
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    watcher(api, cfg)
+        .default_backoff()
+        .map(|r| {
+            r.map(|e| change(e, slice_endpoints))
+                .map_err(|e| KubeError::Watch("endpointslices", e))
         })
         .boxed()
 }
