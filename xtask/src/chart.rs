@@ -187,7 +187,8 @@ pub fn test(root: &Path) -> Result<()> {
 /// Reads a rendered config.toml as the agent would: the file's keys and types, then each
 /// section's validation (auth files are not on this machine, so they are left out; the kube
 /// section with the environment the chart gives the pod; the catalog the chart mounts read
-/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config).
+/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config; likewise
+/// the peer token of `[sharing]`, `peer-token/<scenario>.token`).
 fn check_config(path: &Path) -> Result<()> {
     use ragent::config;
     let text = fs::read_to_string(path)?;
@@ -221,5 +222,6 @@ fn check_config(path: &Path) -> Result<()> {
         rightsizing.catalog = Some(shipped);
     }
     config::rightsizing_settings(&rightsizing, None, None)?;
+    config::sharing_settings(&file.sharing, None)?;
     Ok(())
 }

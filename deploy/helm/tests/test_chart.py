@@ -666,12 +666,14 @@ class Chart(unittest.TestCase):
     def test_sharing_refuses_what_cannot_run(self):
         """Value combinations the schema cannot express: with sharing on the pod uses the node's
         ports, so the peer port must differ from the metrics port, and a surge pod could never
-        start beside the old one."""
+        start beside the old one; the peers are found through the kube side."""
         clash = {"sharing": {"enabled": True, "port": 9464}}
         surge = {"sharing": {"enabled": True},
                  "updateStrategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}}
+        no_kube = {"sharing": {"enabled": True}, "kubernetes": {"enabled": False}}
         for what, values, needle in (("port clash", clash, "sharing.port and agent.metricsPort"),
-                                     ("maxSurge", surge, "maxSurge")):
+                                     ("maxSurge", surge, "maxSurge"),
+                                     ("no kube side", no_kube, "kubernetes.enabled")):
             with self.subTest(what):
                 with self.assertRaises(helm.HelmError) as e:
                     self.chart.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -721,6 +723,14 @@ class Chart(unittest.TestCase):
                                  self.merged(name)["rightsizing"]["enabled"])
                 self.assertEqual("ServiceMonitor" in notes.split("Prometheus:")[1],
                                  self.merged(name)["serviceMonitor"]["enabled"])
+                sharing = self.merged(name)["sharing"]
+                self.assertEqual("Layer sharing is on" in notes, sharing["enabled"])
+                if sharing["enabled"]:
+                    service = self.config(name)["sharing"]["service"]
+                    self.assertIn(f"kubernetes.io/service-name={service}", notes)
+                    self.assertIn(f"http://127.0.0.1:{sharing['port']}", notes)
+                    secret = sharing["token"]["existingSecret"] or find(self.objects[name], "Secret")[0]["metadata"]["name"]
+                    self.assertIn(f"Secret {secret}", notes)
 
     # --- the CRD -------------------------------------------------------------------------------
 

@@ -86,6 +86,9 @@ the DaemonSet.
 {{- if eq (int $s.port) (int .Values.agent.metricsPort) -}}
 {{- fail (printf "sharing.port and agent.metricsPort are both %d: with sharing on the pod uses the node's network, give them different ports" (int $s.port)) -}}
 {{- end -}}
+{{- if and (kindIs "bool" .Values.kubernetes.enabled) (not .Values.kubernetes.enabled) -}}
+{{- fail "sharing.enabled needs the kube side: the agents find each other in the peers Service's EndpointSlices; leave kubernetes.enabled unset or true" -}}
+{{- end -}}
 {{- $surge := dig "rollingUpdate" "maxSurge" 0 .Values.updateStrategy -}}
 {{- if and $surge (ne (toString $surge) "0") (ne (toString $surge) "0%") -}}
 {{- fail (printf "updateStrategy.rollingUpdate.maxSurge is %v: with sharing on the pods use the node's ports (hostNetwork), so a surge pod can never start beside the old one; leave maxSurge at 0" $surge) -}}
