@@ -235,13 +235,21 @@ pub async fn run_with(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // [sharing] (off by default): the peer server and containerd's certs.d mirror entries.
+    let sharing_metrics = if cfg.sharing.enabled {
+        Some(shared.metrics.sharing(&cfg.sharing.registries)?)
+    } else {
+        None
+    };
     let sharing = crate::sharing::start(
         &cfg.sharing,
         &cfg.common.containerd,
         &cfg.common.namespace,
+        &node_name(&cfg),
+        sharing_metrics,
         stop_rx.clone(),
     )
     .await?;
+    let mesh = sharing.as_ref().map(|s| s.mesh.clone());
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -268,6 +276,7 @@ pub async fn run_with(
             registry,
             shared.metrics.prepull.clone(),
             None,
+            mesh.clone(),
             stop_rx.clone(),
         ))
     });
@@ -299,6 +308,7 @@ pub async fn run_with(
                 prepull: cfg.prepull.clone(),
                 reconcile_interval: crate::kubernetes::RECONCILE_INTERVAL,
                 node_capacity,
+                mesh: mesh.clone(),
             };
             Some(tokio::spawn(crate::kubernetes::run(
                 client,
@@ -356,7 +366,7 @@ pub async fn run_with(
         warn!(error = %e, "the Kubernetes watches ended abnormally");
     }
     if let Some(s) = sharing
-        && let Err(e) = s.await
+        && let Err(e) = s.server.await
     {
         warn!(error = %e, "the peer server ended abnormally");
     }

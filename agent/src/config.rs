@@ -286,10 +286,47 @@ pub struct SharingSection {
     /// Registries or `registry/namespace` prefixes served to anyone (default: none).
     #[serde(default)]
     pub public: Vec<String>,
+    /// This node's peer id [default: the Kubernetes node name, else the host name].
+    pub node: Option<String>,
+    /// This node's topology zone (home peers are chosen in the zone first) [default: none].
+    pub zone: Option<String>,
+    /// A static peer list (membership without Kubernetes); this node may be in it.
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    /// A headless Service whose EndpointSlices list the peers (needs `[kubernetes]`).
+    pub service: Option<String>,
+    /// The Service's namespace [default: the POD_NAMESPACE environment variable].
+    pub service_namespace: Option<String>,
+    /// A file holding the secret agents present to each other.
+    pub token_file: Option<PathBuf>,
+    /// How long a peer has to answer (its response headers) before the next is asked.
+    pub peer_timeout_ms: Option<u64>,
+    /// Where blobs fetched upstream for peers are spooled while they stream.
+    pub spool_dir: Option<PathBuf>,
+    /// How long containerd keeps a blob fetched for peers (a lease), seconds.
+    pub keep_s: Option<u64>,
+    /// Registries (HOST[:PORT]) reached over plain HTTP for upstream fetches.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials for upstream fetches (same formats as `ragent prepull --auth`).
+    pub auth: Option<PathBuf>,
+}
+
+/// One `[[sharing.peers]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    pub id: String,
+    /// `ip:port` of its peer server.
+    pub addr: String,
+    pub zone: Option<String>,
 }
 
 pub const DEFAULT_PEER_ADDR: &str = "0.0.0.0:9465";
 pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/ragent/spool";
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_KEEP_S: u64 = 3600;
 
 /// Validated `[sharing]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +340,20 @@ pub struct SharingSettings {
     pub registries: Vec<String>,
     pub certs_dir: PathBuf,
     pub public: crate::core::sharing::PublicPolicy,
+    /// This node's peer id; None: the agent's node name.
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    /// The static peer list (validated: unique ids, `ip:port` addresses).
+    pub peers: Vec<crate::core::sharing::Peer>,
+    /// EndpointSlice membership: (namespace, service).
+    pub service: Option<(String, String)>,
+    /// The peer secret (read at start); None: no peers are asked and peer requests are 403.
+    pub token: Option<crate::core::sharing::Token>,
+    pub peer_timeout: std::time::Duration,
+    pub spool_dir: PathBuf,
+    pub keep: std::time::Duration,
+    pub insecure_registries: Vec<String>,
+    pub credentials: Credentials,
 }
 
 /// Validates `[sharing]` with `--peer-addr` over it.
@@ -351,6 +402,86 @@ pub fn sharing_settings(
     } else {
         ip.to_string()
     };
+    let mut peers: Vec<crate::core::sharing::Peer> = Vec::new();
+    for p in &section.peers {
+        let peer = crate::core::sharing::Peer::configured(&p.id, &p.addr, p.zone.as_deref())
+            .map_err(|e| invalid("peers", e.to_string()))?;
+        if peers.iter().any(|q| q.id == peer.id) {
+            return Err(invalid(
+                "peers",
+                format!("the id {:?} is listed twice", p.id),
+            ));
+        }
+        peers.push(peer);
+    }
+    for (key, v) in [("node", &section.node), ("zone", &section.zone)] {
+        if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(invalid(key, "is empty".into()));
+        }
+    }
+    let service = match &section.service {
+        None => None,
+        Some(s) => {
+            let ns = section
+                .service_namespace
+                .clone()
+                .or_else(|| env("POD_NAMESPACE"))
+                .ok_or_else(|| {
+                    invalid(
+                        "service_namespace",
+                        "unknown: set the POD_NAMESPACE environment variable from the downward \
+                         API (fieldRef metadata.namespace; the chart does) or \
+                         [sharing] service_namespace"
+                            .into(),
+                    )
+                })?;
+            crate::core::sharing::validate_dns_label(s)
+                .map_err(|e| invalid("service", e.to_string()))?;
+            Some((ns, s.clone()))
+        }
+    };
+    let token = match &section.token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("token_file", format!("{}: {e}", path.display())))?;
+            Some(
+                crate::core::sharing::Token::parse(&text)
+                    .map_err(|e| invalid("token_file", format!("{}: {e}", path.display())))?,
+            )
+        }
+    };
+    if token.is_none() && (!peers.is_empty() || service.is_some()) {
+        return Err(invalid(
+            "token_file",
+            "is required with peers or service: agents authenticate each other with it \
+             (a file holding one shared random secret, at least 16 characters)"
+                .into(),
+        ));
+    }
+    let peer_timeout_ms = section.peer_timeout_ms.unwrap_or(DEFAULT_PEER_TIMEOUT_MS);
+    if !(10..=60_000).contains(&peer_timeout_ms) {
+        return Err(invalid(
+            "peer_timeout_ms",
+            format!("{peer_timeout_ms} is out of range (10..=60000)"),
+        ));
+    }
+    let keep_s = section.keep_s.unwrap_or(DEFAULT_KEEP_S);
+    if !(60..=7 * 86_400).contains(&keep_s) {
+        return Err(invalid(
+            "keep_s",
+            format!("{keep_s} is out of range (60..=604800)"),
+        ));
+    }
+    let spool_dir = section
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
+    if spool_dir.as_os_str().is_empty() {
+        return Err(ConfigError::Empty {
+            what: "sharing.spool_dir",
+        });
+    }
     Ok(SharingSettings {
         enabled: section.enabled.unwrap_or(false),
         peer_addr,
@@ -358,7 +489,21 @@ pub fn sharing_settings(
         registries,
         certs_dir,
         public,
+        node: section.node.clone(),
+        zone: section.zone.clone(),
+        peers,
+        service,
+        token,
+        peer_timeout: std::time::Duration::from_millis(peer_timeout_ms),
+        spool_dir,
+        keep: std::time::Duration::from_secs(keep_s),
+        insecure_registries: section.insecure_registries.clone(),
+        credentials: section_credentials("sharing", section.auth.as_deref())?,
     })
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
 }
 
 /// `[rightsizing]`: sampling, history checkpoints, the model and the instance catalog.

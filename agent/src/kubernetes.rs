@@ -52,6 +52,8 @@ pub struct Options {
     pub reconcile_interval: Duration,
     /// Where the Node's capacity (cores, bytes) is published for the instance-shape advice.
     pub node_capacity: Arc<RwLock<Option<(f64, u64)>>>,
+    /// Layer sharing for the PrePull resources' pulls (None: straight from the registry).
+    pub mesh: Option<Arc<crate::sharing::NodeMesh>>,
 }
 
 /// Runs until `stop` turns true.
@@ -451,6 +453,7 @@ impl Applier {
             registry,
             self.prepull_metrics.clone(),
             Some(tx),
+            self.opts.mesh.clone(),
             stop_rx,
         ));
         self.running.insert(

@@ -109,6 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .concurrency
                     .map_or(ragent::prepull::DEFAULT_CONCURRENCY, usize::from),
                 max_rate: args.max_rate,
+                mesh: None,
             };
             // On a terminal (and not --json), draw the progress on stderr while pulling.
             let progress = (!args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -7,8 +7,8 @@ use std::{
 };
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,6 +452,56 @@ def!(
     "Always 1; the labels name the recommended catalog shape and the node's current one (\"\" when no entry matches)."
 );
 
+def!(
+    BLOB_BYTES,
+    "ragent_blob_bytes_total",
+    Counter,
+    ["registry", "source"],
+    "Blob bytes this node's pulls received through layer sharing, by where they came from: local (this node's content store), peer (another agent), upstream (the registry, fetched by this agent)."
+);
+def!(
+    UPSTREAM_FETCHES_AVOIDED,
+    "ragent_upstream_fetches_avoided_total",
+    Counter,
+    ["registry"],
+    "Blobs this node's pulls got from a peer, or by joining a fetch already in progress, instead of fetching them from the registry themselves."
+);
+def!(
+    PEER_REQUEST_DURATION,
+    "ragent_peer_request_duration_seconds",
+    Histogram,
+    ["outcome"],
+    "Time until a peer answered a blob request with its headers (outcome: ok, status, timeout, connect), in seconds."
+);
+def!(
+    PEER_FALLBACKS,
+    "ragent_peer_fallbacks_total",
+    Counter,
+    ["reason"],
+    "Times this node went past a peer to the next source (reason: connect, timeout, forbidden, status, cut)."
+);
+def!(
+    PEER_REQUESTS,
+    "ragent_peer_requests_total",
+    Counter,
+    ["caller", "outcome"],
+    "Requests the peer server answered (caller: local, peer, stranger; outcome: store, fetched, declined, challenged, forbidden, not_found, failed)."
+);
+def!(
+    PEER_SERVED_BYTES,
+    "ragent_peer_served_bytes_total",
+    Counter,
+    ["registry"],
+    "Blob bytes this agent's peer server sent to other agents."
+);
+def!(
+    SHARING_PEERS,
+    "ragent_sharing_peers",
+    Gauge,
+    ["state"],
+    "Peers in this agent's membership (state: ready, not_ready, down: left out after a failure)."
+);
+
 /// Every metric ragent exports.
 pub const CATALOGUE: &[MetricDef] = &[
     BUILD_INFO,
@@ -512,6 +562,13 @@ pub const CATALOGUE: &[MetricDef] = &[
     RIGHTSIZING_CHECKPOINT_TIME,
     NODE_SAVING,
     NODE_SHAPE,
+    BLOB_BYTES,
+    UPSTREAM_FETCHES_AVOIDED,
+    PEER_REQUEST_DURATION,
+    PEER_FALLBACKS,
+    PEER_REQUESTS,
+    PEER_SERVED_BYTES,
+    SHARING_PEERS,
 ];
 
 /// The containerd event topics counted under their own label value.
@@ -905,6 +962,107 @@ impl RightsizingMetrics {
     }
 }
 
+/// The layer-sharing metrics (registered only when `[sharing]` is on).
+#[derive(Clone)]
+pub struct SharingMetrics {
+    pub blob_bytes: IntCounterVec,
+    pub avoided: IntCounterVec,
+    pub peer_latency: HistogramVec,
+    pub fallbacks: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub served: IntCounterVec,
+    pub peers: IntGaugeVec,
+}
+
+/// Metrics registered only when layer sharing runs (`[sharing] enabled`).
+pub const SHARING_ONLY: &[&MetricDef] = &[
+    &BLOB_BYTES,
+    &UPSTREAM_FETCHES_AVOIDED,
+    &PEER_REQUEST_DURATION,
+    &PEER_FALLBACKS,
+    &PEER_REQUESTS,
+    &PEER_SERVED_BYTES,
+    &SHARING_PEERS,
+];
+
+/// Buckets for peer answers: loopback and LAN answers are milliseconds; a peer that first has
+/// to reach the registry takes longer.
+const PEER_LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The peer server's outcomes (every value exists from the start).
+pub const PEER_REQUEST_OUTCOMES: &[&str] = &[
+    "store",
+    "fetched",
+    "declined",
+    "challenged",
+    "forbidden",
+    "not_found",
+    "failed",
+];
+
+impl SharingMetrics {
+    pub fn new(r: &Registry, registries: &[String]) -> Result<SharingMetrics, prometheus::Error> {
+        let m = SharingMetrics {
+            blob_bytes: reg(r, IntCounterVec::new(opts(&BLOB_BYTES), BLOB_BYTES.labels)?)?,
+            avoided: reg(
+                r,
+                IntCounterVec::new(
+                    opts(&UPSTREAM_FETCHES_AVOIDED),
+                    UPSTREAM_FETCHES_AVOIDED.labels,
+                )?,
+            )?,
+            peer_latency: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(PEER_REQUEST_DURATION.name, PEER_REQUEST_DURATION.help)
+                        .buckets(PEER_LATENCY_BUCKETS.to_vec()),
+                    PEER_REQUEST_DURATION.labels,
+                )?,
+            )?,
+            fallbacks: reg(
+                r,
+                IntCounterVec::new(opts(&PEER_FALLBACKS), PEER_FALLBACKS.labels)?,
+            )?,
+            requests: reg(
+                r,
+                IntCounterVec::new(opts(&PEER_REQUESTS), PEER_REQUESTS.labels)?,
+            )?,
+            served: reg(
+                r,
+                IntCounterVec::new(opts(&PEER_SERVED_BYTES), PEER_SERVED_BYTES.labels)?,
+            )?,
+            peers: reg(
+                r,
+                IntGaugeVec::new(opts(&SHARING_PEERS), SHARING_PEERS.labels)?,
+            )?,
+        };
+        for registry in registries {
+            for source in ["local", "peer", "upstream"] {
+                m.blob_bytes.with_label_values(&[registry.as_str(), source]);
+            }
+            m.avoided.with_label_values(&[registry.as_str()]);
+            m.served.with_label_values(&[registry.as_str()]);
+        }
+        for why in crate::core::sharing::Fallback::ALL {
+            m.fallbacks.with_label_values(&[why.metric_label()]);
+        }
+        for caller in ["local", "peer", "stranger"] {
+            for outcome in PEER_REQUEST_OUTCOMES {
+                m.requests.with_label_values(&[caller, outcome]);
+            }
+        }
+        for outcome in ["ok", "status", "timeout", "connect"] {
+            m.peer_latency.with_label_values(&[outcome]);
+        }
+        for state in ["ready", "not_ready", "down"] {
+            m.peers.with_label_values(&[state]);
+        }
+        Ok(m)
+    }
+}
+
 /// Handles to every metric, registered into the registry passed in.
 pub struct Metrics {
     registry: Registry,
@@ -933,6 +1091,7 @@ pub struct Metrics {
     pub rightsizing: RightsizingMetrics,
     /// Set when the kube adapter runs ([`Metrics::kube`]).
     kube: std::sync::OnceLock<KubeMetrics>,
+    sharing: std::sync::OnceLock<SharingMetrics>,
     image_series: Mutex<BTreeSet<String>>,
 }
 
@@ -989,6 +1148,7 @@ impl Metrics {
             insight: InsightMetrics::new(r)?,
             rightsizing: RightsizingMetrics::new(r)?,
             kube: std::sync::OnceLock::new(),
+            sharing: std::sync::OnceLock::new(),
             image_series: Mutex::new(BTreeSet::new()),
             registry,
         };
@@ -1021,6 +1181,15 @@ impl Metrics {
         }
         let k = KubeMetrics::new(&self.registry)?;
         Ok(self.kube.get_or_init(|| k).clone())
+    }
+
+    /// The sharing metrics, registered on first use (only when `[sharing]` is on).
+    pub fn sharing(&self, registries: &[String]) -> Result<SharingMetrics, prometheus::Error> {
+        if let Some(m) = self.sharing.get() {
+            return Ok(m.clone());
+        }
+        let m = SharingMetrics::new(&self.registry, registries)?;
+        Ok(self.sharing.get_or_init(|| m).clone())
     }
 
     /// Sets the per-image series to exactly `sizes`, removing series of images that are gone.
@@ -1109,6 +1278,7 @@ mod tests {
         rs.node_shape.with_label_values(&["a", "b"]);
         rs.node_saving.with_label_values::<&str>(&[]).set(0.5);
         m.kube().unwrap();
+        m.sharing(&["r:5000".to_string()]).unwrap();
         // Registered once: a second call returns the same handles.
         m.kube().unwrap().pods.set(3);
         let text = m.encode().unwrap();

@@ -13,25 +13,35 @@
 //!   public`). A request that brings credentials is declined (the upstream check is not built
 //!   yet, and an unchecked credential is default deny), one without is challenged; nothing is
 //!   served that the policy does not mark public. docs/sharing.md has the rest of the design.
-use std::{io, sync::Arc};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use axum::{
     Router,
     body::Body,
-    extract::State,
-    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    extract::{ConnectInfo, FromRequestParts, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use futures::{StreamExt, stream::BoxStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    adapters::containerd::{Containerd, ContainerdError, MAX_METADATA_BLOB},
-    core::sharing::{
-        Access, AccessFacts, ByteRange, ContentRequest, Kind, Presented, PublicPolicy, Route,
-        SharingError, UpstreamCheck, decide_access, manifest_media_type, parse_range,
-        parse_request,
+    adapters::{
+        containerd::{Containerd, ContainerdError, MAX_METADATA_BLOB},
+        registry::Registry,
     },
+    core::sharing::{
+        Access, AccessFacts, ByteRange, Caller, ContentRequest, Kind, PEER_TOKEN_HEADER, Presented,
+        PublicPolicy, Route, SharingError, Token, UpstreamCheck, classify_caller, decide_access,
+        manifest_media_type, parse_range, parse_request,
+    },
+    mesh::Mesh,
+    metrics::SharingMetrics,
+    upstream::{Discard, Keeper, Origin},
 };
 
 /// Where the peer server reads content: containerd's content store, or a fake in tests.
@@ -68,43 +78,125 @@ impl ContentSource for Containerd {
     }
 }
 
-struct PeerState<S> {
-    source: S,
-    policy: PublicPolicy,
+/// What the peer server knows besides the store: who may ask, and where misses go.
+pub struct PeerOptions<O: Origin, K: Keeper> {
+    /// Content served to this node's containerd without credentials.
+    pub policy: PublicPolicy,
+    /// The secret other agents present; None: every remote request is 403.
+    pub token: Option<Token>,
+    /// The address the server listens on when it is not unspecified: a connection from it
+    /// comes from this host.
+    pub listen_ip: Option<IpAddr>,
+    /// Where misses go (home peer or upstream); None: a miss is 404.
+    pub mesh: Option<Arc<Mesh<O, K>>>,
+    pub metrics: Option<SharingMetrics>,
+    /// The registries metrics may name (anything else is counted as "other").
+    pub registries: Vec<String>,
 }
 
-/// The peer server's routes over `source`, deciding access with `policy`.
-pub fn router<S: ContentSource>(source: S, policy: PublicPolicy) -> Router {
+impl PeerOptions<Registry, Discard> {
+    /// Serves the store's public content to this host only, with no forwarding.
+    pub fn public_only(policy: PublicPolicy) -> Self {
+        PeerOptions {
+            policy,
+            token: None,
+            listen_ip: None,
+            mesh: None,
+            metrics: None,
+            registries: Vec::new(),
+        }
+    }
+}
+
+struct PeerState<S, O: Origin, K: Keeper> {
+    source: S,
+    opts: PeerOptions<O, K>,
+}
+
+/// The peer server's routes over `source`.
+pub fn router<S: ContentSource, O: Origin, K: Keeper>(
+    source: S,
+    opts: PeerOptions<O, K>,
+) -> Router {
     Router::new()
-        .fallback(handle::<S>)
-        .with_state(Arc::new(PeerState { source, policy }))
+        .fallback(handle::<S, O, K>)
+        .with_state(Arc::new(PeerState { source, opts }))
 }
 
 /// Serves the peer API on `listener` until `shutdown` resolves.
-pub async fn serve<S: ContentSource>(
+pub async fn serve<S: ContentSource, O: Origin, K: Keeper>(
     listener: tokio::net::TcpListener,
     source: S,
-    policy: PublicPolicy,
+    opts: PeerOptions<O, K>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(source, policy))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(source, opts).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 const API_VERSION: &str = "registry/2.0";
 
-async fn handle<S: ContentSource>(
-    State(st): State<Arc<PeerState<S>>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+impl<S, O: Origin, K: Keeper> PeerState<S, O, K> {
+    fn count(&self, caller: Caller, outcome: &str) {
+        if let Some(m) = &self.opts.metrics {
+            let c = match caller {
+                Caller::Local => "local",
+                Caller::Peer => "peer",
+                Caller::Stranger => "stranger",
+            };
+            m.requests.with_label_values(&[c, outcome]).inc();
+        }
+    }
+
+    fn registry_label<'a>(&'a self, registry: Option<&'a str>) -> &'a str {
+        match registry {
+            Some(r) if self.opts.registries.iter().any(|x| x == r) => r,
+            _ => "other",
+        }
+    }
+}
+
+async fn handle<S: ContentSource, O: Origin, K: Keeper>(
+    State(st): State<Arc<PeerState<S, O, K>>>,
+    request: axum::extract::Request,
 ) -> Response {
+    let (mut parts, _) = request.into_parts();
+    // Where the connection comes from (also under axum's MockConnectInfo in tests).
+    let remote = ConnectInfo::<SocketAddr>::from_request_parts(&mut parts, &())
+        .await
+        .ok()
+        .map(|c| c.0.ip());
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let head = method == Method::HEAD;
+    let from_this_host = remote.is_some_and(|ip| ip.is_loopback() || Some(ip) == st.opts.listen_ip);
+    let caller = classify_caller(
+        st.opts.token.as_ref(),
+        headers.get(PEER_TOKEN_HEADER).map(|v| v.as_bytes()),
+        from_this_host,
+    );
+    if caller == Caller::Stranger {
+        st.count(caller, "forbidden");
+        debug!(
+            ?remote,
+            path = uri.path(),
+            "peer request without a valid token refused"
+        );
+        return oci_error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            "only this node and agents with the cluster's peer token may ask this server",
+            head,
+        );
+    }
     let route = match parse_request(method.as_str(), uri.path(), uri.query()) {
         Ok(r) => r,
         Err(e) => {
             debug!(%method, path = uri.path(), reason = e.metric_label(), "peer request rejected");
+            st.count(caller, "not_found");
             return error(&e, head);
         }
     };
@@ -125,59 +217,206 @@ async fn handle<S: ContentSource>(
         }
         Route::Content(c) => c,
     };
-    let facts = AccessFacts {
-        registry: req.registry.as_deref(),
-        repository: &req.name,
-        // The upstream check of presented credentials is not built yet: Unknown (deny).
-        presented: if headers.contains_key(header::AUTHORIZATION) {
-            Presented::Credentials(UpstreamCheck::Unknown)
-        } else {
-            Presented::None
-        },
-        // Pods' pull secrets are not looked at yet.
-        node_pod_may_pull: false,
-    };
-    match decide_access(&facts, &st.policy) {
-        Access::Serve(_) => {}
-        Access::Challenge { realm } => {
-            let mut r = oci_error(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "this peer serves private content only to pulls with credentials",
-                head,
-            );
-            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    if caller == Caller::Local {
+        let facts = AccessFacts {
+            registry: req.registry.as_deref(),
+            repository: &req.name,
+            // The upstream check of presented credentials is not built yet: Unknown (deny).
+            presented: if headers.contains_key(header::AUTHORIZATION) {
+                Presented::Credentials(UpstreamCheck::Unknown)
+            } else {
+                Presented::None
+            },
+            // Pods' pull secrets are not looked at yet.
+            node_pod_may_pull: false,
+        };
+        match decide_access(&facts, &st.opts.policy) {
+            Access::Serve(_) => {}
+            Access::Challenge { realm } => {
+                st.count(caller, "challenged");
+                let mut r = oci_error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "this peer serves private content only to pulls with credentials",
+                    head,
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                return r;
+            }
+            Access::Decline(reason) => {
+                st.count(caller, "declined");
+                debug!(digest = %req.digest, reason = reason.metric_label(), "peer request declined");
+                return not_found(&req, "not served by this peer", head);
+            }
+        }
+    }
+    // A peer's request needs the registry to fetch a miss from.
+    if caller == Caller::Peer && req.registry.is_none() {
+        st.count(caller, "not_found");
+        return not_found(&req, "no ns= parameter: the registry is unknown", head);
+    }
+    let answer = match serve_content(&st.source, &req, &headers).await {
+        Ok(Served::Answer(r)) => {
+            let outcome = if r.status().is_success() {
+                "store"
+            } else {
+                "not_found"
+            };
+            st.count(caller, outcome);
+            if r.status().is_success()
+                && req.kind == Kind::Blob
+                && let Some(m) = &st.opts.metrics
+            {
+                let label = st.registry_label(req.registry.as_deref());
+                let n = r
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if !head {
+                    match caller {
+                        Caller::Peer => m.served.with_label_values(&[label]).inc_by(n),
+                        _ => m.blob_bytes.with_label_values(&[label, "local"]).inc_by(n),
+                    }
+                }
             }
             return r;
         }
-        Access::Decline(reason) => {
-            debug!(digest = %req.digest, reason = reason.metric_label(), "peer request declined");
-            return not_found(&req, "not served by this peer", head);
-        }
+        Ok(Served::Missing) => None,
+        Err(e) => Some(e),
+    };
+    if let Some(e) = answer {
+        warn!(digest = %req.digest, error = %e, "reading from containerd failed");
     }
-    match serve_content(&st.source, &req, &headers).await {
-        Ok(r) => r,
+    // Not in the store (or the store failed): blobs go to the mesh.
+    let (Some(mesh), Kind::Blob, Some(registry)) =
+        (&st.opts.mesh, req.kind, req.registry.as_deref())
+    else {
+        st.count(caller, "not_found");
+        return not_found(&req, "not in this node's content store", head);
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let Some(start) = range_start(range) else {
+        st.count(caller, "not_found");
+        return not_found(&req, "a suffix range is served from the store only", head);
+    };
+    let fetched = match caller {
+        // Another agent asked: fetch upstream (once), never forward again.
+        Caller::Peer => match mesh
+            .flights()
+            .join(registry, &req.name, req.digest.as_str())
+        {
+            Ok((flight, _)) => match flight.size().await {
+                Ok(size) => Ok(crate::mesh::Fetched {
+                    size,
+                    source: "upstream",
+                    stream: flight.read(start.min(size), 0),
+                }),
+                Err(e) => Err(crate::mesh::MeshError::Upstream(e)),
+            },
+            Err(e) => Err(crate::mesh::MeshError::Upstream(e)),
+        },
+        _ => {
+            mesh.fetch(registry, &req.name, req.digest.as_str(), start)
+                .await
+        }
+    };
+    let fetched = match fetched {
+        Ok(f) => f,
         Err(e) => {
-            warn!(digest = %req.digest, error = %e, "reading from containerd failed");
-            oci_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                "the content store could not be read",
-                head,
-            )
+            st.count(caller, "failed");
+            info!(digest = %req.digest, error = %e, "no source for a missed blob; containerd goes to the registry");
+            return not_found(&req, "no peer has it and the fetch failed", head);
         }
+    };
+    st.count(caller, "fetched");
+    let size = fetched.size;
+    let (status, start, len) = match parse_range(range, size) {
+        ByteRange::Full => (StatusCode::OK, 0, size),
+        ByteRange::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        ByteRange::Unsatisfiable => {
+            return oci_error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_INVALID",
+                "the range starts after the end of the blob",
+                head,
+            );
+        }
+    };
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", req.digest.as_str());
+    if status == StatusCode::PARTIAL_CONTENT {
+        r = r.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", start + len - 1),
+        );
     }
+    if head {
+        return r.body(Body::empty()).unwrap_or_else(|_| internal());
+    }
+    let served = (caller == Caller::Peer)
+        .then(|| st.opts.metrics.clone())
+        .flatten()
+        .map(|m| {
+            m.served
+                .with_label_values(&[st.registry_label(Some(registry))])
+        });
+    let mut left = len;
+    let body = fetched.stream.map(move |chunk| {
+        let mut b = chunk?;
+        // A `bytes=N-M` range ends before the blob does.
+        b.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+        left -= b.len() as u64;
+        if let Some(c) = &served {
+            c.inc_by(b.len() as u64);
+        }
+        Ok::<_, io::Error>(axum::body::Bytes::from(b))
+    });
+    r.body(Body::from_stream(body.take_while({
+        let mut sent = 0u64;
+        move |c| {
+            let go = sent < len;
+            if let Ok(b) = c {
+                sent += b.len() as u64;
+            }
+            futures::future::ready(go)
+        }
+    })))
+    .unwrap_or_else(|_| internal())
+}
+
+/// The first byte a `Range` asks for (`bytes=N-` or `bytes=N-M`; 0 without one); None for a
+/// suffix range, which needs the length first.
+fn range_start(range: Option<&str>) -> Option<u64> {
+    let Some(v) = range else { return Some(0) };
+    let spec = v.trim().strip_prefix("bytes=")?;
+    let (first, _) = spec.split_once('-')?;
+    if first.is_empty() {
+        return None;
+    }
+    first.trim().parse().ok()
+}
+
+/// What the store had.
+enum Served {
+    Answer(Response),
+    Missing,
 }
 
 async fn serve_content<S: ContentSource>(
     source: &S,
     req: &ContentRequest,
     headers: &HeaderMap,
-) -> Result<Response, ContainerdError> {
+) -> Result<Served, ContainerdError> {
     let digest = req.digest.as_str();
     let Some(size) = source.size(digest).await? else {
-        return Ok(not_found(req, "not in this node's content store", req.head));
+        return Ok(Served::Missing);
     };
     let digest_header = HeaderValue::from_str(digest).map_err(|_| ContainerdError::NotFound {
         digest: digest.into(),
@@ -185,14 +424,16 @@ async fn serve_content<S: ContentSource>(
     match req.kind {
         Kind::Manifest => {
             if size > MAX_METADATA_BLOB {
-                return Ok(not_found(req, "too large to be a manifest", req.head));
+                return Ok(Served::Answer(not_found(
+                    req,
+                    "too large to be a manifest",
+                    req.head,
+                )));
             }
             let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
             let mut s = match source.read(digest, 0, 0).await {
                 Ok(s) => s,
-                Err(ContainerdError::NotFound { .. }) => {
-                    return Ok(not_found(req, "not in this node's content store", req.head));
-                }
+                Err(ContainerdError::NotFound { .. }) => return Ok(Served::Missing),
                 Err(e) => return Err(e),
             };
             while let Some(chunk) = s.next().await {
@@ -203,10 +444,18 @@ async fn serve_content<S: ContentSource>(
             }
             if bytes.len() as u64 != size {
                 // Changed under us (removed mid-read): better nothing than a wrong body.
-                return Ok(not_found(req, "changed while being read", req.head));
+                return Ok(Served::Answer(not_found(
+                    req,
+                    "changed while being read",
+                    req.head,
+                )));
             }
             let Some(media_type) = manifest_media_type(&bytes) else {
-                return Ok(not_found(req, "not a manifest or an index", req.head));
+                return Ok(Served::Answer(not_found(
+                    req,
+                    "not a manifest or an index",
+                    req.head,
+                )));
             };
             let mut r = Response::builder()
                 .status(StatusCode::OK)
@@ -219,7 +468,7 @@ async fn serve_content<S: ContentSource>(
             } else {
                 Body::from(bytes)
             };
-            Ok(r.body(body).unwrap_or_else(|_| internal()))
+            Ok(Served::Answer(r.body(body).unwrap_or_else(|_| internal())))
         }
         Kind::Blob => {
             let range = parse_range(
@@ -241,7 +490,7 @@ async fn serve_content<S: ContentSource>(
                     if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                         r.headers_mut().insert(header::CONTENT_RANGE, v);
                     }
-                    return Ok(r);
+                    return Ok(Served::Answer(r));
                 }
             };
             let mut r = Response::builder()
@@ -257,13 +506,13 @@ async fn serve_content<S: ContentSource>(
                 );
             }
             if req.head || len == 0 {
-                return Ok(r.body(Body::empty()).unwrap_or_else(|_| internal()));
+                return Ok(Served::Answer(
+                    r.body(Body::empty()).unwrap_or_else(|_| internal()),
+                ));
             }
             let stream = match source.read(digest, start, len).await {
                 Ok(s) => s,
-                Err(ContainerdError::NotFound { .. }) => {
-                    return Ok(not_found(req, "not in this node's content store", req.head));
-                }
+                Err(ContainerdError::NotFound { .. }) => return Ok(Served::Missing),
                 Err(e) => return Err(e),
             };
             // An error mid-stream aborts the response: the client sees fewer bytes than
@@ -271,7 +520,7 @@ async fn serve_content<S: ContentSource>(
             let body = Body::from_stream(
                 stream.map(|r| r.map(axum::body::Bytes::from).map_err(io::Error::other)),
             );
-            Ok(r.body(body).unwrap_or_else(|_| internal()))
+            Ok(Served::Answer(r.body(body).unwrap_or_else(|_| internal())))
         }
     }
 }
@@ -321,7 +570,7 @@ fn internal() -> Response {
 mod tests {
     use std::collections::BTreeMap;
 
-    use axum::body::to_bytes;
+    use axum::{body::to_bytes, extract::connect_info::MockConnectInfo};
     use sha2::{Digest as _, Sha256};
     use tower::ServiceExt;
 
@@ -382,7 +631,15 @@ mod tests {
         let fake = Fake {
             blobs: Arc::new(blobs),
         };
-        (router(fake, PublicPolicy::parse(public).unwrap()), m, l)
+        (
+            router(
+                fake,
+                PeerOptions::public_only(PublicPolicy::parse(public).unwrap()),
+            )
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000)))),
+            m,
+            l,
+        )
     }
 
     async fn call(

@@ -18,7 +18,7 @@ use std::{
 
 use futures::{FutureExt, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use crate::core::prepull::{ImageReport, Report, Total};
 use crate::{
@@ -35,6 +35,7 @@ use crate::{
     flight::SingleFlight,
     metrics::PrepullMetrics,
     progress::Progress,
+    sharing::NodeMesh,
 };
 
 /// Default number of blobs fetched at once: enough to fill a node's link, few enough not to
@@ -127,6 +128,9 @@ pub struct Options {
     pub concurrency: usize,
     /// Bytes per second over all of this puller's fetches; None: as fast as the link goes.
     pub max_rate: Option<u64>,
+    /// Layer sharing (`[sharing]` on): blobs come from their home peer, or are fetched
+    /// upstream once for the cluster; None: straight from the registry.
+    pub mesh: Option<Arc<NodeMesh>>,
 }
 
 impl Default for Options {
@@ -134,6 +138,7 @@ impl Default for Options {
         Options {
             concurrency: DEFAULT_CONCURRENCY,
             max_rate: None,
+            mesh: None,
         }
     }
 }
@@ -156,6 +161,7 @@ pub struct Puller {
     limiter: Option<Arc<Mutex<TokenBucket>>>,
     metrics: PrepullMetrics,
     flights: SingleFlight<Result<Fetched, Arc<PrepullError>>>,
+    mesh: Option<Arc<NodeMesh>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,6 +232,7 @@ impl Puller {
                 .map(|r| Arc::new(Mutex::new(TokenBucket::new(r, Instant::now())))),
             metrics,
             flights: SingleFlight::default(),
+            mesh: opts.mesh.clone(),
         }
     }
 
@@ -651,6 +658,7 @@ impl Puller {
         fetch_blob(
             &self.containerd,
             &self.registry,
+            self.mesh.clone(),
             reference,
             desc,
             lease,
@@ -672,6 +680,7 @@ impl Puller {
     {
         let containerd = self.containerd.clone();
         let registry = self.registry.clone();
+        let mesh = self.mesh.clone();
         let limiter = self.limiter.clone();
         let metrics = self.metrics.clone();
         let (reference, desc, lease) = (reference.to_string(), desc.clone(), lease.to_string());
@@ -679,6 +688,7 @@ impl Puller {
             fetch_blob(
                 &containerd,
                 &registry,
+                mesh,
                 &reference,
                 &desc,
                 &lease,
@@ -789,11 +799,42 @@ async fn leased_present(
     Ok(present)
 }
 
+/// The bytes of a blob from `offset`: through layer sharing when it runs (home peer or one
+/// upstream fetch for the cluster), else, or when sharing cannot serve it, from the registry.
+async fn open_blob(
+    registry: &Registry,
+    mesh: Option<&Arc<NodeMesh>>,
+    reference: &str,
+    digest: &str,
+    size: u64,
+    offset: u64,
+) -> Result<futures::stream::BoxStream<'static, std::io::Result<Vec<u8>>>, std::io::Error> {
+    if let Some(mesh) = mesh {
+        let host = crate::core::pulls::registry_of(reference);
+        let (_, repository) = crate::core::pulls::distribution_source_label(reference);
+        match mesh.fetch(host, &repository, digest, offset).await {
+            Ok(f) if f.size == size => return Ok(f.stream),
+            Ok(f) => {
+                warn!(%digest, size, shared = f.size, "layer sharing announced another size; fetching from the registry");
+            }
+            Err(e) => {
+                info!(%digest, error = %e, "layer sharing could not serve the blob; fetching from the registry");
+            }
+        }
+    }
+    Ok(registry
+        .blob(reference, digest, size, offset)
+        .await
+        .map_err(std::io::Error::other)?
+        .boxed())
+}
+
 /// Fetches one blob into containerd through the ingest `ragent-<digest>`, paced by `limiter`.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
     containerd: &Containerd,
     registry: &Registry,
+    mesh: Option<Arc<NodeMesh>>,
     reference: &str,
     desc: &Descriptor,
     lease: &str,
@@ -819,6 +860,7 @@ async fn fetch_blob(
             let (inflight, resumed) = (&inflight, &resumed_from);
             let (reference, digest) = (reference.to_string(), desc.digest.clone());
             let (limiter, progress) = (limiter.clone(), progress.clone());
+            let mesh = mesh.clone();
             let size = desc.size;
             containerd
                 .write_blob(lease, &ingest, desc, source_label.clone(), move |offset| {
@@ -828,11 +870,9 @@ async fn fetch_blob(
                         p.advance(&digest, offset);
                     }
                     let d = digest.clone();
+                    let mesh = mesh.clone();
                     stream::once(async move {
-                        registry
-                            .blob(&reference, &d, size, offset)
-                            .await
-                            .map_err(std::io::Error::other)
+                        open_blob(registry, mesh.as_ref(), &reference, &d, size, offset).await
                     })
                     .try_flatten()
                     .and_then(move |chunk| {

@@ -8,9 +8,17 @@
 //! - `enabled = false` (the default): nothing listens, and every entry ragent wrote in
 //!   `certs_dir` is restored to what was there before.
 //!
-//! Not here yet: forwarding a miss to the digest's home peer, single flight, membership,
-//! the upstream credential check, peer authentication, metrics.
-use std::{net::SocketAddr, path::Path, sync::Arc};
+//! - A blob this node misses goes to its home peer, or is fetched upstream once
+//!   ([`crate::mesh`], [`crate::upstream`]); the same path serves the agent's pre-pulls.
+//! - Membership: the static `peers` list (the EndpointSlice watch feeds the same channel).
+//!
+//! Not here yet: the upstream credential check for private content, pods' pull secrets.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -19,10 +27,27 @@ use crate::{
     adapters::{
         certsd::{CertsDir, Change, Installed, Restored},
         containerd::{Containerd, ContainerdError},
+        registry::Registry,
     },
     config::SharingSettings,
-    peer::ContentSource,
+    core::{oci::Descriptor, sharing::Peer},
+    mesh::Mesh,
+    metrics::SharingMetrics,
+    peer::{ContentSource, PeerOptions},
+    upstream::{Flights, Keeper, UpstreamError, file_stream},
 };
+
+/// The mesh the agent runs: upstream is the registry, fetched blobs are kept in containerd.
+pub type NodeMesh = Mesh<Registry, ContainerdKeeper>;
+
+/// What [`start`] gives the rest of the agent.
+pub struct Running {
+    pub server: JoinHandle<()>,
+    /// For the pre-pulls: misses go through the same home peers.
+    pub mesh: Arc<NodeMesh>,
+    /// Membership updates (the EndpointSlice watch sends here).
+    pub peers: watch::Sender<Vec<Peer>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SharingRunError {
@@ -35,17 +60,22 @@ pub enum SharingRunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Spool(#[from] UpstreamError),
 }
 
 /// Applies `[sharing]`: restores or installs the certs.d entries and, when enabled, starts the
 /// peer server (stopped when `stop` turns true). A bind failure is an error; certs.d problems
-/// are logged per registry and do not stop the agent.
+/// are logged per registry and do not stop the agent. `node` is this node's peer id unless
+/// `[sharing] node` names one.
 pub async fn start(
     settings: &SharingSettings,
     socket: &Path,
     namespace: &str,
+    node: &str,
+    metrics: Option<SharingMetrics>,
     mut stop: watch::Receiver<bool>,
-) -> Result<Option<JoinHandle<()>>, SharingRunError> {
+) -> Result<Option<Running>, SharingRunError> {
     let certs = CertsDir::new(&settings.certs_dir, &settings.mirror);
     if !settings.enabled {
         for (registry, r) in certs.restore_all() {
@@ -59,7 +89,8 @@ pub async fn start(
             addr: settings.peer_addr,
             source,
         })?;
-    info!(addr = %settings.peer_addr, mirror = %settings.mirror, "serving peers (blobs and manifests by digest)");
+    let me = settings.node.clone().unwrap_or_else(|| node.to_string());
+    info!(addr = %settings.peer_addr, mirror = %settings.mirror, node = %me, peers = settings.peers.len(), "serving peers (blobs and manifests by digest)");
     for (registry, r) in certs.sync(&settings.registries) {
         match r {
             Ok(Change::Installed(Installed::Unchanged)) => {
@@ -74,16 +105,113 @@ pub async fn start(
             }
         }
     }
+    if settings.token.is_none() {
+        warn!(
+            "[sharing] token_file is not set: no peers are asked, and other agents' requests are refused"
+        );
+    }
     let source = LazyContainerd::new(socket, namespace);
-    let policy = settings.public.clone();
-    Ok(Some(tokio::spawn(async move {
+    let upstream = Registry::new(&settings.insecure_registries, settings.credentials.clone());
+    let keeper = ContainerdKeeper {
+        store: source.clone(),
+        keep: settings.keep,
+    };
+    let flights = Flights::new(&settings.spool_dir, upstream, keeper)?;
+    let (peers_tx, peers_rx) = watch::channel(settings.peers.clone());
+    let mesh = Mesh::new(
+        &me,
+        settings.zone.as_deref(),
+        peers_rx,
+        settings.token.clone(),
+        settings.peer_timeout,
+        flights,
+        metrics.clone(),
+    );
+    let opts = PeerOptions {
+        policy: settings.public.clone(),
+        token: settings.token.clone(),
+        listen_ip: Some(settings.peer_addr.ip()).filter(|ip| !ip.is_unspecified()),
+        mesh: Some(mesh.clone()),
+        metrics: metrics.clone(),
+        registries: settings.registries.clone(),
+    };
+    let gauge_mesh = mesh.clone();
+    let mut gauge_stop = stop.clone();
+    if let Some(m) = metrics {
+        tokio::spawn(async move {
+            loop {
+                let (ready, not_ready, down) = gauge_mesh.membership();
+                m.peers.with_label_values(&["ready"]).set(ready);
+                m.peers.with_label_values(&["not_ready"]).set(not_ready);
+                m.peers.with_label_values(&["down"]).set(down);
+                tokio::select! {
+                    _ = gauge_stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+    let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = crate::peer::serve(listener, source, policy, shutdown).await {
+        if let Err(e) = crate::peer::serve(listener, source, opts, shutdown).await {
             warn!(error = %e, "the peer server failed");
         }
-    })))
+    });
+    Ok(Some(Running {
+        server,
+        mesh,
+        peers: peers_tx,
+    }))
+}
+
+/// Keeps blobs fetched for peers in containerd's content store, under a lease that expires
+/// after `keep` (so they are served from the store, and GC takes them later unless an image
+/// uses them).
+pub struct ContainerdKeeper {
+    store: LazyContainerd,
+    keep: std::time::Duration,
+}
+
+impl Keeper for ContainerdKeeper {
+    async fn keep(
+        &self,
+        registry: &str,
+        repository: &str,
+        desc: &Descriptor,
+        file: &Path,
+    ) -> Result<(), ContainerdError> {
+        let c = self.store.get().await?;
+        let short = desc
+            .digest
+            .split(':')
+            .nth(1)
+            .unwrap_or("")
+            .get(..16)
+            .unwrap_or("");
+        let lease = c
+            .create_lease(
+                &format!("ragent-share-{short}-{}", crate::prepull::nonce()),
+                self.keep,
+            )
+            .await?;
+        let labels = HashMap::from([(
+            format!("containerd.io/distribution.source.{registry}"),
+            repository.to_string(),
+        )]);
+        let path: PathBuf = file.to_path_buf();
+        let r = c
+            .write_blob(
+                &lease,
+                &format!("ragent-share-{}", desc.digest),
+                desc,
+                labels,
+                move |offset| file_stream(&path, offset),
+            )
+            .await;
+        self.store.check(r).await.map(|_| ())
+    }
 }
 
 fn log_restore(registry: &str, r: Result<Restored, crate::adapters::certsd::CertsdError>) {

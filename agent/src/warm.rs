@@ -34,11 +34,13 @@ pub async fn keep_warm(
     registry: Arc<Registry>,
     metrics: PrepullMetrics,
     reports: Option<Reports>,
+    mesh: Option<Arc<crate::sharing::NodeMesh>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let opts = Options {
         concurrency: policy.concurrency,
         max_rate: policy.max_rate,
+        mesh,
     };
     let mut state = Policy::new(&policy.images, policy.timing, Instant::now());
     let mut published = Published::new(metrics.images.clone());

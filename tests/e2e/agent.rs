@@ -49,7 +49,12 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
     // insight tests check them); the kube adapter's exist when it runs (it does not here; the
     // `kube::` test reads them); everything else is exported from the start.
     let per_entity = ["namespace", "image", "registry", "map", "run_image_digest"];
-    let kube_only = |name: &str| ragent::metrics::KUBE_ONLY.iter().any(|k| k.name == name);
+    let kube_only = |name: &str| {
+        ragent::metrics::KUBE_ONLY
+            .iter()
+            .chain(ragent::metrics::SHARING_ONLY)
+            .any(|k| k.name == name)
+    };
     // The saving exists only when the machine matches a catalog shape.
     let maybe = ["ragent_recommendation_node_saving_ratio"];
     for d in ragent::metrics::CATALOGUE.iter().filter(|d| {
@@ -63,10 +68,13 @@ async fn agent_metrics_follow_containerd_and_survive_a_restart() {
             d.name
         );
     }
-    for k in ragent::metrics::KUBE_ONLY {
+    for k in ragent::metrics::KUBE_ONLY
+        .iter()
+        .chain(ragent::metrics::SHARING_ONLY)
+    {
         assert!(
             !text.contains(&format!("# TYPE {} ", k.name)),
-            "{} exported without the kube adapter",
+            "{} exported without the kube adapter or layer sharing",
             k.name
         );
     }

@@ -264,9 +264,14 @@ async fn start_peer(node: &Node, public: &[String]) -> (SocketAddr, oneshot::Sen
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let policy = PublicPolicy::parse(public).expect("policy");
-    tokio::spawn(ragent::peer::serve(listener, c, policy, async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(ragent::peer::serve(
+        listener,
+        c,
+        ragent::peer::PeerOptions::public_only(policy),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     (addr, stop)
 }
 

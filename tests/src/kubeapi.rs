@@ -542,6 +542,7 @@ mod tests {
             prepull: prepull_policy(&PrepullSection::default()).expect("defaults"),
             reconcile_interval: Duration::from_millis(300),
             node_capacity: capacity.clone(),
+            mesh: None,
         };
         let task = tokio::spawn(ragent::kubernetes::run(
             api.client(),

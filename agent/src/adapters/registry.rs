@@ -638,6 +638,24 @@ impl Registry {
         size: u64,
         offset: u64,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, std::io::Error>> + use<>, RegistryError> {
+        Ok(self.sized_blob(reference, digest, size, offset).await?.1)
+    }
+
+    /// [`Registry::blob`], with the length of the answer the registry announced (the bytes from
+    /// `offset` on), when it did.
+    pub async fn sized_blob(
+        &self,
+        reference: &str,
+        digest: &str,
+        size: u64,
+        offset: u64,
+    ) -> Result<
+        (
+            Option<u64>,
+            impl Stream<Item = Result<Vec<u8>, std::io::Error>> + use<>,
+        ),
+        RegistryError,
+    > {
         let r = parse(reference)?;
         let what = format!("{}@{digest}", r.whole());
         let timeout = self.timeout;
@@ -666,8 +684,9 @@ impl Registry {
                 }
             }
         };
+        let announced = sized.content_length.map(|n| n.saturating_sub(skip));
         let digest = digest.to_string();
-        Ok(sized
+        let stream = sized
             .stream
             .map_ok(move |chunk| {
                 let n = (skip.min(chunk.len() as u64)) as usize;
@@ -684,7 +703,8 @@ impl Registry {
                 };
                 futures::future::ready(Some(item))
             })
-            .boxed())
+            .boxed();
+        Ok((announced, stream))
     }
 }
 

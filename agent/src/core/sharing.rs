@@ -64,6 +64,15 @@ pub enum SharingError {
          [sharing] registries"
     )]
     HostsTomlMerge { registry: String, reason: String },
+    #[error(
+        "peer {id:?} in [sharing] peers is invalid: {reason}; write id = \"<node name>\" and \
+         addr = \"<ip>:<port>\" of its peer server"
+    )]
+    InvalidPeer { id: String, reason: String },
+    #[error("the peer token is unusable: {reason}")]
+    InvalidToken { reason: &'static str },
+    #[error("{name:?} is not a Service name: {reason}")]
+    InvalidServiceName { name: String, reason: &'static str },
 }
 
 impl SharingError {
@@ -79,7 +88,10 @@ impl SharingError {
             SharingError::InvalidRegistry { .. }
             | SharingError::InvalidPublic { .. }
             | SharingError::HostsTomlInvalid { .. }
-            | SharingError::HostsTomlMerge { .. } => 500,
+            | SharingError::HostsTomlMerge { .. }
+            | SharingError::InvalidPeer { .. }
+            | SharingError::InvalidToken { .. }
+            | SharingError::InvalidServiceName { .. } => 500,
         }
     }
 
@@ -108,6 +120,9 @@ impl SharingError {
             SharingError::InvalidPublic { .. } => "invalid_public",
             SharingError::HostsTomlInvalid { .. } => "hosts_toml_invalid",
             SharingError::HostsTomlMerge { .. } => "hosts_toml_merge",
+            SharingError::InvalidPeer { .. } => "invalid_peer",
+            SharingError::InvalidToken { .. } => "invalid_token",
+            SharingError::InvalidServiceName { .. } => "invalid_service",
         }
     }
 }
@@ -876,6 +891,282 @@ fn split_at_first_table(text: &str) -> (&str, &str) {
 /// A TOML basic string.
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.into()).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership, peer authentication and the order a miss is tried in.
+
+impl Peer {
+    /// A peer from the static list (`[[sharing.peers]]`): always ready; `addr` is `ip:port`.
+    pub fn configured(id: &str, addr: &str, zone: Option<&str>) -> Result<Peer, SharingError> {
+        let bad = |reason: String| SharingError::InvalidPeer {
+            id: id.to_string(),
+            reason,
+        };
+        if id.trim().is_empty() || id.len() > 253 || id.chars().any(char::is_whitespace) {
+            return Err(bad(
+                "the id must be a node name (1..=253 characters, no spaces)".into(),
+            ));
+        }
+        let parsed: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| bad(format!("addr {addr:?} is not ip:port ({e})")))?;
+        if parsed.ip().is_unspecified() || parsed.port() == 0 {
+            return Err(bad(format!("addr {addr:?} cannot be dialled")));
+        }
+        Ok(Peer {
+            id: id.to_string(),
+            addr: parsed.to_string(),
+            zone: zone.filter(|z| !z.is_empty()).map(str::to_string),
+            ready: true,
+        })
+    }
+}
+
+/// What the kube adapter reads of one EndpointSlice endpoint (discovery.k8s.io/v1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// `addresses` (IPv4 or IPv6, without port).
+    pub addresses: Vec<String>,
+    /// `conditions.ready`; None (unknown) counts as ready, as the API asks consumers to.
+    pub ready: Option<bool>,
+    /// `conditions.terminating`: a terminating endpoint is not given new digests.
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// The peers an agent's EndpointSlices describe: one per node (the first address of its
+/// endpoint, at `port`), ready when the endpoint is ready and not terminating. Endpoints without
+/// a node name or an address are skipped; a node listed twice keeps its ready entry.
+pub fn peers_from_slices(endpoints: &[SliceEndpoint], port: u16) -> Vec<Peer> {
+    let mut peers: Vec<Peer> = Vec::new();
+    for e in endpoints {
+        let (Some(node), Some(ip)) = (e.node_name.as_deref(), e.addresses.first()) else {
+            continue;
+        };
+        let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        let ready = e.ready.unwrap_or(true) && !e.terminating.unwrap_or(false);
+        let peer = Peer {
+            id: node.to_string(),
+            addr: std::net::SocketAddr::new(ip, port).to_string(),
+            zone: e.zone.clone().filter(|z| !z.is_empty()),
+            ready,
+        };
+        match peers.iter_mut().find(|p| p.id == peer.id) {
+            Some(existing) if !existing.ready && peer.ready => *existing = peer,
+            Some(_) => {}
+            None => peers.push(peer),
+        }
+    }
+    peers.sort_by(|a, b| a.id.cmp(&b.id));
+    peers
+}
+
+/// A Kubernetes object name that is a DNS label (what a Service name must be).
+pub fn validate_dns_label(name: &str) -> Result<(), SharingError> {
+    let bad = |reason| SharingError::InvalidServiceName {
+        name: name.to_string(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 63 {
+        return Err(bad("1..=63 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(bad("only a-z, 0-9 and '-'"));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(bad("must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// The secret agents present to each other (header [`PEER_TOKEN_HEADER`]). Its Debug never
+/// shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+/// The header that carries the peer token.
+pub const PEER_TOKEN_HEADER: &str = "x-ragent-peer-token";
+
+impl Token {
+    /// The token in a file's text: trimmed, 16..=4096 visible ASCII characters.
+    pub fn parse(text: &str) -> Result<Token, SharingError> {
+        let t = text.trim();
+        if t.len() < 16 {
+            return Err(SharingError::InvalidToken {
+                reason: "shorter than 16 characters: write a long random secret",
+            });
+        }
+        if t.len() > 4096 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(SharingError::InvalidToken {
+                reason: "it must be one line of at most 4096 visible ASCII characters",
+            });
+        }
+        Ok(Token(t.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this token, in time that does not depend on where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        let mut diff = u8::from(mine.len() != presented.len());
+        for (i, b) in mine.iter().enumerate() {
+            diff |= b ^ presented.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Who sent a request to the peer server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// This node's containerd (or a local pre-pull): the mirror role, access rules apply.
+    Local,
+    /// Another agent with the right token: served from the store or fetched upstream once,
+    /// never forwarded again (so requests cannot loop).
+    Peer,
+    /// Anyone else: 403.
+    Stranger,
+}
+
+/// Tells callers apart: a valid token makes a peer (wherever it comes from); without one, only
+/// a connection from this host (loopback, or the address the server listens on) is local.
+pub fn classify_caller(
+    token: Option<&Token>,
+    presented: Option<&[u8]>,
+    from_this_host: bool,
+) -> Caller {
+    match (token, presented) {
+        (Some(t), Some(p)) if t.matches(p) => Caller::Peer,
+        (_, Some(_)) => Caller::Stranger,
+        (_, None) if from_this_host => Caller::Local,
+        (_, None) => Caller::Stranger,
+    }
+}
+
+/// Where a miss is tried, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Another agent's peer server (`ip:port`).
+    Peer { id: String, addr: String },
+    /// This agent itself: it fetches from the registry (once, however many ask).
+    Upstream,
+}
+
+/// The order a node tries for a blob it misses: the digest's home peers best first, without
+/// the peers recently failed (`down`), up to this node itself, which stands for "fetch it
+/// upstream myself" (once, however many ask). A node not in the list fetches upstream after
+/// every peer. So when the home peer is gone, every node turns to the same next peer in the
+/// digest's order, and the blob still crosses the registry link once.
+pub fn plan_sources(
+    digest: &str,
+    peers: &[Peer],
+    me: &str,
+    zone: Option<&str>,
+    down: &[&str],
+) -> Vec<Source> {
+    let mut plan = Vec::new();
+    for p in home_peers(digest, peers, zone) {
+        if p.id == me {
+            break;
+        }
+        if !down.contains(&p.id.as_str()) {
+            plan.push(Source::Peer {
+                id: p.id.clone(),
+                addr: p.addr.clone(),
+            });
+        }
+    }
+    plan.push(Source::Upstream);
+    plan
+}
+
+/// Why a node went past a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No connection (refused, unreachable).
+    Connect,
+    /// No answer within the peer timeout.
+    Timeout,
+    /// The peer answered 403 (tokens differ).
+    Forbidden,
+    /// Any other status than 200/206.
+    Status,
+    /// The transfer stopped before the end.
+    Cut,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 5] = [
+        Fallback::Connect,
+        Fallback::Timeout,
+        Fallback::Forbidden,
+        Fallback::Status,
+        Fallback::Cut,
+    ];
+
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Fallback::Connect => "connect",
+            Fallback::Timeout => "timeout",
+            Fallback::Forbidden => "forbidden",
+            Fallback::Status => "status",
+            Fallback::Cut => "cut",
+        }
+    }
+
+    /// Whether the peer should be skipped for a while (it looks gone, not just missing a blob).
+    pub fn marks_down(self) -> bool {
+        matches!(self, Fallback::Connect | Fallback::Timeout | Fallback::Cut)
+    }
+}
+
+/// A blob whose bytes hash to its digest (`sha256:` or `sha512:`); None for another algorithm.
+pub fn digest_hasher(digest: &str) -> Option<DigestHasher> {
+    match digest.split_once(':')? {
+        ("sha256", _) => Some(DigestHasher::Sha256(Sha256::new())),
+        ("sha512", _) => Some(DigestHasher::Sha512(sha2::Sha512::new())),
+        _ => None,
+    }
+}
+
+/// An incremental digest of a blob's bytes.
+#[derive(Clone)]
+pub enum DigestHasher {
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl DigestHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            DigestHasher::Sha256(h) => h.update(bytes),
+            DigestHasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// `algorithm:hex`.
+    pub fn finish(self) -> String {
+        match self {
+            DigestHasher::Sha256(h) => format!("sha256:{:x}", h.finalize()),
+            DigestHasher::Sha512(h) => format!("sha512:{:x}", h.finalize()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,420 @@
+//! The requesting side of layer sharing (issue 8): where this node gets a blob it misses.
+//!
+//! [`plan_sources`] orders the digest's home peers and this node itself (which stands for "fetch
+//! it upstream", through [`Flights`], once however many ask). Each peer has `peer_timeout` to
+//! answer; a peer that does not, refuses the connection or cuts a transfer is skipped for
+//! [`DOWN_FOR`] and the next source continues from the byte where the last one stopped (a
+//! `Range` request), so a transfer survives its home peer dying mid-way. Requests to peers carry
+//! the shared token ([`PEER_TOKEN_HEADER`]); a peer never forwards them again.
+use std::{
+    collections::HashMap,
+    io,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use crate::{
+    core::sharing::{Fallback, PEER_TOKEN_HEADER, Peer, Source, Token, plan_sources},
+    metrics::SharingMetrics,
+    upstream::{Flights, Keeper, Origin, UpstreamError},
+};
+
+/// How long a peer that failed is left out of the plans.
+pub const DOWN_FOR: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("no source could serve {digest}")]
+    Exhausted { digest: String },
+}
+
+/// A blob on its way: its whole length, and the bytes from the requested offset.
+pub struct Fetched {
+    pub size: u64,
+    /// Where the first bytes come from: "peer" or "upstream".
+    pub source: &'static str,
+    pub stream: BoxStream<'static, io::Result<Vec<u8>>>,
+}
+
+pub struct Mesh<O: Origin, K: Keeper> {
+    me: String,
+    zone: Option<String>,
+    peers: watch::Receiver<Vec<Peer>>,
+    down: Mutex<HashMap<String, Instant>>,
+    token: Option<Token>,
+    timeout: Duration,
+    http: reqwest::Client,
+    flights: Arc<Flights<O, K>>,
+    metrics: Option<SharingMetrics>,
+}
+
+impl<O: Origin, K: Keeper> std::fmt::Debug for Mesh<O, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("me", &self.me)
+            .field("zone", &self.zone)
+            .field("peers", &self.peers.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<O: Origin, K: Keeper> Mesh<O, K> {
+    pub fn new(
+        me: &str,
+        zone: Option<&str>,
+        peers: watch::Receiver<Vec<Peer>>,
+        token: Option<Token>,
+        timeout: Duration,
+        flights: Arc<Flights<O, K>>,
+        metrics: Option<SharingMetrics>,
+    ) -> Arc<Mesh<O, K>> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            // A peer silent this long mid-transfer is treated as gone.
+            .read_timeout(timeout.max(Duration::from_secs(5)))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Arc::new(Mesh {
+            me: me.to_string(),
+            zone: zone.map(str::to_string),
+            peers,
+            down: Mutex::new(HashMap::new()),
+            token,
+            timeout,
+            http,
+            flights,
+            metrics,
+        })
+    }
+
+    pub fn flights(&self) -> &Arc<Flights<O, K>> {
+        &self.flights
+    }
+
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_ref()
+    }
+
+    /// The current membership (ready or not).
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers.borrow().clone()
+    }
+
+    /// Peers by state: (ready, not ready, down after a failure).
+    pub fn membership(&self) -> (i64, i64, i64) {
+        let down = self.down_ids();
+        let peers = self.peers.borrow();
+        let count = |f: &dyn Fn(&Peer) -> bool| {
+            i64::try_from(peers.iter().filter(|p| f(p)).count()).unwrap_or(i64::MAX)
+        };
+        (
+            count(&|p| p.ready && !down.contains(&p.id)),
+            count(&|p| !p.ready),
+            count(&|p| p.ready && down.contains(&p.id)),
+        )
+    }
+
+    fn mark_down(&self, id: &str) {
+        lock(&self.down).insert(id.to_string(), Instant::now() + DOWN_FOR);
+    }
+
+    fn down_ids(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut d = lock(&self.down);
+        d.retain(|_, until| *until > now);
+        d.keys().cloned().collect()
+    }
+
+    /// The sources for `digest`, best first (peers only when there is a token to present).
+    pub fn plan(&self, digest: &str) -> Vec<Source> {
+        if self.token.is_none() {
+            return vec![Source::Upstream];
+        }
+        let down = self.down_ids();
+        let down: Vec<&str> = down.iter().map(String::as_str).collect();
+        let peers = self.peers.borrow();
+        plan_sources(digest, &peers, &self.me, self.zone.as_deref(), &down)
+    }
+
+    /// A blob this node misses, from `offset`: from its home peer, the next one, or upstream.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        offset: u64,
+    ) -> Result<Fetched, MeshError> {
+        let mut plan = self.plan(digest).into_iter();
+        let (size, source, first) = loop {
+            let Some(src) = plan.next() else {
+                return Err(MeshError::Exhausted {
+                    digest: digest.into(),
+                });
+            };
+            match self.open(&src, registry, repository, digest, offset).await {
+                Ok(Some((size, stream))) => break (size, src, stream),
+                Ok(None) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let label = source_label(&source);
+        if let Some(m) = &self.metrics
+            && label == "peer"
+        {
+            m.avoided.with_label_values(&[registry]).inc();
+        }
+        debug!(%digest, source = ?source, offset, "blob for this node");
+        // The rest of the plan continues a transfer a peer cuts.
+        let rest: Vec<Source> = plan.collect();
+        let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(8);
+        let me = self.clone();
+        let (registry, repository, digest) = (
+            registry.to_string(),
+            repository.to_string(),
+            digest.to_string(),
+        );
+        tokio::spawn(async move {
+            me.relay(
+                tx,
+                (source, first),
+                rest,
+                (&registry, &repository, &digest),
+                offset,
+                size,
+            )
+            .await;
+        });
+        Ok(Fetched {
+            size,
+            source: label,
+            stream: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        })
+    }
+
+    /// Forwards the bytes of the current source; when a peer's transfer breaks, continues from
+    /// the next source at the same byte.
+    async fn relay(
+        &self,
+        tx: mpsc::Sender<io::Result<Vec<u8>>>,
+        (mut source, mut stream): (Source, BoxStream<'static, io::Result<Vec<u8>>>),
+        rest: Vec<Source>,
+        (registry, repository, digest): (&str, &str, &str),
+        offset: u64,
+        size: u64,
+    ) {
+        let mut rest = rest.into_iter();
+        let mut pos = offset;
+        loop {
+            let label = source_label(&source);
+            let mut failed: Option<io::Error> = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(b) => {
+                        pos += b.len() as u64;
+                        if let Some(m) = &self.metrics {
+                            m.blob_bytes
+                                .with_label_values(&[registry, label])
+                                .inc_by(b.len() as u64);
+                        }
+                        if tx.send(Ok(b)).await.is_err() {
+                            return; // the requester went away
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if pos >= size && failed.is_none() {
+                return;
+            }
+            let err = failed.unwrap_or_else(|| io::Error::other("the transfer ended short"));
+            let Source::Peer { id, .. } = &source else {
+                // Upstream failed: nothing further can serve it; the requester's check fails.
+                let _ = tx.send(Err(err)).await;
+                return;
+            };
+            info!(%digest, peer = %id, at = pos, error = %err, "a peer cut the transfer; continuing from the next source");
+            self.fell_back(id, Fallback::Cut);
+            // Continue at `pos` with the next source that answers.
+            let next = loop {
+                let Some(src) = rest.next() else {
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                };
+                match self.open(&src, registry, repository, digest, pos).await {
+                    Ok(Some((s, st))) if s == size => break (src, st),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::other(e))).await;
+                        return;
+                    }
+                }
+            };
+            (source, stream) = next;
+        }
+    }
+
+    fn fell_back(&self, peer: &str, why: Fallback) {
+        if why.marks_down() {
+            self.mark_down(peer);
+        }
+        if let Some(m) = &self.metrics {
+            m.fallbacks.with_label_values(&[why.metric_label()]).inc();
+        }
+    }
+
+    /// Opens `src` at `offset`: Some((size, bytes)), or None to try the next source.
+    async fn open(
+        &self,
+        src: &Source,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        offset: u64,
+    ) -> Result<Option<(u64, BoxStream<'static, io::Result<Vec<u8>>>)>, UpstreamError> {
+        match src {
+            Source::Upstream => {
+                let (flight, started) = self.flights.join(registry, repository, digest)?;
+                if !started && let Some(m) = &self.metrics {
+                    m.avoided.with_label_values(&[registry]).inc();
+                }
+                let size = flight.size().await?;
+                Ok(Some((size, flight.read(offset, 0))))
+            }
+            Source::Peer { id, addr } => {
+                match self
+                    .ask_peer(addr, registry, repository, digest, offset)
+                    .await
+                {
+                    Ok(opened) => Ok(Some(opened)),
+                    Err(why) => {
+                        debug!(%digest, peer = %id, reason = why.metric_label(), "falling back");
+                        self.fell_back(id, why);
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ask_peer(
+        &self,
+        addr: &str,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        offset: u64,
+    ) -> Result<(u64, BoxStream<'static, io::Result<Vec<u8>>>), Fallback> {
+        let token = self.token.as_ref().ok_or(Fallback::Forbidden)?;
+        let url = format!(
+            "http://{addr}/v2/{repository}/blobs/{digest}?ns={}",
+            encode_query(registry)
+        );
+        let mut req = self
+            .http
+            .get(&url)
+            .header(PEER_TOKEN_HEADER, token.as_str());
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let t0 = Instant::now();
+        let answer = tokio::time::timeout(self.timeout, req.send()).await;
+        let outcome = match &answer {
+            Err(_) => "timeout",
+            Ok(Err(_)) => "connect",
+            Ok(Ok(r)) if r.status().is_success() => "ok",
+            Ok(Ok(_)) => "status",
+        };
+        if let Some(m) = &self.metrics {
+            m.peer_latency
+                .with_label_values(&[outcome])
+                .observe(t0.elapsed().as_secs_f64());
+        }
+        let r = match answer {
+            Err(_) => return Err(Fallback::Timeout),
+            Ok(Err(e)) if e.is_timeout() => return Err(Fallback::Timeout),
+            Ok(Err(_)) => return Err(Fallback::Connect),
+            Ok(Ok(r)) => r,
+        };
+        let size = match (r.status().as_u16(), offset) {
+            (200, 0) => r.content_length(),
+            (206, _) => content_range_total(
+                r.headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok()),
+                offset,
+            ),
+            (403, _) => return Err(Fallback::Forbidden),
+            _ => return Err(Fallback::Status),
+        }
+        .ok_or(Fallback::Status)?;
+        let stream = r
+            .bytes_stream()
+            .map(|c| c.map(|b| b.to_vec()).map_err(io::Error::other))
+            .boxed();
+        Ok((size, stream))
+    }
+}
+
+fn source_label(s: &Source) -> &'static str {
+    match s {
+        Source::Peer { .. } => "peer",
+        Source::Upstream => "upstream",
+    }
+}
+
+/// The total of a `Content-Range: bytes <offset>-<end>/<total>` that starts at `offset`.
+fn content_range_total(v: Option<&str>, offset: u64) -> Option<u64> {
+    let rest = v?.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _) = range.split_once('-')?;
+    if start.parse::<u64>().ok()? != offset {
+        return None;
+    }
+    total.parse().ok()
+}
+
+/// A registry host for a query string (`:` and other reserved bytes percent-encoded).
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_give_the_total_only_for_the_asked_offset() {
+        assert_eq!(content_range_total(Some("bytes 10-99/100"), 10), Some(100));
+        assert_eq!(content_range_total(Some("bytes 11-99/100"), 10), None);
+        assert_eq!(content_range_total(Some("bytes */100"), 10), None);
+        assert_eq!(content_range_total(None, 0), None);
+    }
+
+    #[test]
+    fn registry_hosts_are_query_encoded() {
+        assert_eq!(encode_query("10.0.0.2:5000"), "10.0.0.2%3A5000");
+        assert_eq!(encode_query("docker.io"), "docker.io");
+    }
+}
