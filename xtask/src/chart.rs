@@ -208,11 +208,7 @@ fn check_config(path: &Path) -> Result<()> {
     })?;
     let mut rightsizing = file.rightsizing;
     if rightsizing.catalog.is_some() {
-        let shipped = path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("catalog")
-            .join(path.file_name().unwrap_or_default());
+        let shipped = beside(path, "catalog", "toml");
         if !shipped.is_file() {
             bail!(
                 "the config names a catalog but the chart's ConfigMap has none ({} is missing)",
@@ -222,6 +218,36 @@ fn check_config(path: &Path) -> Result<()> {
         rightsizing.catalog = Some(shipped);
     }
     config::rightsizing_settings(&rightsizing, None, None)?;
-    config::sharing_settings(&file.sharing, None)?;
+    // [sharing]: the token file is the Secret the chart mounts, written by the chart checks
+    // (peer-token/<scenario>.token: the token it generated, or the operator's); the Service's
+    // namespace is the pod's (POD_NAMESPACE, from the downward API), which a config file the
+    // chart renders never names itself.
+    let mut sharing = file.sharing;
+    if sharing.token_file.is_some() {
+        let shipped = beside(path, "peer-token", "token");
+        if !shipped.is_file() {
+            bail!(
+                "the config names a peer token file but the chart checks wrote none ({} is missing)",
+                shipped.display()
+            );
+        }
+        sharing.token_file = Some(shipped);
+    }
+    if sharing.service.is_some() && sharing.service_namespace.is_none() {
+        sharing.service_namespace = Some(CHART_NAMESPACE.into());
+    }
+    config::sharing_settings(&sharing, None)?;
     Ok(())
+}
+
+/// The release namespace the chart checks render into (test_chart.py's NAMESPACE).
+const CHART_NAMESPACE: &str = "ragent";
+
+/// `DIR/<scenario>.EXT` beside the rendered config `<scenario>.toml`.
+fn beside(config: &Path, dir: &str, ext: &str) -> PathBuf {
+    config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(dir)
+        .join(config.with_extension(ext).file_name().unwrap_or_default())
 }
