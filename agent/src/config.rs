@@ -1563,4 +1563,125 @@ mod tests {
         }
         assert!(toml::from_str::<FileConfig>("[sharing]\nenable = true\n").is_err());
     }
+
+    #[test]
+    fn sharing_peers_token_and_limits() {
+        let dir = std::env::temp_dir().join(format!("ragent-cfg-share-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        let text = format!(
+            "[sharing]\nenabled = true\nnode = \"n1\"\nzone = \"a\"\ntoken_file = \"{}\"\n\
+             peer_timeout_ms = 250\nkeep_s = 600\nspool_dir = \"/tmp/spool\"\n\
+             insecure_registries = [\"10.0.0.2:5000\"]\n\
+             [[sharing.peers]]\nid = \"n1\"\naddr = \"10.0.0.11:9465\"\nzone = \"a\"\n\
+             [[sharing.peers]]\nid = \"n2\"\naddr = \"10.0.0.12:9465\"\n",
+            token.display()
+        );
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let s = sharing_settings(&file.sharing, None).unwrap();
+        assert_eq!(s.node.as_deref(), Some("n1"));
+        assert_eq!(s.zone.as_deref(), Some("a"));
+        assert_eq!(s.peers.len(), 2);
+        assert_eq!(s.peers[1].addr, "10.0.0.12:9465");
+        assert_eq!(s.token.as_ref().unwrap().as_str(), "0123456789abcdef0123");
+        assert_eq!(s.peer_timeout, std::time::Duration::from_millis(250));
+        assert_eq!(s.keep, std::time::Duration::from_secs(600));
+        assert_eq!(s.spool_dir, PathBuf::from("/tmp/spool"));
+        assert_eq!(s.insecure_registries, vec!["10.0.0.2:5000"]);
+        // Defaults.
+        let d = sharing_settings(&SharingSection::default(), None).unwrap();
+        assert_eq!(d.peer_timeout, std::time::Duration::from_millis(1000));
+        assert_eq!(d.keep, std::time::Duration::from_secs(3600));
+        assert_eq!(d.spool_dir, PathBuf::from("/var/lib/ragent/spool"));
+        assert!(d.token.is_none() && d.peers.is_empty() && d.service.is_none());
+
+        let peer = |id: &str, addr: &str| PeerEntry {
+            id: id.into(),
+            addr: addr.into(),
+            zone: None,
+        };
+        let with_token = |f: SharingSection| SharingSection {
+            token_file: Some(token.clone()),
+            ..f
+        };
+        for (section, want) in [
+            // Peers without a token: agents could not authenticate each other.
+            (
+                SharingSection {
+                    peers: vec![peer("n1", "10.0.0.1:9465")],
+                    ..Default::default()
+                },
+                "token_file",
+            ),
+            (
+                with_token(SharingSection {
+                    peers: vec![peer("n1", "10.0.0.1:9465"), peer("n1", "10.0.0.2:9465")],
+                    ..Default::default()
+                }),
+                "listed twice",
+            ),
+            (
+                with_token(SharingSection {
+                    peers: vec![peer("n1", "node-1:9465")],
+                    ..Default::default()
+                }),
+                "sharing.peers",
+            ),
+            (
+                with_token(SharingSection {
+                    peer_timeout_ms: Some(0),
+                    ..Default::default()
+                }),
+                "sharing.peer_timeout_ms",
+            ),
+            (
+                with_token(SharingSection {
+                    keep_s: Some(10),
+                    ..Default::default()
+                }),
+                "sharing.keep_s",
+            ),
+            (
+                with_token(SharingSection {
+                    service: Some("Bad_Name".into()),
+                    service_namespace: Some("ragent".into()),
+                    ..Default::default()
+                }),
+                "sharing.service",
+            ),
+            (
+                SharingSection {
+                    token_file: Some(dir.join("missing")),
+                    ..Default::default()
+                },
+                "sharing.token_file",
+            ),
+        ] {
+            let e = sharing_settings(&section, None).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        std::fs::write(&token, "short").unwrap();
+        let e = sharing_settings(
+            &SharingSection {
+                token_file: Some(token.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("shorter than 16"), "{e}");
+        let svc = sharing_settings(
+            &SharingSection {
+                service: Some("ragent-peers".into()),
+                service_namespace: Some("ragent".into()),
+                token_file: None,
+                ..Default::default()
+            },
+            None,
+        );
+        assert!(svc.unwrap_err().to_string().contains("token_file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -78,6 +78,8 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         flights: Arc<Flights<O, K>>,
         metrics: Option<SharingMetrics>,
     ) -> Arc<Mesh<O, K>> {
+        // reqwest panics building a client without a rustls provider, even for plain HTTP.
+        crate::adapters::registry::install_tls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             // A peer silent this long mid-transfer is treated as gone.
@@ -402,7 +404,20 @@ fn encode_query(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use sha2::{Digest as _, Sha256};
+
     use super::*;
+    use crate::{
+        adapters::containerd::ContainerdError,
+        core::{
+            oci::Descriptor,
+            sharing::{PublicPolicy, home_peers},
+        },
+        peer::{ContentSource, PeerOptions},
+        upstream::{Opened, UpstreamError},
+    };
 
     #[test]
     fn content_ranges_give_the_total_only_for_the_asked_offset() {
@@ -416,5 +431,335 @@ mod tests {
     fn registry_hosts_are_query_encoded() {
         assert_eq!(encode_query("10.0.0.2:5000"), "10.0.0.2%3A5000");
         assert_eq!(encode_query("docker.io"), "docker.io");
+    }
+
+    /// An empty content store (every node misses).
+    #[derive(Clone)]
+    struct Empty;
+
+    impl ContentSource for Empty {
+        async fn size(&self, _: &str) -> Result<Option<u64>, ContainerdError> {
+            Ok(None)
+        }
+
+        async fn read(
+            &self,
+            digest: &str,
+            _: u64,
+            _: u64,
+        ) -> Result<BoxStream<'static, Result<Vec<u8>, ContainerdError>>, ContainerdError> {
+            Err(ContainerdError::NotFound {
+                digest: digest.into(),
+            })
+        }
+    }
+
+    /// The registry: blobs by digest in small, slow chunks, counting fetches per node; a
+    /// node's origin may break after `break_after` bytes.
+    #[derive(Clone)]
+    struct Registry {
+        blobs: Arc<BTreeMap<String, Vec<u8>>>,
+        opens: Arc<Mutex<Vec<String>>>,
+        node: String,
+        break_after: Option<usize>,
+    }
+
+    impl Origin for Registry {
+        async fn open(&self, _: &str, _: &str, digest: &str) -> Result<Opened, UpstreamError> {
+            lock(&self.opens).push(self.node.clone());
+            let b = self
+                .blobs
+                .get(digest)
+                .cloned()
+                .ok_or(UpstreamError::Registry {
+                    what: digest.into(),
+                    reason: "404".into(),
+                })?;
+            let size = b.len() as u64;
+            let limit = self.break_after;
+            let chunks: Vec<Vec<u8>> = b.chunks(4096).map(<[u8]>::to_vec).collect();
+            let stream = futures::stream::iter(chunks.into_iter().enumerate())
+                .then(move |(i, c)| async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    match limit {
+                        Some(n) if i * 4096 >= n => Err(io::Error::other("registry link broke")),
+                        _ => Ok(c),
+                    }
+                })
+                .boxed();
+            Ok((size, stream))
+        }
+    }
+
+    struct Keep;
+
+    impl Keeper for Keep {
+        async fn keep(
+            &self,
+            _: &str,
+            _: &str,
+            _: &Descriptor,
+            _: &std::path::Path,
+        ) -> Result<(), ContainerdError> {
+            Ok(())
+        }
+    }
+
+    struct Node {
+        mesh: Arc<Mesh<Registry, Keep>>,
+        _spool: crate::upstream::tests::TempDir,
+    }
+
+    const TOKEN: &str = "0123456789abcdef-test-token";
+
+    /// `n` agents on loopback, each with its peer server, an empty store and the same registry.
+    async fn cluster(
+        n: usize,
+        blobs: &BTreeMap<String, Vec<u8>>,
+        opens: &Arc<Mutex<Vec<String>>>,
+        breaks: &[(&str, usize)],
+    ) -> Vec<Node> {
+        let mut listeners = Vec::new();
+        let mut peers = Vec::new();
+        for i in 0..n {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.push(
+                Peer::configured(
+                    &format!("node-{i}"),
+                    &l.local_addr().unwrap().to_string(),
+                    None,
+                )
+                .unwrap(),
+            );
+            listeners.push(l);
+        }
+        let mut nodes = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let id = format!("node-{i}");
+            let spool = crate::upstream::tests::TempDir::new(&id);
+            let origin = Registry {
+                blobs: Arc::new(blobs.clone()),
+                opens: opens.clone(),
+                node: id.clone(),
+                break_after: breaks.iter().find(|(n, _)| *n == id).map(|(_, b)| *b),
+            };
+            let flights = Flights::new(spool.path(), origin, Keep).unwrap();
+            let (tx, rx) = watch::channel(peers.clone());
+            // The membership never changes in these tests.
+            std::mem::forget(tx);
+            let token = Token::parse(TOKEN).unwrap();
+            let mesh = Mesh::new(
+                &id,
+                None,
+                rx,
+                Some(token.clone()),
+                Duration::from_secs(2),
+                flights,
+                None,
+            );
+            let opts = PeerOptions {
+                policy: PublicPolicy::parse(&["r.test"]).unwrap(),
+                token: Some(token),
+                listen_ip: None,
+                mesh: Some(mesh.clone()),
+                metrics: None,
+                registries: vec!["r.test".into()],
+            };
+            tokio::spawn(crate::peer::serve(l, Empty, opts, std::future::pending()));
+            nodes.push(Node {
+                mesh,
+                _spool: spool,
+            });
+        }
+        nodes
+    }
+
+    fn blob(seed: u8, n: usize) -> (String, Vec<u8>) {
+        let b: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+        (format!("sha256:{:x}", Sha256::digest(&b)), b)
+    }
+
+    async fn fetch_all(node: &Node, digest: &str, offset: u64) -> Result<Vec<u8>, String> {
+        let f = node
+            .mesh
+            .fetch("r.test", "team/app", digest, offset)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let mut s = f.stream;
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c.map_err(|e| e.to_string())?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn every_node_gets_a_blob_and_only_its_home_peer_fetches_it() {
+        let (d, b) = blob(1, 300_000);
+        let blobs = BTreeMap::from([(d.clone(), b.clone())]);
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        let nodes = cluster(4, &blobs, &opens, &[]).await;
+        let got = futures::future::join_all(nodes.iter().map(|n| fetch_all(n, &d, 0))).await;
+        for g in got {
+            assert_eq!(g.as_deref(), Ok(&b[..]));
+        }
+        let home = home_peers(&d, &nodes[0].mesh.peers(), None)[0].id.clone();
+        assert_eq!(
+            *lock(&opens),
+            vec![home],
+            "one upstream fetch, by the home peer"
+        );
+        // A resumed request (Range) gets the rest.
+        let rest = fetch_all(&nodes[1], &d, 1000).await.unwrap();
+        assert_eq!(rest, b[1000..]);
+    }
+
+    #[tokio::test]
+    async fn a_home_peer_that_breaks_mid_transfer_is_replaced_at_the_same_byte() {
+        let (d, b) = blob(2, 200_000);
+        let blobs = BTreeMap::from([(d.clone(), b.clone())]);
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        // Which node is home depends on the ports: find it first with a throwaway cluster
+        // of ids (ids, not ports, decide).
+        let ids: Vec<Peer> = (0..3)
+            .map(|i| Peer::configured(&format!("node-{i}"), "127.0.0.1:1", None).unwrap())
+            .collect();
+        let order: Vec<String> = home_peers(&d, &ids, None)
+            .iter()
+            .map(|p| p.id.clone())
+            .collect();
+        let nodes = cluster(3, &blobs, &opens, &[(order[0].as_str(), 100_000)]).await;
+        // The last node in the order asks: the home breaks after ~100 kB, the second takes
+        // over from that byte.
+        let asker = order[2]
+            .trim_start_matches("node-")
+            .parse::<usize>()
+            .unwrap();
+        let got = fetch_all(&nodes[asker], &d, 0).await;
+        assert_eq!(got.as_deref(), Ok(&b[..]), "whole and exact");
+        let o = lock(&opens).clone();
+        assert_eq!(o, vec![order[0].clone(), order[1].clone()]);
+        // The home is left out for a while: the next miss goes to the second peer directly.
+        let plan = nodes[asker].mesh.plan(&d);
+        assert!(
+            matches!(&plan[0], Source::Peer { id, .. } if *id == order[1]),
+            "{plan:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_peer_is_skipped_and_the_next_fetches() {
+        // A third peer that is listed but never answers (nothing listens on its port).
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        // A digest whose home is the dead peer (ids, not addresses, decide).
+        let ids: Vec<Peer> = ["node-0", "node-1", "node-dead"]
+            .iter()
+            .map(|id| Peer::configured(id, "127.0.0.1:1", None).unwrap())
+            .collect();
+        let (d, b) = (0u8..=255)
+            .map(|s| blob(s, 20_000))
+            .find(|(d, _)| home_peers(d, &ids, None)[0].id == "node-dead")
+            .unwrap();
+        let blobs = BTreeMap::from([(d.clone(), b.clone())]);
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        let nodes = cluster(2, &blobs, &opens, &[]).await;
+        let (tx, rx) = watch::channel({
+            let mut p = nodes[0].mesh.peers();
+            p.push(Peer::configured("node-dead", &dead_addr, None).unwrap());
+            p
+        });
+        let spool = crate::upstream::tests::TempDir::new("asker");
+        let asker = Mesh::new(
+            "node-x",
+            None,
+            rx,
+            Some(Token::parse(TOKEN).unwrap()),
+            Duration::from_millis(500),
+            Flights::new(
+                spool.path(),
+                Registry {
+                    blobs: Arc::new(blobs.clone()),
+                    opens: opens.clone(),
+                    node: "node-x".into(),
+                    break_after: None,
+                },
+                Keep,
+            )
+            .unwrap(),
+            None,
+        );
+        let f = asker.fetch("r.test", "team/app", &d, 0).await.unwrap();
+        assert_eq!(f.source, "peer");
+        let mut got = Vec::new();
+        let mut s = f.stream;
+        while let Some(c) = s.next().await {
+            got.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(got, b);
+        // The live peer next in order fetched it; the dead one is down for a while.
+        assert_eq!(lock(&opens).len(), 1);
+        assert_eq!(asker.membership(), (2, 0, 1));
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn strangers_and_wrong_tokens_get_403_and_nothing_is_fetched() {
+        let (d, b) = blob(4, 10_000);
+        let blobs = BTreeMap::from([(d.clone(), b)]);
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        let nodes = cluster(1, &blobs, &opens, &[]).await;
+        let addr = nodes[0].mesh.peers()[0].addr.clone();
+        let url = format!("http://{addr}/v2/team/app/blobs/{d}?ns=r.test");
+        let http = reqwest::Client::new();
+        let wrong = http
+            .get(&url)
+            .header(PEER_TOKEN_HEADER, "0123456789abcdef-wrong-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status().as_u16(), 403);
+        assert!(lock(&opens).is_empty());
+        let right = http
+            .get(&url)
+            .header(PEER_TOKEN_HEADER, TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status().as_u16(), 200);
+        assert_eq!(lock(&opens).len(), 1);
+    }
+
+    #[test]
+    fn without_a_token_nothing_is_asked_of_peers() {
+        let peers = vec![Peer::configured("b", "10.0.0.2:9465", None).unwrap()];
+        let (_tx, rx) = watch::channel(peers);
+        let spool = crate::upstream::tests::TempDir::new("notoken");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let m = Mesh::new(
+            "a",
+            None,
+            rx,
+            None,
+            Duration::from_secs(1),
+            Flights::new(
+                spool.path(),
+                Registry {
+                    blobs: Arc::default(),
+                    opens: Arc::default(),
+                    node: "a".into(),
+                    break_after: None,
+                },
+                Keep,
+            )
+            .unwrap(),
+            None,
+        );
+        assert_eq!(m.plan("sha256:00"), vec![Source::Upstream]);
     }
 }

@@ -460,3 +460,246 @@ impl Keeper for Discard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sha2::{Digest as _, Sha256};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    pub fn sha256(bytes: &[u8]) -> String {
+        format!("sha256:{:x}", Sha256::digest(bytes))
+    }
+
+    type Chunks = mpsc::Receiver<io::Result<Vec<u8>>>;
+    type Kept = Vec<(String, Vec<u8>)>;
+
+    /// An origin whose bytes the test releases chunk by chunk (or all at once), counting opens.
+    #[derive(Clone)]
+    pub struct Gate {
+        opens: Arc<AtomicUsize>,
+        chunks: Arc<Mutex<Option<Chunks>>>,
+        size: u64,
+    }
+
+    impl Gate {
+        pub fn new(size: u64) -> (Gate, mpsc::Sender<io::Result<Vec<u8>>>) {
+            let (tx, rx) = mpsc::channel(64);
+            (
+                Gate {
+                    opens: Arc::new(AtomicUsize::new(0)),
+                    chunks: Arc::new(Mutex::new(Some(rx))),
+                    size,
+                },
+                tx,
+            )
+        }
+    }
+
+    impl Origin for Gate {
+        async fn open(&self, _: &str, _: &str, _: &str) -> Result<Opened, UpstreamError> {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            let rx = lock(&self.chunks).take().ok_or(UpstreamError::Registry {
+                what: "gate".into(),
+                reason: "opened twice".into(),
+            })?;
+            Ok((
+                self.size,
+                tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+            ))
+        }
+    }
+
+    /// Records what it was asked to keep.
+    #[derive(Clone, Default)]
+    pub struct Recorder(pub Arc<Mutex<Kept>>);
+
+    impl Keeper for Recorder {
+        async fn keep(
+            &self,
+            _: &str,
+            _: &str,
+            desc: &Descriptor,
+            file: &Path,
+        ) -> Result<(), ContainerdError> {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            lock(&self.0).push((desc.digest.clone(), bytes));
+            Ok(())
+        }
+    }
+
+    async fn collect(mut s: BoxStream<'static, io::Result<Vec<u8>>>) -> (Vec<u8>, Option<String>) {
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            match c {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) => return (out, Some(e.to_string())),
+            }
+        }
+        (out, None)
+    }
+
+    /// A directory removed at drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(name: &str) -> TempDir {
+            let d = std::env::temp_dir().join(format!(
+                "ragent-upstream-{name}-{}-{}",
+                std::process::id(),
+                crate::prepull::nonce()
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn blob(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn many_requesters_share_one_fetch_and_get_every_byte() {
+        let dir = TempDir::new("t1");
+        let data = blob(700_000);
+        let d = sha256(&data);
+        let (gate, tx) = Gate::new(data.len() as u64);
+        let kept = Recorder::default();
+        let flights = Flights::new(dir.path(), gate.clone(), kept.clone()).unwrap();
+        let (f1, started1) = flights.join("r", "app", &d).unwrap();
+        // Three more join while nothing has arrived; one of them from an offset.
+        let (f2, started2) = flights.join("r", "app", &d).unwrap();
+        let (f3, _) = flights.join("r", "app", &d).unwrap();
+        assert!(started1 && !started2);
+        let readers = [
+            tokio::spawn(collect(f1.read(0, 0))),
+            tokio::spawn(collect(f2.read(0, 0))),
+            tokio::spawn(collect(f3.read(123_456, 1000))),
+        ];
+        for c in data.chunks(65_536) {
+            tx.send(Ok(c.to_vec())).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        let mut results = Vec::new();
+        for r in readers {
+            results.push(r.await.unwrap());
+        }
+        assert_eq!(results[0], (data.clone(), None));
+        assert_eq!(results[1], (data.clone(), None));
+        assert_eq!(results[2], (data[123_456..124_456].to_vec(), None));
+        assert_eq!(gate.opens.load(Ordering::SeqCst), 1, "one upstream fetch");
+        // Kept once, with the right bytes; then forgotten, and the spool is empty once the
+        // readers let go.
+        for _ in 0..100 {
+            if flights.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(flights.in_flight(), 0);
+        assert_eq!(*lock(&kept.0), vec![(d.clone(), data.clone())]);
+        drop((f1, f2, f3));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_blob_never_reaches_a_requester_whole() {
+        let dir = TempDir::new("t2");
+        let data = blob(10_000);
+        let claimed = sha256(b"something else");
+        let (gate, tx) = Gate::new(data.len() as u64);
+        let kept = Recorder::default();
+        let flights = Flights::new(dir.path(), gate, kept.clone()).unwrap();
+        let (f, _) = flights.join("r", "app", &claimed).unwrap();
+        let reader = tokio::spawn(collect(f.read(0, 0)));
+        tx.send(Ok(data.clone())).await.unwrap();
+        drop(tx);
+        let (got, err) = reader.await.unwrap();
+        assert!(got.len() < data.len(), "the last byte was held back");
+        assert!(err.unwrap().contains("wrong blob"));
+        assert!(lock(&kept.0).is_empty(), "nothing kept");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_ends_every_waiter_and_is_forgotten() {
+        let dir = TempDir::new("t3");
+        let data = blob(5000);
+        let d = sha256(&data);
+        let (gate, tx) = Gate::new(data.len() as u64);
+        let flights = Flights::new(dir.path(), gate, Recorder::default()).unwrap();
+        let (f, _) = flights.join("r", "app", &d).unwrap();
+        let reader = tokio::spawn(collect(f.read(0, 0)));
+        tx.send(Ok(data[..100].to_vec())).await.unwrap();
+        tx.send(Err(io::Error::other("connection reset")))
+            .await
+            .unwrap();
+        let (got, err) = reader.await.unwrap();
+        // Whatever arrived before the failure (maybe nothing), then the error.
+        assert!(got.len() <= 100 && data.starts_with(&got));
+        assert!(err.unwrap().contains("connection reset"));
+        for _ in 0..100 {
+            if flights.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The next request starts a new fetch.
+        assert_eq!(flights.in_flight(), 0);
+        let (_, started) = flights.join("r", "app", &d).unwrap();
+        assert!(started);
+    }
+
+    #[tokio::test]
+    async fn a_registry_sending_more_than_announced_fails() {
+        let dir = TempDir::new("t4");
+        let data = blob(100);
+        let (gate, tx) = Gate::new(50);
+        let flights = Flights::new(dir.path(), gate, Recorder::default()).unwrap();
+        let (f, _) = flights.join("r", "app", &sha256(&data[..50])).unwrap();
+        tx.send(Ok(data)).await.unwrap();
+        drop(tx);
+        let (got, err) = collect(f.read(0, 0)).await;
+        assert!(got.len() < 50);
+        assert!(err.unwrap().contains("announced 50"));
+    }
+
+    #[test]
+    fn unknown_algorithms_are_refused_before_any_fetch() {
+        let dir = TempDir::new("t5");
+        let (gate, _tx) = Gate::new(1);
+        let flights = Flights::new(dir.path(), gate.clone(), Recorder::default()).unwrap();
+        assert!(matches!(
+            flights.join("r", "app", "md5:00"),
+            Err(UpstreamError::Algorithm { .. })
+        ));
+        assert_eq!(gate.opens.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn leftover_spool_files_are_removed_at_start() {
+        let dir = TempDir::new("t6");
+        std::fs::write(dir.path().join("sha256-ab.1.part"), b"x").unwrap();
+        std::fs::write(dir.path().join("keep.txt"), b"x").unwrap();
+        let (gate, _tx) = Gate::new(1);
+        Flights::new(dir.path(), gate, Recorder::default()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec!["keep.txt".to_string()]);
+    }
+}

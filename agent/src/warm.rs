@@ -27,6 +27,7 @@ pub type Reports = mpsc::UnboundedSender<(String, Outcome)>;
 
 /// Runs the policy until `stop` turns true. Several policies may run at once (the config
 /// file's and one per applied `PrePull` resource): `ragent_prepull_images` is their sum.
+#[allow(clippy::too_many_arguments)]
 pub async fn keep_warm(
     socket: std::path::PathBuf,
     namespace: String,

@@ -1882,4 +1882,154 @@ mod tests {
         );
         assert_eq!(mirror_url(9465), MIRROR);
     }
+
+    fn peers(ids: &[&str]) -> Vec<Peer> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Peer::configured(id, &format!("10.0.0.{}:9465", i + 1), None).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_miss_goes_to_the_home_peers_up_to_this_node_then_upstream() {
+        let ps = peers(&["a", "b", "c", "d"]);
+        for i in 0..200 {
+            let d = format!("sha256:{i:064x}");
+            let order: Vec<&str> = home_peers(&d, &ps, None)
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect();
+            for me in ["a", "b", "c", "d"] {
+                let plan = plan_sources(&d, &ps, me, None, &[]);
+                let pos = order.iter().position(|id| *id == me).unwrap();
+                // The peers before this node in the digest's order, then upstream: so when the
+                // home is gone every node turns to the same next peer.
+                let expect: Vec<Source> = order[..pos]
+                    .iter()
+                    .map(|id| Source::Peer {
+                        id: id.to_string(),
+                        addr: ps.iter().find(|p| p.id == *id).unwrap().addr.clone(),
+                    })
+                    .chain([Source::Upstream])
+                    .collect();
+                assert_eq!(plan, expect);
+            }
+            // Down peers are left out; a node outside the list goes upstream after every peer.
+            let plan = plan_sources(&d, &ps, "z", None, &[order[0]]);
+            assert_eq!(plan.len(), 4);
+            assert!(!plan.contains(&Source::Peer {
+                id: order[0].to_string(),
+                addr: ps.iter().find(|p| p.id == order[0]).unwrap().addr.clone(),
+            }));
+            assert_eq!(plan.last(), Some(&Source::Upstream));
+        }
+    }
+
+    #[test]
+    fn callers_are_told_apart_by_token_then_by_address() {
+        let t = Token::parse("  s3cret-s3cret-s3cret\n").unwrap();
+        assert_eq!(t.as_str(), "s3cret-s3cret-s3cret");
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        let ok = Some(&b"s3cret-s3cret-s3cret"[..]);
+        let bad = Some(&b"s3cret-s3cret-s3creT"[..]);
+        assert_eq!(classify_caller(Some(&t), ok, false), Caller::Peer);
+        assert_eq!(classify_caller(Some(&t), ok, true), Caller::Peer);
+        assert_eq!(classify_caller(Some(&t), bad, true), Caller::Stranger);
+        assert_eq!(classify_caller(Some(&t), None, true), Caller::Local);
+        assert_eq!(classify_caller(Some(&t), None, false), Caller::Stranger);
+        assert_eq!(classify_caller(None, ok, true), Caller::Stranger);
+        assert_eq!(classify_caller(None, None, true), Caller::Local);
+        assert!(!t.matches(b"s3cret-s3cret-s3cret-longer"));
+        assert!(!t.matches(b""));
+        assert!(Token::parse("short").is_err());
+        assert!(Token::parse("a long token with spaces inside").is_err());
+    }
+
+    #[test]
+    fn configured_peers_are_checked() {
+        assert!(Peer::configured("n1", "10.0.0.1:9465", Some("a")).is_ok());
+        assert_eq!(
+            Peer::configured("n1", "[fd00::1]:9465", Some("")).unwrap(),
+            Peer {
+                id: "n1".into(),
+                addr: "[fd00::1]:9465".into(),
+                zone: None,
+                ready: true,
+            }
+        );
+        for (id, addr) in [
+            ("", "10.0.0.1:9465"),
+            ("n 1", "10.0.0.1:9465"),
+            ("n1", "node-1:9465"),
+            ("n1", "10.0.0.1"),
+            ("n1", "0.0.0.0:9465"),
+            ("n1", "10.0.0.1:0"),
+        ] {
+            let e = Peer::configured(id, addr, None).unwrap_err();
+            assert_eq!(e.metric_label(), "invalid_peer", "{id} {addr}");
+        }
+        assert!(validate_dns_label("ragent-peers").is_ok());
+        for bad in ["", "-x", "x-", "Ragent", "a.b", &"x".repeat(64)] {
+            assert!(validate_dns_label(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn endpoint_slices_give_one_peer_per_node() {
+        let ep =
+            |node: &str, ip: &str, ready: Option<bool>, terminating: Option<bool>| SliceEndpoint {
+                addresses: vec![ip.to_string()],
+                ready,
+                terminating,
+                node_name: Some(node.to_string()),
+                zone: Some("zone-a".into()),
+            };
+        let got = peers_from_slices(
+            &[
+                ep("n2", "10.0.0.2", Some(true), None),
+                // Unknown readiness counts as ready.
+                ep("n1", "10.0.0.1", None, None),
+                ep("n3", "10.0.0.3", Some(true), Some(true)),
+                ep("n4", "fd00::4", Some(false), None),
+                // The same node again (two slices during a rollout): the ready entry wins.
+                ep("n4", "fd00::5", Some(true), None),
+                ep("n5", "not-an-ip", Some(true), None),
+                SliceEndpoint {
+                    addresses: vec!["10.0.0.6".into()],
+                    ..Default::default()
+                },
+            ],
+            9465,
+        );
+        let view: Vec<(&str, &str, bool)> = got
+            .iter()
+            .map(|p| (p.id.as_str(), p.addr.as_str(), p.ready))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("n1", "10.0.0.1:9465", true),
+                ("n2", "10.0.0.2:9465", true),
+                ("n3", "10.0.0.3:9465", false),
+                ("n4", "[fd00::5]:9465", true),
+            ]
+        );
+        assert!(got.iter().all(|p| p.zone.as_deref() == Some("zone-a")));
+    }
+
+    #[test]
+    fn digests_are_checked_incrementally() {
+        let mut h = digest_hasher("sha256:x").unwrap();
+        h.update(b"ab");
+        h.update(b"c");
+        assert_eq!(
+            h.finish(),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let mut h = digest_hasher("sha512:x").unwrap();
+        h.update(b"abc");
+        assert!(h.finish().starts_with("sha512:ddaf35a193617aba"));
+        assert!(digest_hasher("md5:x").is_none());
+        assert!(Fallback::Cut.marks_down() && !Fallback::Status.marks_down());
+    }
 }
