@@ -187,7 +187,8 @@ pub fn test(root: &Path) -> Result<()> {
 /// Reads a rendered config.toml as the agent would: the file's keys and types, then each
 /// section's validation (auth files are not on this machine, so they are left out; the kube
 /// section with the environment the chart gives the pod; the catalog the chart mounts read
-/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config).
+/// from where the chart checks wrote it, `catalog/<scenario>.toml` beside the config; likewise
+/// the peer token of `[sharing]`, `peer-token/<scenario>.token`).
 fn check_config(path: &Path) -> Result<()> {
     use ragent::config;
     let text = fs::read_to_string(path)?;
@@ -207,11 +208,7 @@ fn check_config(path: &Path) -> Result<()> {
     })?;
     let mut rightsizing = file.rightsizing;
     if rightsizing.catalog.is_some() {
-        let shipped = path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("catalog")
-            .join(path.file_name().unwrap_or_default());
+        let shipped = beside(path, "catalog", "toml");
         if !shipped.is_file() {
             bail!(
                 "the config names a catalog but the chart's ConfigMap has none ({} is missing)",
@@ -221,5 +218,36 @@ fn check_config(path: &Path) -> Result<()> {
         rightsizing.catalog = Some(shipped);
     }
     config::rightsizing_settings(&rightsizing, None, None)?;
+    // [sharing]: the token file is the Secret the chart mounts, written by the chart checks
+    // (peer-token/<scenario>.token: the token it generated, or the operator's); the Service's
+    // namespace is the pod's (POD_NAMESPACE, from the downward API), which a config file the
+    // chart renders never names itself.
+    let mut sharing = file.sharing;
+    if sharing.token_file.is_some() {
+        let shipped = beside(path, "peer-token", "token");
+        if !shipped.is_file() {
+            bail!(
+                "the config names a peer token file but the chart checks wrote none ({} is missing)",
+                shipped.display()
+            );
+        }
+        sharing.token_file = Some(shipped);
+    }
+    if sharing.service.is_some() && sharing.service_namespace.is_none() {
+        sharing.service_namespace = Some(CHART_NAMESPACE.into());
+    }
+    config::sharing_settings(&sharing, None)?;
     Ok(())
+}
+
+/// The release namespace the chart checks render into (test_chart.py's NAMESPACE).
+const CHART_NAMESPACE: &str = "ragent";
+
+/// `DIR/<scenario>.EXT` beside the rendered config `<scenario>.toml`.
+fn beside(config: &Path, dir: &str, ext: &str) -> PathBuf {
+    config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(dir)
+        .join(config.with_extension(ext).file_name().unwrap_or_default())
 }

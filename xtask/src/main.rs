@@ -7,6 +7,7 @@
 //! - `down`: stops everything `up` (or a failed `test`) started, by PID.
 //! - `test`: the README's test command (what .ci/run runs): lints, unit tests, the Helm chart's
 //!   checks, then end-to-end tests against a real containerd, registry, kernel and Prometheus.
+//! - `chart`: only the Helm chart's checks (the `== Helm chart` step of `test`).
 //! - `bench prepull`: ragent's pre-pull against containerd's CRI pulls (docs/bench.md).
 //! - `bench ebpf`: what the eBPF programs and the agent cost the node (docs/bench.md).
 //! - `bench rebase`: `ragent rebase` of a 20-layer app, and the bytes a node needs for a
@@ -67,6 +68,9 @@ enum Cmd {
         #[arg(last = true)]
         e2e_args: Vec<String>,
     },
+    /// Only the Helm chart's checks: the `== Helm chart` step of `test` (lint, render,
+    /// Kubernetes API schemas, ServiceMonitor, objects, rendered configs read by ragent)
+    Chart,
     /// Benchmarks (docs/bench.md)
     Bench {
         #[command(subcommand)]
@@ -576,6 +580,7 @@ fn main() -> ExitCode {
             unit,
             e2e_args,
         } => test(keep, unit, &e2e_args),
+        Cmd::Chart => chart::test(&root()),
         Cmd::Bench {
             what: BenchCmd::Prepull(args),
         } => bench_prepull(&args),

@@ -12,6 +12,7 @@ Environment:
                                of them with ragent's own parsers (optional)
 """
 
+import base64
 import json
 import os
 import subprocess
@@ -46,6 +47,13 @@ CHECKPOINT_DIR = "/var/lib/ragent/rightsizing"
 # Where a catalog from rightsizing.catalog is mounted, read-only, and the agent reads it.
 CATALOG_DIR = "/etc/ragent/catalog"
 CATALOG_KEY = "instance-types.toml"
+# Layer sharing (sharing.enabled): where the peer token is mounted (read-only, from a Secret)
+# and the spool directory (an emptyDir); certs.d is mounted read-write at sharing.certsDir.
+PEER_TOKEN_DIR = "/etc/ragent/peer-token"
+SPOOL_DIR = "/var/lib/ragent/spool"
+# The token of the operator's Secret in scenarios with sharing.token.existingSecret, for
+# xtask's check of the rendered config with ragent's parser (which reads token_file).
+OPERATOR_TOKEN = "an-operator-made-peer-token-0123456789"
 
 
 def load_scenarios():
@@ -159,6 +167,30 @@ class Chart(unittest.TestCase):
             "a histogram ratio of 1": {"rightsizing": {"model": {"memory_histogram": {
                 "first_bucket": 1048576, "ratio": 1, "max_value": 1e12, "half_life_s": 86400}}}},
             "a histogram without its layout": {"rightsizing": {"model": {"cpu_histogram": {"ratio": 1.1}}}},
+            "sharing on as a string": {"sharing": {"enabled": "true"}},
+            "a peer port as a string": {"sharing": {"port": "9465"}},
+            "a peer port of 0": {"sharing": {"port": 0}},
+            "a peer port above 65535": {"sharing": {"port": 65536}},
+            "a shared registry with a scheme": {"sharing": {"registries": ["https://docker.io"]}},
+            "a shared registry with a path": {"sharing": {"registries": ["docker.io/library"]}},
+            "a shared registry that is not a string": {"sharing": {"registries": [5000]}},
+            "a shared registry listed twice": {"sharing": {"registries": ["ghcr.io", "ghcr.io"]}},
+            "shared registries as a string": {"sharing": {"registries": "docker.io"}},
+            "a public prefix in upper case": {"sharing": {"public": ["docker.io/Library"]}},
+            "a public entry with a scheme": {"sharing": {"public": ["https://docker.io/library"]}},
+            "a public entry ending in a slash": {"sharing": {"public": ["docker.io/library/"]}},
+            "a relative certs.d": {"sharing": {"certsDir": "etc/containerd/certs.d"}},
+            "the host root as certs.d": {"sharing": {"certsDir": "/"}},
+            "an insecure registry with a scheme": {"sharing": {"insecureRegistries": ["http://mirror:5000"]}},
+            "a peer timeout under 10 ms": {"sharing": {"peerTimeoutMs": 5}},
+            "a peer timeout over a minute": {"sharing": {"peerTimeoutMs": 60001}},
+            "a peer timeout with a unit": {"sharing": {"peerTimeoutMs": "1s"}},
+            "a keep time under a minute": {"sharing": {"keepSeconds": 59}},
+            "a keep time over a week": {"sharing": {"keepSeconds": 604801}},
+            "a fractional keep time": {"sharing": {"keepSeconds": 3600.5}},
+            "a token given in the values": {"sharing": {"token": {"value": "0123456789abcdef0123"}}},
+            "a token Secret that is not a name": {"sharing": {"token": {"existingSecret": "Peer_Token"}}},
+            "an unknown sharing key": {"sharing": {"zoneAware": True}},
         }
         for what, values in wrong.items():
             with self.subTest(what):
@@ -227,7 +259,14 @@ class Chart(unittest.TestCase):
                 self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
                 self.assertEqual(set(sc["capabilities"]["add"]), CAPABILITIES)
                 self.assertEqual(len(sc["capabilities"]["add"]), len(CAPABILITIES))
-                self.assertNotIn("hostNetwork", pod)
+                # The node's network only for layer sharing (containerd reaches the agent on
+                # 127.0.0.1, the peers each other at the nodes' addresses).
+                if self.merged(name)["sharing"]["enabled"]:
+                    self.assertIs(pod["hostNetwork"], True)
+                    self.assertEqual(pod["dnsPolicy"], "ClusterFirstWithHostNet")
+                else:
+                    self.assertNotIn("hostNetwork", pod)
+                    self.assertNotIn("dnsPolicy", pod)
                 self.assertNotIn("hostIPC", pod)
                 self.assertIs(pod["hostPID"], True)
                 for _, obj in self.objects[name]:
@@ -242,23 +281,32 @@ class Chart(unittest.TestCase):
             "/sys/kernel/tracing": "/sys/kernel/tracing",
             "/sys/kernel/btf": "/sys/kernel/btf",
         }
-        # (read-only mounts: container path -> host path, the one writable mount or None)
+        k3s_certs = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
+        # (read-only mounts: container path -> host path, the writable ones: volume name ->
+        # path, the same on the node and in the container)
         expected = {
-            "default": (read_only, CHECKPOINT_DIR),
-            "rightsizing-off": (read_only, None),
+            "default": (read_only, {"rightsizing": CHECKPOINT_DIR}),
+            "rightsizing-off": (read_only, {}),
             "k3s-full": ({
                 "/run/k3s/containerd": "/run/k3s/containerd",
                 "/sys/fs/cgroup": "/sys/fs/cgroup",
                 "/sys/fs/bpf": "/sys/fs/bpf",
                 "/sys/kernel/tracing": "/sys/kernel/debug/tracing",
-            }, "/var/lib/rancher/ragent/rightsizing"),
+            }, {"rightsizing": "/var/lib/rancher/ragent/rightsizing"}),
+            "sharing": (read_only, {"rightsizing": CHECKPOINT_DIR, "certs-d": "/etc/containerd/certs.d"}),
+            "sharing-existing-secret": (read_only, {"rightsizing": CHECKPOINT_DIR, "certs-d": k3s_certs}),
         }
+        # The kubelet check of each writable directory: the checkpoint directory is created on
+        # a fresh node; certs.d must be there already (containerd reads only the config_path it
+        # was started with, and the agent refuses a missing one rather than write where
+        # containerd never looks).
+        writable_types = {"rightsizing": "DirectoryOrCreate", "certs-d": "Directory"}
         self.assertEqual(set(expected), set(self.scenarios), "every scenario's mounts are pinned here")
         for name, (mounts_wanted, writable_wanted) in expected.items():
             with self.subTest(values=name):
                 pod, c = self.container(name)
                 host_volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
-                got, writable = {}, []
+                got, writable = {}, {}
                 for m in c["volumeMounts"]:
                     if m["name"] not in host_volumes:
                         continue
@@ -268,24 +316,31 @@ class Chart(unittest.TestCase):
                         got[m["mountPath"]] = host["path"]
                         self.assertEqual(host["type"], "Directory")
                     else:
-                        # The checkpoint directory: the agent writes recommender.ckpt there
-                        # (temp file + rename), at the path its config names, created if missing.
+                        # The checkpoint directory (the agent writes recommender.ckpt there) and
+                        # certs.d (hosts.toml files): each at the path the config names, the
+                        # node's, with no mount propagation.
                         self.assertIs(m.get("readOnly"), False, m)
-                        self.assertEqual(m["name"], "rightsizing", f"hostPath mount {m['mountPath']} is writable")
-                        self.assertEqual(host, {"path": m["mountPath"], "type": "DirectoryOrCreate"})
+                        self.assertIn(m["name"], writable_types, f"hostPath mount {m['mountPath']} is writable")
+                        self.assertEqual(host, {"path": m["mountPath"], "type": writable_types[m["name"]]})
                         self.assertNotIn("mountPropagation", m)
-                        writable.append(m["mountPath"])
+                        writable[m["name"]] = m["mountPath"]
                 self.assertEqual(got, mounts_wanted)
-                self.assertEqual(writable, [writable_wanted] if writable_wanted else [])
+                self.assertEqual(writable, writable_wanted)
                 self.assertEqual(len(host_volumes), len(mounts_wanted) + len(writable),
                                  "a hostPath volume is not mounted")
-                rightsizing = self.config(name)["rightsizing"]
-                self.assertEqual(rightsizing.get("checkpoint_dir"), writable_wanted)
+                config = self.config(name)
+                self.assertEqual(config["rightsizing"].get("checkpoint_dir"), writable_wanted.get("rightsizing"))
+                self.assertEqual(config.get("sharing", {}).get("certs_dir"), writable_wanted.get("certs-d"))
                 # Every other mount of the container is read-only, the chart's and the extra
-                # ones alike except what values add on purpose.
+                # ones alike except what values add on purpose, and the sharing spool, an
+                # emptyDir (the pod's own scratch space, not the node's files).
                 extra = {m["name"] for m in self.merged(name)["extraVolumeMounts"]}
+                volumes = {v["name"]: v for v in pod["volumes"]}
                 for m in c["volumeMounts"]:
-                    if m["name"] not in extra and m["name"] != "rightsizing":
+                    if m["name"] == "spool":
+                        self.assertEqual(volumes["spool"], {"name": "spool", "emptyDir": {}})
+                        self.assertEqual(m["mountPath"], config["sharing"]["spool_dir"])
+                    elif m["name"] not in extra and m["name"] not in writable:
                         self.assertIs(m.get("readOnly"), True, m)
                 self.assertIs(c["securityContext"]["readOnlyRootFilesystem"], True)
 
@@ -346,6 +401,10 @@ class Chart(unittest.TestCase):
             cluster | events("default")
             | {("team-a", "", "secrets", "get"), ("team-b", "", "secrets", "get")},
         )
+        # Layer sharing: the peers Service's EndpointSlices, in the release namespace only.
+        peers = {(NAMESPACE, "discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")}
+        for name in ("sharing", "sharing-existing-secret"):
+            self.assertEqual(self.rbac(name), cluster | events("default") | peers)
 
     def test_secret_roles_only_in_listed_namespaces(self):
         for name in self.scenarios:
@@ -360,9 +419,15 @@ class Chart(unittest.TestCase):
     def test_probes_and_ports(self):
         for name in self.scenarios:
             with self.subTest(values=name):
-                port = self.merged(name)["agent"]["metricsPort"]
+                values = self.merged(name)
+                port = values["agent"]["metricsPort"]
                 _, c = self.container(name)
-                self.assertEqual(c["ports"], [{"name": "metrics", "containerPort": port, "protocol": "TCP"}])
+                ports = [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+                if values["sharing"]["enabled"]:
+                    peer = values["sharing"]["port"]
+                    ports.append({"name": "peer", "containerPort": peer, "protocol": "TCP"})
+                    self.assertEqual(self.config(name)["sharing"]["peer_addr"], f"0.0.0.0:{peer}")
+                self.assertEqual(c["ports"], ports)
                 self.assertEqual(c["livenessProbe"]["httpGet"], {"path": "/healthz", "port": "metrics"})
                 self.assertEqual(c["readinessProbe"]["httpGet"], {"path": "/readyz", "port": "metrics"})
                 self.assertEqual(self.config(name)["agent"]["metrics_addr"], f"0.0.0.0:{port}")
@@ -405,6 +470,24 @@ class Chart(unittest.TestCase):
             },
         })
         self.assertEqual(self.config("rightsizing-off")["rightsizing"], {"enabled": False})
+        # Only the keys set; the namespace of the Service comes from POD_NAMESPACE, the node
+        # from NODE_NAME and the zone from the Node's label, so none of them is written.
+        self.assertEqual(self.config("sharing")["sharing"], {
+            "enabled": True, "peer_addr": "0.0.0.0:9465",
+            "registries": ["docker.io", "ghcr.io", "registry.example.com:5000"],
+            "public": ["docker.io/library", "registry.example.com:5000/base-images"],
+            "certs_dir": "/etc/containerd/certs.d", "token_file": f"{PEER_TOKEN_DIR}/token",
+            "spool_dir": SPOOL_DIR, "service": "ragent-peers",
+        })
+        self.assertEqual(self.config("sharing-existing-secret")["sharing"], {
+            "enabled": True, "peer_addr": "0.0.0.0:9500", "registries": ["_default", "quay.io"],
+            "public": ["quay.io"], "certs_dir": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+            "insecure_registries": ["mirror.internal:5000"], "token_file": f"{PEER_TOKEN_DIR}/token",
+            "spool_dir": SPOOL_DIR, "service": "ragent-node-agent-for-the-platform-team-in-region-eu-west-peers",
+            "peer_timeout_ms": 500, "keep_s": 7200,
+        })
+        for name in ("default", "rightsizing-off", "k3s-full"):
+            self.assertNotIn("sharing", self.config(name), name)
         full = self.config("k3s-full")
         auth = "/etc/ragent/registry-auth/.dockerconfigjson"
         self.assertEqual(full["prepull"], {
@@ -451,6 +534,22 @@ class Chart(unittest.TestCase):
                 (Path(out) / f"{name}.toml").write_text(cm["data"]["config.toml"])
                 if CATALOG_KEY in cm["data"]:
                     (Path(out) / "catalog" / f"{name}.toml").write_text(cm["data"][CATALOG_KEY])
+            # The peer token each sharing scenario's agents would read from token_file: the
+            # one the chart generated, or the operator's Secret's.
+            (Path(out) / "peer-token").mkdir(exist_ok=True)
+            for name in self.scenarios:
+                if self.merged(name)["sharing"]["enabled"]:
+                    (Path(out) / "peer-token" / f"{name}.token").write_text(self.peer_token(name))
+
+    def peer_token(self, scenario):
+        """The token the agents of a scenario read: the chart's Secret's, decoded, or (with
+        sharing.token.existingSecret, a Secret the chart does not make) OPERATOR_TOKEN."""
+        secrets = find(self.objects[scenario], "Secret")
+        if self.merged(scenario)["sharing"]["token"]["existingSecret"]:
+            self.assertEqual(secrets, [], "the chart makes a token Secret although one is given")
+            return OPERATOR_TOKEN
+        [secret] = secrets
+        return base64.b64decode(secret["data"]["token"], validate=True).decode()
 
     def test_toml_numbers(self):
         """Helm reads a values file's numbers as floats: each reaches the config file as the
@@ -500,6 +599,92 @@ class Chart(unittest.TestCase):
         self.assertNotEqual(checksum({"rightsizing": {"catalog": catalog}}),
                             checksum({"rightsizing": {"catalog": catalog.replace("0.01", "0.02")}}))
 
+    # --- layer sharing ------------------------------------------------------------------------
+
+    def test_sharing_off_adds_nothing(self):
+        for name in ("default", "rightsizing-off", "k3s-full"):
+            with self.subTest(values=name):
+                self.assertFalse(self.merged(name)["sharing"]["enabled"])
+                objs = self.objects[name]
+                self.assertEqual(find(objs, "Secret"), [])
+                self.assertEqual([s for s in find(objs, "Service") if s["metadata"]["name"].endswith("-peers")], [])
+                pod, c = self.container(name)
+                names = {v["name"] for v in pod["volumes"]}
+                self.assertEqual(names & {"peer-token", "spool", "certs-d"}, set())
+
+    def test_sharing_peers_service_token_and_mounts(self):
+        for name in ("sharing", "sharing-existing-secret"):
+            with self.subTest(values=name):
+                values = self.merged(name)["sharing"]
+                objs = self.objects[name]
+                config = self.config(name)["sharing"]
+                ds = one(objs, "DaemonSet")
+                pod, c = self.container(name)
+                # The peers Service: headless, ready endpoints only, the pods of this release,
+                # port "peer"; its name is what the agent watches, and a DNS label.
+                [svc] = find(objs, "Service", config["service"])
+                self.assertLessEqual(len(svc["metadata"]["name"]), 63)
+                self.assertEqual(svc["metadata"]["namespace"], NAMESPACE)
+                self.assertEqual(svc["spec"]["clusterIP"], "None")
+                self.assertIs(svc["spec"]["publishNotReadyAddresses"], False)
+                self.assertEqual(svc["spec"]["selector"], ds["spec"]["selector"]["matchLabels"])
+                pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+                for k, v in svc["spec"]["selector"].items():
+                    self.assertEqual(pod_labels.get(k), v)
+                self.assertEqual(svc["spec"]["ports"], [
+                    {"name": "peer", "port": values["port"], "targetPort": "peer", "protocol": "TCP"}])
+                # The token: the Secret's key `token`, mounted read-only where token_file is.
+                volumes = {v["name"]: v for v in pod["volumes"]}
+                mounts = {m["name"]: m for m in c["volumeMounts"]}
+                self.assertEqual(mounts["peer-token"], {"name": "peer-token", "mountPath": PEER_TOKEN_DIR, "readOnly": True})
+                self.assertEqual(config["token_file"], f"{PEER_TOKEN_DIR}/token")
+                secret = volumes["peer-token"]["secret"]
+                self.assertEqual(secret["items"], [{"key": "token", "path": "token"}])
+                self.assertEqual(secret["defaultMode"], 0o400)
+                given = values["token"]["existingSecret"]
+                if given:
+                    self.assertEqual(secret["secretName"], given)
+                else:
+                    [made] = find(objs, "Secret")
+                    self.assertEqual(secret["secretName"], made["metadata"]["name"])
+                    self.assertEqual(made["metadata"]["namespace"], NAMESPACE)
+                    self.assertEqual(set(made["data"]), {"token"})
+                    token = self.peer_token(name)
+                    self.assertGreaterEqual(len(token), 32)
+                    self.assertTrue(token.isascii() and token.isalnum(), token)
+
+    def test_generated_token_is_random(self):
+        """Each render without a cluster (lookup finds no Secret) makes a new token: it is
+        generated, never a constant of the chart."""
+        def token():
+            objs = parse_manifests(self.chart.render({"sharing": {"enabled": True}}, name=RELEASE,
+                                                     namespace=NAMESPACE, is_install=True))
+            return one(objs, "Secret")["data"]["token"]
+
+        self.assertNotEqual(token(), token())
+
+    def test_sharing_refuses_what_cannot_run(self):
+        """Value combinations the schema cannot express: with sharing on the pod uses the node's
+        ports, so the peer port must differ from the metrics port, and a surge pod could never
+        start beside the old one; the peers are found through the kube side."""
+        clash = {"sharing": {"enabled": True, "port": 9464}}
+        surge = {"sharing": {"enabled": True},
+                 "updateStrategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}}
+        no_kube = {"sharing": {"enabled": True}, "kubernetes": {"enabled": False}}
+        for what, values, needle in (("port clash", clash, "sharing.port and agent.metricsPort"),
+                                     ("maxSurge", surge, "maxSurge"),
+                                     ("no kube side", no_kube, "kubernetes.enabled")):
+            with self.subTest(what):
+                with self.assertRaises(helm.HelmError) as e:
+                    self.chart.render(values, name=RELEASE, namespace=NAMESPACE)
+                self.assertIn(needle, str(e.exception))
+                # The same values are fine with sharing off.
+                values["sharing"]["enabled"] = False
+                self.chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        self.chart.render({"sharing": {"enabled": True},
+                           "updateStrategy": {"rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}},
+                          name=RELEASE, namespace=NAMESPACE)
+
     # --- Prometheus ----------------------------------------------------------------------------
 
     def test_service_monitor(self):
@@ -538,6 +723,14 @@ class Chart(unittest.TestCase):
                                  self.merged(name)["rightsizing"]["enabled"])
                 self.assertEqual("ServiceMonitor" in notes.split("Prometheus:")[1],
                                  self.merged(name)["serviceMonitor"]["enabled"])
+                sharing = self.merged(name)["sharing"]
+                self.assertEqual("Layer sharing is on" in notes, sharing["enabled"])
+                if sharing["enabled"]:
+                    service = self.config(name)["sharing"]["service"]
+                    self.assertIn(f"kubernetes.io/service-name={service}", notes)
+                    self.assertIn(f"http://127.0.0.1:{sharing['port']}", notes)
+                    secret = sharing["token"]["existingSecret"] or find(self.objects[name], "Secret")[0]["metadata"]["name"]
+                    self.assertIn(f"Secret {secret}", notes)
 
     # --- the CRD -------------------------------------------------------------------------------
 

@@ -63,6 +63,40 @@ The instance-type catalog of rightsizing.catalog: a key of the ConfigMap, mounte
 {{- end -}}
 
 {{/*
+Layer sharing (sharing.*): the headless Service whose EndpointSlices list the peers (a DNS
+label, so at most 63 characters), the Secret with the peer token and where it is mounted, and
+the spool directory (an emptyDir).
+*/}}
+{{- define "ragent.peersService" -}}
+{{- printf "%s-peers" (include "ragent.fullname" . | trunc 57 | trimSuffix "-") -}}
+{{- end -}}
+{{- define "ragent.peerTokenSecret" -}}
+{{- default (printf "%s-peer-token" (include "ragent.fullname" .)) .Values.sharing.token.existingSecret -}}
+{{- end -}}
+{{- define "ragent.peerTokenDir" -}}/etc/ragent/peer-token{{- end -}}
+{{- define "ragent.spoolDir" -}}/var/lib/ragent/spool{{- end -}}
+
+{{/*
+Value combinations values.schema.json cannot express, refused with what to change. Included by
+the DaemonSet.
+*/}}
+{{- define "ragent.validate" -}}
+{{- $s := .Values.sharing -}}
+{{- if $s.enabled -}}
+{{- if eq (int $s.port) (int .Values.agent.metricsPort) -}}
+{{- fail (printf "sharing.port and agent.metricsPort are both %d: with sharing on the pod uses the node's network, give them different ports" (int $s.port)) -}}
+{{- end -}}
+{{- if and (kindIs "bool" .Values.kubernetes.enabled) (not .Values.kubernetes.enabled) -}}
+{{- fail "sharing.enabled needs the kube side: the agents find each other in the peers Service's EndpointSlices; leave kubernetes.enabled unset or true" -}}
+{{- end -}}
+{{- $surge := dig "rollingUpdate" "maxSurge" 0 .Values.updateStrategy -}}
+{{- if and $surge (ne (toString $surge) "0") (ne (toString $surge) "0%") -}}
+{{- fail (printf "updateStrategy.rollingUpdate.maxSurge is %v: with sharing on the pods use the node's ports (hostNetwork), so a surge pod can never start beside the old one; leave maxSurge at 0" $surge) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 The ConfigMap's data: the config file and, when set, the catalog. Its checksum is the pod
 template's checksum/config annotation, so a change to either rolls the pods.
 */}}
@@ -76,20 +110,26 @@ config.toml: |
 {{- end -}}
 
 {{/*
-The container's ports: one entry per port. A later feature's port (the cluster-sharing peer
-port) is one more entry here; the Service picks up the ports it is told to expose.
+The container's ports: one entry per port; each Service picks up the one it exposes (metrics:
+the ServiceMonitor's Service; peer: the peers Service). With sharing on the pod is on the
+node's network, so these are the node's ports too.
 */}}
 {{- define "ragent.ports" -}}
 - name: metrics
   containerPort: {{ int .Values.agent.metricsPort }}
   protocol: TCP
+{{- if .Values.sharing.enabled }}
+- name: peer
+  containerPort: {{ int .Values.sharing.port }}
+  protocol: TCP
+{{- end }}
 {{- end -}}
 
 {{/*
 The host directories the agent uses, each defined once: the DaemonSet turns every entry into a
-hostPath volume and a mount. A later feature's directory (the containerd certs.d mount) is one more
-entry here. Every one is read-only except the right-sizing checkpoint directory, where the
-agent writes its usage history (README.md, "Host access, and why").
+hostPath volume and a mount. Every one is read-only except two: the right-sizing checkpoint
+directory, where the agent writes its usage history, and containerd's certs.d when sharing is
+on, where it writes the mirror entries (README.md, "Host access, and why").
   name       volume name
   hostPath   where it is on the node
   mountPath  where the agent sees it
@@ -129,6 +169,13 @@ agent writes its usage history (README.md, "Host access, and why").
   hostPath: {{ .Values.rightsizing.checkpointHostPath }}
   mountPath: {{ .Values.rightsizing.checkpointHostPath }}
   type: DirectoryOrCreate
+  readOnly: false
+{{- end }}
+{{- if .Values.sharing.enabled }}
+- name: certs-d
+  hostPath: {{ .Values.sharing.certsDir }}
+  mountPath: {{ .Values.sharing.certsDir }}
+  type: Directory
   readOnly: false
 {{- end }}
 {{- end -}}
@@ -261,5 +308,21 @@ log_format = {{ include "ragent.toml.value" $v.log.format }}
 {{- include "ragent.toml.tree" (dict "name" "rightsizing.headroom" "map" ($rs.headroom | default dict)) }}
 {{- else }}
 {{- include "ragent.toml.table" (dict "name" "rightsizing" "pairs" (list (list "enabled" false))) }}
+{{- end }}
+{{- $sh := $v.sharing }}
+{{- if $sh.enabled }}
+{{- include "ragent.toml.table" (dict "name" "sharing" "pairs" (list
+  (list "enabled" true)
+  (list "peer_addr" (printf "0.0.0.0:%d" (int $sh.port)))
+  (list "registries" $sh.registries)
+  (list "public" $sh.public)
+  (list "certs_dir" $sh.certsDir)
+  (list "insecure_registries" $sh.insecureRegistries)
+  (list "token_file" (printf "%s/token" (include "ragent.peerTokenDir" .)))
+  (list "spool_dir" (include "ragent.spoolDir" .))
+  (list "service" (include "ragent.peersService" .))
+  (list "peer_timeout_ms" $sh.peerTimeoutMs)
+  (list "keep_s" $sh.keepSeconds)
+)) }}
 {{- end }}
 {{- end -}}
