@@ -482,7 +482,9 @@ class Chart(unittest.TestCase):
         self.assertEqual(self.config("sharing-existing-secret")["sharing"], {
             "enabled": True, "peer_addr": "0.0.0.0:9500", "registries": ["_default", "quay.io"],
             "public": ["quay.io"], "certs_dir": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
-            "insecure_registries": ["mirror.internal:5000"], "token_file": f"{PEER_TOKEN_DIR}/token",
+            "insecure_registries": ["mirror.internal:5000"],
+            "auth": "/etc/ragent/registry-auth/.dockerconfigjson",
+            "token_file": f"{PEER_TOKEN_DIR}/token",
             "spool_dir": SPOOL_DIR, "service": "ragent-node-agent-for-the-platform-team-in-region-eu-west-peers",
             "peer_timeout_ms": 500, "keep_s": 7200,
         })

@@ -318,6 +318,7 @@ log_format = {{ include "ragent.toml.value" $v.log.format }}
   (list "public" $sh.public)
   (list "certs_dir" $sh.certsDir)
   (list "insecure_registries" $sh.insecureRegistries)
+  (list "auth" $auth)
   (list "token_file" (printf "%s/token" (include "ragent.peerTokenDir" .)))
   (list "spool_dir" (include "ragent.spoolDir" .))
   (list "service" (include "ragent.peersService" .))
