@@ -787,7 +787,7 @@ impl Cluster {
     /// fails or takes longer than `timeout` ends the node's run (killed, by PID).
     pub fn pull_all(&self, nodes: &[usize], refs: &[String], timeout: Duration) -> Vec<NodePull> {
         let barrier = Arc::new(Barrier::new(nodes.len() + 1));
-        let results = thread::scope(|s| {
+        thread::scope(|s| {
             let handles: Vec<_> = nodes
                 .iter()
                 .map(|&i| {
@@ -812,8 +812,7 @@ impl Cluster {
                     })
                 })
                 .collect()
-        });
-        results
+        })
     }
 
     fn pull_on(&self, i: usize, refs: &[String], timeout: Duration) -> NodePull {
