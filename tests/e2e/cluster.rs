@@ -45,7 +45,8 @@ fn three_nodes_without_ragent_each_fetch_every_blob_once_and_leave_nothing() {
         .iter()
         .filter_map(|(r, t)| set.image(r, t))
         .flat_map(|i| {
-            std::iter::once(i.config_digest.clone()).chain(i.layers.iter().map(|l| l.digest.clone()))
+            std::iter::once(i.config_digest.clone())
+                .chain(i.layers.iter().map(|l| l.digest.clone()))
         })
         .collect();
 
@@ -66,10 +67,14 @@ fn three_nodes_without_ragent_each_fetch_every_blob_once_and_leave_nothing() {
         assert_eq!(p.images.len(), refs.len());
     }
     // The registry logs a GET right after its body: give the last lines a moment.
-    let served = support::wait_for("the access log to show every blob GET", Duration::from_secs(10), || {
-        let s = cluster.served_since(mark);
-        (s.blob_bytes >= 3 * unique).then_some(s)
-    });
+    let served = support::wait_for(
+        "the access log to show every blob GET",
+        Duration::from_secs(10),
+        || {
+            let s = cluster.served_since(mark);
+            (s.blob_bytes >= 3 * unique).then_some(s)
+        },
+    );
     eprintln!(
         "unique blobs {} ({unique} bytes); served {} blob bytes in {} GETs, {} manifest bytes in {} GETs",
         unique_blobs.len(),
@@ -146,7 +151,8 @@ fn three_nodes_without_ragent_each_fetch_every_blob_once_and_leave_nothing() {
     assert!(!dir.exists(), "{} is left", dir.display());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(
-        !mounts.contains(&format!(" {} ", dir.display())) && !mounts.contains(&format!("{}/", dir.display())),
+        !mounts.contains(&format!(" {} ", dir.display()))
+            && !mounts.contains(&format!("{}/", dir.display())),
         "a mount below {} is left",
         dir.display()
     );
@@ -154,7 +160,10 @@ fn three_nodes_without_ragent_each_fetch_every_blob_once_and_leave_nothing() {
         let cl = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cl = String::from_utf8_lossy(&cl);
         for s in &sockets {
-            assert!(!cl.contains(s.as_str()), "a process of the cluster is left: {cl}");
+            assert!(
+                !cl.contains(s.as_str()),
+                "a process of the cluster is left: {cl}"
+            );
         }
     }
 }

@@ -232,7 +232,10 @@ fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         if t0.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{:?} took longer than {timeout:?}: killed", cmd.get_program());
+            bail!(
+                "{:?} took longer than {timeout:?}: killed",
+                cmd.get_program()
+            );
         }
         sleep(Duration::from_millis(20));
     };
@@ -245,8 +248,12 @@ fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
 
 /// Runs a command that must succeed within [`IP_TIMEOUT`].
 fn must(program: &str, args: &[&str]) -> Result<()> {
-    let out = output_within(Command::new(program).args(args), IP_TIMEOUT)
-        .with_context(|| format!("{program} {} (iproute2; cargo xtask setup installs it)", args.join(" ")))?;
+    let out = output_within(Command::new(program).args(args), IP_TIMEOUT).with_context(|| {
+        format!(
+            "{program} {} (iproute2; cargo xtask setup installs it)",
+            args.join(" ")
+        )
+    })?;
     if !out.status.success() {
         bail!(
             "{program} {} failed: {}",
@@ -259,8 +266,7 @@ fn must(program: &str, args: &[&str]) -> Result<()> {
 
 /// Runs a command whose failure is expected at times (cleanup of what may not exist).
 fn quiet(program: &str, args: &[&str]) -> bool {
-    output_within(Command::new(program).args(args), IP_TIMEOUT)
-        .is_ok_and(|o| o.status.success())
+    output_within(Command::new(program).args(args), IP_TIMEOUT).is_ok_and(|o| o.status.success())
 }
 
 /// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
@@ -560,10 +566,7 @@ impl Cluster {
         let cidr = |ip: Ipv4Addr| format!("{ip}/24");
         must("ip", &["netns", "add", &sw])?;
         must("ip", &["-n", &sw, "link", "set", "lo", "up"])?;
-        must(
-            "ip",
-            &["-n", &sw, "link", "add", "br0", "type", "bridge"],
-        )?;
+        must("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         must("ip", &["-n", &sw, "link", "set", "br0", "up"])?;
         // (namespace, port name on the bridge, address)
         let mut members = vec![(self.registry_netns(), "reg".to_string(), self.ip_of(2))];
@@ -836,8 +839,8 @@ impl Cluster {
                 .arg(self.certs_dir(i))
                 .arg(reference);
             let left = timeout.saturating_sub(t0.elapsed());
-            let res = enter_netns(&mut cmd, &self.netns(i))
-                .and_then(|()| output_within(&mut cmd, left));
+            let res =
+                enter_netns(&mut cmd, &self.netns(i)).and_then(|()| output_within(&mut cmd, left));
             match res {
                 Ok(out) if out.status.success() => {
                     r.images

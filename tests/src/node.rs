@@ -84,7 +84,11 @@ pub const CLUSTER: &str = "local";
 
 const SERVICES: [&str; 3] = ["registry", "containerd", "prometheus"];
 
-pub(crate) fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if ok() {

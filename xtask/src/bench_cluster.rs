@@ -347,7 +347,10 @@ fn print_table(rows: &[Row], args: &ClusterArgs, unique: u64, bin: Option<&Path>
             if sums.is_empty() {
                 continue;
             }
-            let s: Vec<String> = sums.iter().map(|(k, v)| format!("{k} {}", mb(*v))).collect();
+            let s: Vec<String> = sums
+                .iter()
+                .map(|(k, v)| format!("{k} {}", mb(*v)))
+                .collect();
             println!(
                 "N={} n{}: ragent_blob_bytes_total by source: {}",
                 r.nodes,
@@ -355,7 +358,10 @@ fn print_table(rows: &[Row], args: &ClusterArgs, unique: u64, bin: Option<&Path>
                 s.join(", ")
             );
         }
-        if r.mode == "with ragent" && r.agent_bytes.iter().all(BTreeMap::is_empty) && r.error.is_none() {
+        if r.mode == "with ragent"
+            && r.agent_bytes.iter().all(BTreeMap::is_empty)
+            && r.error.is_none()
+        {
             println!(
                 "N={}: the agents export no ragent_blob_bytes_total",
                 r.nodes
@@ -391,7 +397,12 @@ fn rows_json(rows: &[Row], args: &ClusterArgs) -> serde_json::Value {
 }
 
 pub fn cluster(args: &ClusterArgs, bin: Option<&Path>) -> Result<()> {
-    if args.nodes.is_empty() || args.nodes.iter().any(|n| *n == 0 || *n > cluster::MAX_NODES) {
+    if args.nodes.is_empty()
+        || args
+            .nodes
+            .iter()
+            .any(|n| *n == 0 || *n > cluster::MAX_NODES)
+    {
         bail!(
             "--nodes {:?}: each size must be 1..={}",
             args.nodes,
@@ -405,7 +416,11 @@ pub fn cluster(args: &ClusterArgs, bin: Option<&Path>) -> Result<()> {
     let fixtures_dir = PathBuf::from(format!("/tmp/ragent-bench-cluster-{slot}"));
     let t0 = Instant::now();
     // The registry's name is part of the apps' labels: build for the cluster's registry.
-    let registry = format!("10.{}.0.2:{}", 200 + u32::from(slot), cluster::REGISTRY_PORT);
+    let registry = format!(
+        "10.{}.0.2:{}",
+        200 + u32::from(slot),
+        cluster::REGISTRY_PORT
+    );
     let mut opts = fixtures::Options::new(&registry);
     opts.scale = args.scale;
     let set = fixtures::build(&fixtures_dir, &opts)?;
