@@ -320,15 +320,24 @@ fn print_table(rows: &[Row], args: &ClusterArgs, unique: u64, bin: Option<&Path>
         "ok"
     );
     for r in rows {
-        let (mn, md, mx) = if r.per_node.is_empty() {
-            (f64::NAN, f64::NAN, f64::NAN)
-        } else {
-            (
-                r.per_node.iter().copied().fold(f64::INFINITY, f64::min),
-                median(&r.per_node),
-                r.per_node.iter().copied().fold(0.0, f64::max),
-            )
-        };
+        if r.per_node.is_empty() {
+            println!(
+                "{:>2} {:<15} {:>14} {:>12} {:>6} {:>10} {:>8} {:>24} {:>5}",
+                r.nodes,
+                r.mode,
+                "-",
+                r.unique,
+                "-",
+                "-",
+                "-",
+                "- (did not run)",
+                format!("0/{}", r.nodes),
+            );
+            continue;
+        }
+        let mn = r.per_node.iter().copied().fold(f64::INFINITY, f64::min);
+        let md = median(&r.per_node);
+        let mx = r.per_node.iter().copied().fold(0.0, f64::max);
         println!(
             "{:>2} {:<15} {:>14} {:>12} {:>6.2} {:>10} {:>8.2} {:>24} {:>5}",
             r.nodes,
@@ -450,7 +459,12 @@ pub fn cluster(args: &ClusterArgs, bin: Option<&Path>) -> Result<()> {
         println!("bench: rows written to {}", p.display());
     }
     let _ = fs::remove_dir_all(&fixtures_dir);
-    result
+    result?;
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        bail!("{failed} of {} runs failed (see FAILED above)", rows.len());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
