@@ -7,6 +7,7 @@ mod agent;
 mod auth;
 mod autorebase;
 mod cli;
+mod cluster;
 mod dashboards;
 mod faults;
 mod images;

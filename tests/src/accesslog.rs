@@ -38,6 +38,11 @@ pub fn get_bytes(line: &str) -> Option<u64> {
     ok_get_bytes(line, &["/blobs/sha256:", "/manifests/"])
 }
 
+/// The body bytes of one access-log line if it is a manifest GET answered with 200.
+pub fn manifest_get_bytes(line: &str) -> Option<u64> {
+    ok_get_bytes(line, &["/manifests/"])
+}
+
 /// Bytes the registry served for manifest and blob GETs (status 200) in `log` after line
 /// `from`, and how many such GETs there were: everything a pull fetched.
 pub fn served_pull_bytes(log: &str, from: usize) -> (u64, usize) {
@@ -63,5 +68,7 @@ mod tests {
         assert_eq!(served_blob_bytes(log, 0), (107, 2));
         assert_eq!(served_blob_bytes(log, 1), (7, 1));
         assert_eq!(served_pull_bytes(log, 0), (1007, 3));
+        let manifests: Vec<u64> = log.lines().filter_map(manifest_get_bytes).collect();
+        assert_eq!(manifests, [900]);
     }
 }

@@ -145,6 +145,29 @@ impl FixtureSet {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 
+    /// Sum of the distinct blobs (configs and layers) of the images `repo:tag`: what a pull
+    /// of all of them into an empty containerd fetches as blobs (manifests not counted).
+    pub fn unique_blob_bytes(&self, images: &[(&str, &str)]) -> Result<u64> {
+        let mut blobs = BTreeMap::new();
+        for (repo, tag) in images {
+            let img = self
+                .image(repo, tag)
+                .with_context(|| format!("{repo}:{tag} is not in the fixture set"))?;
+            let cfg = self
+                .layout
+                .join("blobs/sha256")
+                .join(img.config_digest.trim_start_matches("sha256:"));
+            let size = fs::metadata(&cfg)
+                .with_context(|| format!("reading the size of {}", cfg.display()))?
+                .len();
+            blobs.insert(img.config_digest.clone(), size);
+            for l in &img.layers {
+                blobs.insert(l.digest.clone(), l.size);
+            }
+        }
+        Ok(blobs.values().sum())
+    }
+
     /// Sum of the distinct layer blobs of the given images.
     pub fn unique_layer_bytes<'a>(images: impl IntoIterator<Item = &'a Image>) -> u64 {
         let mut seen = BTreeMap::new();

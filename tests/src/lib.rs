@@ -1,5 +1,6 @@
 //! ragent's test kit: the deterministic CNB sample images, the local node (containerd with CRI,
-//! a registry, Prometheus), registries that demand credentials (`auth`), cgroup files as ground
+//! a registry, Prometheus), a cluster of nodes in network namespaces behind a rate-limited
+//! registry (`cluster`), registries that demand credentials (`auth`), cgroup files as ground
 //! truth (`cgroups`), the Grafana dashboards as the tests read them (`dashboards`), pods through
 //! CRI as kubelet makes them (`pod`), loopback endpoints with known payloads (`payload`), a
 //! reader of the Prometheus text format (`promtext`) and small helpers the end-to-end tests and
@@ -7,6 +8,7 @@
 pub mod accesslog;
 pub mod auth;
 pub mod cgroups;
+pub mod cluster;
 pub mod dashboards;
 pub mod expect;
 pub mod fixtures;

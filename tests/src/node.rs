@@ -84,7 +84,11 @@ pub const CLUSTER: &str = "local";
 
 const SERVICES: [&str; 3] = ["registry", "containerd", "prometheus"];
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if ok() {
@@ -96,7 +100,7 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Re
 }
 
 /// Whether a containerd answers on `sock` (`ctr version` succeeds).
-fn containerd_answers(sock: &Path) -> bool {
+pub(crate) fn containerd_answers(sock: &Path) -> bool {
     sock.exists()
         && Command::new("ctr")
             .arg("--address")
@@ -108,14 +112,14 @@ fn containerd_answers(sock: &Path) -> bool {
             .is_ok_and(|s| s.success())
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false)
 }
 
-fn cmdline(pid: u32) -> String {
+pub(crate) fn cmdline(pid: u32) -> String {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default()
@@ -468,39 +472,13 @@ impl Node {
     /// Pushes every fixture image to the node's registry with skopeo, keeping digests.
     pub fn push(&self, set: &FixtureSet) -> Result<usize> {
         let mut n = 0;
-        let mut copy = |layout_ref: &str, repo: &str, tag: &str, all: bool| -> Result<()> {
-            let mut c = Command::new("skopeo");
-            c.args([
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ]);
-            if all {
-                c.arg("--all");
-            }
-            let src = format!("oci:{}:{layout_ref}", set.layout.display());
-            let dst = format!("docker://{}/{repo}:{tag}", self.registry());
-            let out = c
-                .arg(&src)
-                .arg(&dst)
-                .output()
-                .context("running skopeo (cargo xtask setup installs it)")?;
-            if !out.status.success() {
-                bail!(
-                    "skopeo copy {src} {dst} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            n += 1;
-            Ok(())
-        };
         for i in &set.images {
-            copy(&i.layout_ref, &i.repo, &i.tag, false)?;
+            skopeo_copy(set, &i.layout_ref, &self.registry(), &i.repo, &i.tag, false)?;
+            n += 1;
         }
         for i in &set.indexes {
-            copy(&i.layout_ref, &i.repo, &i.tag, true)?;
+            skopeo_copy(set, &i.layout_ref, &self.registry(), &i.repo, &i.tag, true)?;
+            n += 1;
         }
         Ok(n)
     }
@@ -557,6 +535,43 @@ impl Node {
         }
         Ok(done)
     }
+}
+
+/// Copies one image (`all`: an index with every platform) of the set's OCI layout to
+/// `registry/repo:tag` over plain HTTP with skopeo, keeping digests.
+pub fn skopeo_copy(
+    set: &FixtureSet,
+    layout_ref: &str,
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    all: bool,
+) -> Result<()> {
+    let mut c = Command::new("skopeo");
+    c.args([
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+    ]);
+    if all {
+        c.arg("--all");
+    }
+    let src = format!("oci:{}:{layout_ref}", set.layout.display());
+    let dst = format!("docker://{registry}/{repo}:{tag}");
+    let out = c
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .context("running skopeo (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "skopeo copy {src} {dst} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// The first cgroup2 mount point in /proc/self/mountinfo: `/sys/fs/cgroup` on a pure cgroup v2
@@ -642,7 +657,7 @@ fn remove_containerd_cgroup(node_dir: &Path) -> Vec<String> {
 }
 
 /// Shims outlive containerd: stops those whose `-address` is `socket`, by PID.
-fn stop_shims(socket: &Path) -> Vec<String> {
+pub(crate) fn stop_shims(socket: &Path) -> Vec<String> {
     let mut done = Vec::new();
     let sock = socket.display().to_string();
     if let Ok(procs) = fs::read_dir("/proc") {
@@ -663,7 +678,7 @@ fn stop_shims(socket: &Path) -> Vec<String> {
 }
 
 /// Unmounts everything mounted below `dir`, deepest first.
-fn unmount_below(dir: &Path) -> Vec<String> {
+pub(crate) fn unmount_below(dir: &Path) -> Vec<String> {
     let mut done = Vec::new();
     let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()

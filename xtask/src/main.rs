@@ -12,7 +12,10 @@
 //! - `bench ebpf`: what the eBPF programs and the agent cost the node (docs/bench.md).
 //! - `bench rebase`: `ragent rebase` of a 20-layer app, and the bytes a node needs for a
 //!   patched image: rebuild, registry-side rebase, ragent (docs/bench.md).
+//! - `bench cluster`: 1, 3 and 5 nodes (network namespaces, own containerd each) pulling the
+//!   same images from a rate-limited registry, without and with ragent's layer sharing.
 mod bench;
+mod bench_cluster;
 mod bench_ebpf;
 mod bench_rebase;
 mod chart;
@@ -99,6 +102,10 @@ enum BenchCmd {
     /// and the bytes a node needs for the patched image: a rebuild, a registry-side rebase,
     /// and `ragent rebase` (measured)
     Rebase(bench_rebase::RebaseArgs),
+    /// N nodes (network namespaces, each its own containerd) pulling the same images at once
+    /// from a registry behind a rate-limited link: upstream bytes and times, without and with
+    /// one `ragent agent` per node sharing layers
+    Cluster(bench_cluster::ClusterArgs),
 }
 
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -569,6 +576,15 @@ fn bench_rebase(args: &bench_rebase::RebaseArgs) -> Result<()> {
     bench_rebase::rebase(args, &bench_ragent(args.ragent.as_deref())?)
 }
 
+fn bench_cluster(args: &bench_cluster::ClusterArgs) -> Result<()> {
+    setup()?;
+    if args.without_ragent_only {
+        return bench_cluster::cluster(args, None);
+    }
+    let bin = bench_ragent(args.ragent.as_deref())?;
+    bench_cluster::cluster(args, Some(&bin))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -590,6 +606,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Rebase(args),
         } => bench_rebase(&args),
+        Cmd::Bench {
+            what: BenchCmd::Cluster(args),
+        } => bench_cluster(&args),
         Cmd::Fixtures {
             dir,
             registry,
