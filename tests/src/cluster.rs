@@ -23,8 +23,12 @@
 use std::{
     collections::BTreeMap,
     fs,
+    io::Read,
     net::{Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::AsRawFd,
+        unix::{fs::PermissionsExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{Arc, Barrier, Mutex},
@@ -874,6 +878,81 @@ impl Cluster {
         http::get(addr, path).with_context(|| format!("GET http://{addr}{path}"))
     }
 
+    /// Starts one `ragent agent` per node in its namespace (sharing on, every node a static
+    /// peer, one random token, `--no-ebpf`; `extra` is appended to each `[sharing]`) and waits
+    /// until each answers /readyz. The children are the caller's to stop.
+    pub fn start_agents(&self, bin: &Path, extra: &str) -> Result<Vec<Child>> {
+        let c = self;
+        let token_file = c.dir().join("peer-token");
+        fs::write(&token_file, random_token()?)?;
+        fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600))?;
+        let mut agents = Vec::new();
+        for i in 1..=c.nodes() {
+            let nd = c.node_dir(i);
+            let cfg = nd.join("ragent.toml");
+            let peers: Vec<Ipv4Addr> = (1..=c.nodes()).map(|p| c.node_ip(p)).collect();
+            fs::write(
+                &cfg,
+                agent_config(
+                    i,
+                    &c.registry_host(),
+                    &peers,
+                    &c.certs_dir(i),
+                    &token_file,
+                    &nd.join("spool"),
+                    extra,
+                ),
+            )?;
+            let log = fs::File::create(nd.join("ragent.log"))?;
+            let mut cmd = Command::new(bin);
+            for (k, _) in std::env::vars() {
+                if k.starts_with("RAGENT_") {
+                    cmd.env_remove(k);
+                }
+            }
+            cmd.arg("agent")
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--no-ebpf")
+                .arg("--metrics-addr")
+                .arg(format!("0.0.0.0:{METRICS_PORT}"))
+                .arg("--containerd")
+                .arg(c.socket(i))
+                .arg("--checkpoint-dir")
+                .arg(nd.join("rightsizing"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            agents.push(c.spawn_in(i, &mut cmd)?);
+        }
+        for (idx, agent) in agents.iter_mut().enumerate() {
+            let i = idx + 1;
+            let log = c.node_dir(i).join("ragent.log");
+            let t0 = Instant::now();
+            loop {
+                if let Ok(Some(status)) = agent.try_wait() {
+                    bail!(
+                        "ragent agent on n{i} exited ({status}) before it was ready; last lines of {}:\n{}",
+                        log.display(),
+                        tail(&log)
+                    );
+                }
+                if matches!(c.http_get(i, METRICS_PORT, "/readyz"), Ok((200, _))) {
+                    break;
+                }
+                if t0.elapsed() > READY_TIMEOUT {
+                    bail!(
+                        "ragent agent on n{i} did not answer /readyz with 200 within {READY_TIMEOUT:?}; last lines of {}:\n{}",
+                        log.display(),
+                        tail(&log)
+                    );
+                }
+                sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(agents)
+    }
+
     /// Stops everything, unmounts, deletes the namespaces and links and the directory.
     /// Returns what it did. Bounded: about 30 s at most.
     pub fn down(mut self) -> Vec<String> {
@@ -906,6 +985,67 @@ impl Drop for Cluster {
     }
 }
 
+/// The agents' ports inside their namespaces.
+pub const METRICS_PORT: u16 = 9464;
+pub const PEER_PORT: u16 = 9465;
+/// Bound on an agent answering /readyz.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the peer token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `<node_dir>/ragent.toml` of the sharing contract for node `i` (1-based), whose peers
+/// (itself included) are at `peers[0]` = n1, `peers[1]` = n2, ...
+pub fn agent_config(
+    i: usize,
+    registry: &str,
+    peers: &[Ipv4Addr],
+    certs: &Path,
+    token: &Path,
+    spool: &Path,
+    extra: &str,
+) -> String {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut t = format!(
+        "namespace = \"k8s.io\"\n\
+         [rightsizing]\n\
+         enabled = false\n\
+         [sharing]\n\
+         enabled = true\n\
+         peer_addr = \"0.0.0.0:{PEER_PORT}\"\n\
+         node = \"n{i}\"\n\
+         registries = [\"{registry}\"]\n\
+         certs_dir = {certs}\n\
+         public = [\"{registry}\"]\n\
+         insecure_registries = [\"{registry}\"]\n\
+         token_file = {token}\n\
+         spool_dir = {spool}\n\
+         {extra}",
+        certs = q(certs),
+        token = q(token),
+        spool = q(spool),
+    );
+    for (n, ip) in peers.iter().enumerate() {
+        t.push_str(&format!(
+            "[[sharing.peers]]\nid = \"n{}\"\naddr = \"{ip}:{PEER_PORT}\"\n",
+            n + 1
+        ));
+    }
+    t
+}
+
+pub fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(12).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Starts one agent per node and waits until each answers /readyz.
 /// Per-node sums of `ragent_blob_bytes_total` by `source` (`local`, `peer`, `upstream`) from
 /// an agent's /metrics text; empty when the metric is absent.
 pub fn blob_bytes_by_source(metrics: &str) -> BTreeMap<String, f64> {
@@ -927,6 +1067,50 @@ pub fn blob_bytes_by_source(metrics: &str) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_config_follows_the_contract_and_lists_every_peer() {
+        let peers = [
+            Ipv4Addr::new(10, 203, 0, 11),
+            Ipv4Addr::new(10, 203, 0, 12),
+            Ipv4Addr::new(10, 203, 0, 13),
+        ];
+        let text = agent_config(
+            2,
+            "10.203.0.2:5000",
+            &peers,
+            Path::new("/tmp/rgc3/n2/certs.d"),
+            Path::new("/tmp/rgc3/peer-token"),
+            Path::new("/tmp/rgc3/n2/spool"),
+            "keep_s = 600\n",
+        );
+        // ragent's own parser accepts it (unknown keys would be errors).
+        let file: ragent::config::FileConfig = toml::from_str(&text).unwrap();
+        assert_eq!(file.sharing.keep_s, Some(600));
+        assert_eq!(file.sharing.peers.len(), 3);
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["namespace"].as_str(), Some("k8s.io"));
+        assert_eq!(v["rightsizing"]["enabled"].as_bool(), Some(false));
+        let s = &v["sharing"];
+        assert_eq!(s["enabled"].as_bool(), Some(true));
+        assert_eq!(s["node"].as_str(), Some("n2"));
+        assert_eq!(s["peer_addr"].as_str(), Some("0.0.0.0:9465"));
+        assert_eq!(s["certs_dir"].as_str(), Some("/tmp/rgc3/n2/certs.d"));
+        assert_eq!(s["token_file"].as_str(), Some("/tmp/rgc3/peer-token"));
+        assert_eq!(s["spool_dir"].as_str(), Some("/tmp/rgc3/n2/spool"));
+        for key in ["registries", "public", "insecure_registries"] {
+            assert_eq!(
+                s[key].as_array().map(|a| a.len()),
+                Some(1),
+                "{key} names the registry"
+            );
+            assert_eq!(s[key][0].as_str(), Some("10.203.0.2:5000"));
+        }
+        let p = s["peers"].as_array().unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0]["id"].as_str(), Some("n1"));
+        assert_eq!(p[2]["addr"].as_str(), Some("10.203.0.13:9465"));
+    }
 
     #[test]
     fn config_is_validated_with_clear_errors() {

@@ -9,11 +9,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Read,
-    net::Ipv4Addr,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -35,13 +31,8 @@ const APPS: [(&str, &str); 4] = [
     ("ragent/app-jvm-api", "v1"),
     ("ragent/app-jvm-batch", "v1"),
 ];
-/// The agents' ports inside their namespaces (the contract with the agent side).
-const METRICS_PORT: u16 = 9464;
-const PEER_PORT: u16 = 9465;
 /// Bound on one node's pulls of the whole set.
 const PULL_TIMEOUT: Duration = Duration::from_secs(900);
-/// Bound on an agent answering /readyz.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
@@ -86,130 +77,6 @@ struct Row {
     error: Option<String>,
 }
 
-fn random_token() -> Result<String> {
-    let mut b = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .context("reading /dev/urandom for the peer token")?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-/// `<node_dir>/ragent.toml` of the sharing contract for node `i` (1-based), whose peers
-/// (itself included) are at `peers[0]` = n1, `peers[1]` = n2, ...
-fn agent_config(
-    i: usize,
-    registry: &str,
-    peers: &[Ipv4Addr],
-    certs: &Path,
-    token: &Path,
-    spool: &Path,
-) -> String {
-    let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let mut t = format!(
-        "namespace = \"k8s.io\"\n\
-         [rightsizing]\n\
-         enabled = false\n\
-         [sharing]\n\
-         enabled = true\n\
-         peer_addr = \"0.0.0.0:{PEER_PORT}\"\n\
-         node = \"n{i}\"\n\
-         registries = [\"{registry}\"]\n\
-         certs_dir = {certs}\n\
-         public = [\"{registry}\"]\n\
-         insecure_registries = [\"{registry}\"]\n\
-         token_file = {token}\n\
-         spool_dir = {spool}\n\
-         peer_timeout_ms = 1000\n",
-        certs = q(certs),
-        token = q(token),
-        spool = q(spool),
-    );
-    for (n, ip) in peers.iter().enumerate() {
-        t.push_str(&format!(
-            "[[sharing.peers]]\nid = \"n{}\"\naddr = \"{ip}:{PEER_PORT}\"\n",
-            n + 1
-        ));
-    }
-    t
-}
-
-fn tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(12).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
-
-/// Starts one agent per node and waits until each answers /readyz.
-fn start_agents(c: &Cluster, bin: &Path) -> Result<Vec<Child>> {
-    let token_file = c.dir().join("peer-token");
-    fs::write(&token_file, random_token()?)?;
-    fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600))?;
-    let mut agents = Vec::new();
-    for i in 1..=c.nodes() {
-        let nd = c.node_dir(i);
-        let cfg = nd.join("ragent.toml");
-        let peers: Vec<Ipv4Addr> = (1..=c.nodes()).map(|p| c.node_ip(p)).collect();
-        fs::write(
-            &cfg,
-            agent_config(
-                i,
-                &c.registry_host(),
-                &peers,
-                &c.certs_dir(i),
-                &token_file,
-                &nd.join("spool"),
-            ),
-        )?;
-        let log = fs::File::create(nd.join("ragent.log"))?;
-        let mut cmd = Command::new(bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("RAGENT_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--no-ebpf")
-            .arg("--metrics-addr")
-            .arg(format!("0.0.0.0:{METRICS_PORT}"))
-            .arg("--containerd")
-            .arg(c.socket(i))
-            .arg("--checkpoint-dir")
-            .arg(nd.join("rightsizing"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        agents.push(c.spawn_in(i, &mut cmd)?);
-    }
-    for (idx, agent) in agents.iter_mut().enumerate() {
-        let i = idx + 1;
-        let log = c.node_dir(i).join("ragent.log");
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(status)) = agent.try_wait() {
-                bail!(
-                    "ragent agent on n{i} exited ({status}) before it was ready; last lines of {}:\n{}",
-                    log.display(),
-                    tail(&log)
-                );
-            }
-            if matches!(c.http_get(i, METRICS_PORT, "/readyz"), Ok((200, _))) {
-                break;
-            }
-            if t0.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "ragent agent on n{i} did not answer /readyz with 200 within {READY_TIMEOUT:?}; last lines of {}:\n{}",
-                    log.display(),
-                    tail(&log)
-                );
-            }
-            sleep(Duration::from_millis(200));
-        }
-    }
-    Ok(agents)
-}
-
 fn run_one(
     config: &ClusterConfig,
     set: &FixtureSet,
@@ -242,7 +109,7 @@ fn run_one(
     };
     let mut agents = Vec::new();
     if let Some(bin) = bin {
-        match start_agents(&c, bin) {
+        match c.start_agents(bin, "") {
             Ok(a) => agents = a,
             Err(e) => {
                 row.error = Some(format!("{e:#}"));
@@ -277,7 +144,7 @@ fn run_one(
     if bin.is_some() {
         for i in 1..=config.nodes {
             let sums = c
-                .http_get(i, METRICS_PORT, "/metrics")
+                .http_get(i, cluster::METRICS_PORT, "/metrics")
                 .map(|(_, text)| cluster::blob_bytes_by_source(&text))
                 .unwrap_or_default();
             row.agent_bytes.push(sums);
@@ -465,49 +332,4 @@ pub fn cluster(args: &ClusterArgs, bin: Option<&Path>) -> Result<()> {
         bail!("{failed} of {} runs failed (see FAILED above)", rows.len());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_config_follows_the_contract_and_lists_every_peer() {
-        let peers = [
-            Ipv4Addr::new(10, 203, 0, 11),
-            Ipv4Addr::new(10, 203, 0, 12),
-            Ipv4Addr::new(10, 203, 0, 13),
-        ];
-        let text = agent_config(
-            2,
-            "10.203.0.2:5000",
-            &peers,
-            Path::new("/tmp/rgc3/n2/certs.d"),
-            Path::new("/tmp/rgc3/peer-token"),
-            Path::new("/tmp/rgc3/n2/spool"),
-        );
-        let v: toml::Value = toml::from_str(&text).unwrap();
-        assert_eq!(v["namespace"].as_str(), Some("k8s.io"));
-        assert_eq!(v["rightsizing"]["enabled"].as_bool(), Some(false));
-        let s = &v["sharing"];
-        assert_eq!(s["enabled"].as_bool(), Some(true));
-        assert_eq!(s["node"].as_str(), Some("n2"));
-        assert_eq!(s["peer_addr"].as_str(), Some("0.0.0.0:9465"));
-        assert_eq!(s["certs_dir"].as_str(), Some("/tmp/rgc3/n2/certs.d"));
-        assert_eq!(s["token_file"].as_str(), Some("/tmp/rgc3/peer-token"));
-        assert_eq!(s["spool_dir"].as_str(), Some("/tmp/rgc3/n2/spool"));
-        assert_eq!(s["peer_timeout_ms"].as_integer(), Some(1000));
-        for key in ["registries", "public", "insecure_registries"] {
-            assert_eq!(
-                s[key].as_array().map(|a| a.len()),
-                Some(1),
-                "{key} names the registry"
-            );
-            assert_eq!(s[key][0].as_str(), Some("10.203.0.2:5000"));
-        }
-        let p = s["peers"].as_array().unwrap();
-        assert_eq!(p.len(), 3);
-        assert_eq!(p[0]["id"].as_str(), Some("n1"));
-        assert_eq!(p[2]["addr"].as_str(), Some("10.203.0.13:9465"));
-    }
 }
