@@ -167,3 +167,53 @@ fn three_nodes_without_ragent_each_fetch_every_blob_once_and_leave_nothing() {
         }
     }
 }
+
+#[test]
+fn an_agent_spawned_in_a_node_is_reached_at_the_node_address_and_stopped_by_teardown() {
+    if !support::require(
+        support::is_root(),
+        "network namespaces, tmpfs and containerd need root",
+    ) {
+        return;
+    }
+    let config = ClusterConfig::new(ClusterConfig::slot_from_env(), 1);
+    let cluster = Cluster::up(&config).expect("starting a 1-node cluster");
+    let log_path = cluster.node_dir(1).join("ragent.log");
+    let log = std::fs::File::create(&log_path).expect("agent log");
+    let mut cmd = Command::new(support::ragent_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RAGENT_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["agent", "--no-ebpf", "--metrics-addr", "0.0.0.0:9464"])
+        .arg("--containerd")
+        .arg(cluster.socket(1))
+        .arg("--checkpoint-dir")
+        .arg(cluster.node_dir(1).join("rightsizing"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let mut agent = cluster
+        .spawn_in(1, &mut cmd)
+        .expect("spawning ragent in n1");
+    let pid = agent.id();
+    // Reached from the root namespace over the cluster's network, at the node's address.
+    support::wait_for(
+        "the agent in n1 to answer /readyz",
+        Duration::from_secs(60),
+        || matches!(cluster.http_get(1, 9464, "/readyz"), Ok((200, _))).then_some(()),
+    );
+    let (status, metrics) = cluster.http_get(1, 9464, "/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ragent_"), "{metrics}");
+    let done = cluster.down();
+    assert!(
+        done.iter().any(|d| d.contains(&format!("pid {pid}"))),
+        "teardown stopped the agent: {done:?}"
+    );
+    assert!(
+        agent.try_wait().expect("waiting for the agent").is_some(),
+        "the agent still runs after teardown"
+    );
+}
