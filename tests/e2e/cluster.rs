@@ -265,7 +265,12 @@ fn three_agents_fetch_each_blob_once_for_the_cluster() {
     std::thread::sleep(Duration::from_millis(500));
     let served_after = cluster.served_since(mark);
     let sources: Vec<_> = (1..=3).map(|i| bytes_by_source(&cluster, i)).collect();
-    let sum = |k: &str| -> f64 { sources.iter().map(|m| m.get(k).copied().unwrap_or(0.0)).sum() };
+    let sum = |k: &str| -> f64 {
+        sources
+            .iter()
+            .map(|m| m.get(k).copied().unwrap_or(0.0))
+            .sum()
+    };
     eprintln!(
         "unique blob bytes {unique}; registry served {} blob bytes in {} GETs ({} manifest bytes); \
          agents: upstream {}, peer {}, local {}",
@@ -319,14 +324,28 @@ fn three_agents_fetch_each_blob_once_for_the_cluster() {
     ] {
         let (code, body) = raw_get(addr, &path, &headers);
         assert_eq!(code, 403, "{headers:?}");
-        assert!(body < 300, "an error body only, not the blob ({body} bytes)");
+        assert!(
+            body < 300,
+            "an error body only, not the blob ({body} bytes)"
+        );
     }
     let token = std::fs::read_to_string(cluster.dir().join("peer-token")).expect("token");
     let (code, body) = raw_get(addr, &path, &[("X-Ragent-Peer-Token", token.trim())]);
     assert_eq!(code, 200);
     assert_eq!(body as u64, img.layers[0].size);
-    assert_eq!(cluster.served_since(mark).blob_gets, 0, "served from the store");
-    assert!(counter(&cluster, 2, "ragent_peer_requests_total", "outcome=\"forbidden\"") >= 2.0);
+    assert_eq!(
+        cluster.served_since(mark).blob_gets,
+        0,
+        "served from the store"
+    );
+    assert!(
+        counter(
+            &cluster,
+            2,
+            "ragent_peer_requests_total",
+            "outcome=\"forbidden\""
+        ) >= 2.0
+    );
 }
 
 /// The home peer of a big layer is killed while it streams the layer to the two other nodes:
@@ -405,7 +424,9 @@ fn a_home_peer_killed_mid_transfer_leaves_the_others_whole() {
             .output()
             .expect("ctr content ls");
         assert!(
-            String::from_utf8_lossy(&out.stdout).lines().any(|l| l == layer),
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l == layer),
             "n{i} lacks the layer"
         );
     }
@@ -423,4 +444,54 @@ fn a_home_peer_killed_mid_transfer_leaves_the_others_whole() {
         .map(|&i| counter(&cluster, i, "ragent_peer_fallbacks_total", ""))
         .sum();
     assert!(fallbacks >= 1.0, "a node went past the dead home");
+}
+
+#[test]
+fn an_agent_spawned_in_a_node_is_reached_at_the_node_address_and_stopped_by_teardown() {
+    if !support::require(
+        support::is_root(),
+        "network namespaces, tmpfs and containerd need root",
+    ) {
+        return;
+    }
+    let config = ClusterConfig::new(ClusterConfig::slot_from_env(), 1);
+    let cluster = Cluster::up(&config).expect("starting a 1-node cluster");
+    let log_path = cluster.node_dir(1).join("ragent.log");
+    let log = std::fs::File::create(&log_path).expect("agent log");
+    let mut cmd = Command::new(support::ragent_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RAGENT_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["agent", "--no-ebpf", "--metrics-addr", "0.0.0.0:9464"])
+        .arg("--containerd")
+        .arg(cluster.socket(1))
+        .arg("--checkpoint-dir")
+        .arg(cluster.node_dir(1).join("rightsizing"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let mut agent = cluster
+        .spawn_in(1, &mut cmd)
+        .expect("spawning ragent in n1");
+    let pid = agent.id();
+    // Reached from the root namespace over the cluster's network, at the node's address.
+    support::wait_for(
+        "the agent in n1 to answer /readyz",
+        Duration::from_secs(60),
+        || matches!(cluster.http_get(1, 9464, "/readyz"), Ok((200, _))).then_some(()),
+    );
+    let (status, metrics) = cluster.http_get(1, 9464, "/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ragent_"), "{metrics}");
+    let done = cluster.down();
+    assert!(
+        done.iter().any(|d| d.contains(&format!("pid {pid}"))),
+        "teardown stopped the agent: {done:?}"
+    );
+    assert!(
+        agent.try_wait().expect("waiting for the agent").is_some(),
+        "the agent still runs after teardown"
+    );
 }
