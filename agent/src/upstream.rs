@@ -389,6 +389,9 @@ impl<O: Origin, K: Keeper> Flights<O, K> {
             }
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(spool)?;
+            // tokio's File hands writes to a blocking thread: only after the flush are the
+            // bytes in the file for the readers `written` lets in.
+            file.flush().await.map_err(spool)?;
             f.state.send_replace(Progress::Streaming { size, written });
         }
         if written != size {

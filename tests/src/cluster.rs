@@ -711,6 +711,14 @@ impl Cluster {
         for sub in ["root", "state", "opt", "certs.d"] {
             fs::create_dir_all(d.join(sub))?;
         }
+        // The registry is plain HTTP, and the node says so in its certs.d, as a real node
+        // with an insecure registry does (ragent's mirror entry keeps these settings).
+        let hosts = self.certs_dir(i).join(self.registry_host());
+        fs::create_dir_all(&hosts)?;
+        fs::write(
+            hosts.join("hosts.toml"),
+            crate::node::HOSTS_TOML.replace("{{REGISTRY}}", &self.registry_host()),
+        )?;
         let root = d.join("root");
         let c_root = std::ffi::CString::new(root.display().to_string())?;
         let opts = std::ffi::CString::new(format!("size={}m,mode=0700", self.config.tmpfs_mib))?;

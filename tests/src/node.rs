@@ -78,7 +78,7 @@ const STATE: &str = "node.json";
 const CONTAINERD_TOML: &str = include_str!("../../deploy/local/containerd.toml");
 const REGISTRY_YML: &str = include_str!("../../deploy/local/registry.yml");
 const PROMETHEUS_YML: &str = include_str!("../../deploy/local/prometheus.yml");
-const HOSTS_TOML: &str = include_str!("../../deploy/local/hosts.toml");
+pub(crate) const HOSTS_TOML: &str = include_str!("../../deploy/local/hosts.toml");
 /// The `cluster` label the node's Prometheus adds to what it scrapes from ragent.
 pub const CLUSTER: &str = "local";
 
