@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use crate::{
-    core::sharing::{Fallback, PEER_TOKEN_HEADER, Peer, Source, Token, plan_sources},
+    core::sharing::{
+        Fallback, PEER_TOKEN_HEADER, Peer, Source, Token, UPSTREAM_AUTH_HEADER, plan_sources,
+    },
     metrics::SharingMetrics,
     upstream::{Flights, Keeper, Origin, UpstreamError},
 };
@@ -169,6 +171,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         repository: &str,
         digest: &str,
         offset: u64,
+        auth: Option<&str>,
     ) -> Result<Fetched, MeshError> {
         let mut plan = self.plan(digest).into_iter();
         let (size, source, first) = loop {
@@ -177,7 +180,10 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
                     digest: digest.into(),
                 });
             };
-            match self.open(&src, registry, repository, digest, offset).await {
+            match self
+                .open(&src, registry, repository, digest, offset, auth)
+                .await
+            {
                 Ok(Some((size, stream))) => break (size, src, stream),
                 Ok(None) => continue,
                 Err(e) => return Err(e.into()),
@@ -199,12 +205,13 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
             repository.to_string(),
             digest.to_string(),
         );
+        let auth = auth.map(str::to_string);
         tokio::spawn(async move {
             me.relay(
                 tx,
                 (source, first),
                 rest,
-                (&registry, &repository, &digest),
+                (&registry, &repository, &digest, auth.as_deref()),
                 offset,
                 size,
             )
@@ -224,7 +231,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         tx: mpsc::Sender<io::Result<Vec<u8>>>,
         (mut source, mut stream): (Source, BoxStream<'static, io::Result<Vec<u8>>>),
         rest: Vec<Source>,
-        (registry, repository, digest): (&str, &str, &str),
+        (registry, repository, digest, auth): (&str, &str, &str, Option<&str>),
         offset: u64,
         size: u64,
     ) {
@@ -269,7 +276,10 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
                     let _ = tx.send(Err(err)).await;
                     return;
                 };
-                match self.open(&src, registry, repository, digest, pos).await {
+                match self
+                    .open(&src, registry, repository, digest, pos, auth)
+                    .await
+                {
                     Ok(Some((s, st))) if s == size => break (src, st),
                     Ok(_) => continue,
                     Err(e) => {
@@ -299,10 +309,11 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         repository: &str,
         digest: &str,
         offset: u64,
+        auth: Option<&str>,
     ) -> Result<Option<(u64, BoxStream<'static, io::Result<Vec<u8>>>)>, UpstreamError> {
         match src {
             Source::Upstream => {
-                let (flight, started) = self.flights.join(registry, repository, digest)?;
+                let (flight, started) = self.flights.join(registry, repository, digest, auth)?;
                 if !started && let Some(m) = &self.metrics {
                     m.avoided.with_label_values(&[registry]).inc();
                 }
@@ -311,7 +322,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
             }
             Source::Peer { id, addr } => {
                 match self
-                    .ask_peer(addr, registry, repository, digest, offset)
+                    .ask_peer(addr, registry, repository, digest, offset, auth)
                     .await
                 {
                     Ok(opened) => Ok(Some(opened)),
@@ -332,6 +343,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         repository: &str,
         digest: &str,
         offset: u64,
+        auth: Option<&str>,
     ) -> Result<(u64, BoxStream<'static, io::Result<Vec<u8>>>), Fallback> {
         let token = self.token.as_ref().ok_or(Fallback::Forbidden)?;
         let url = format!(
@@ -344,6 +356,10 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
             .header(PEER_TOKEN_HEADER, token.as_str());
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        // Checked credentials of a private pull, for the home's upstream fetch (not kept).
+        if let Some(a) = auth {
+            req = req.header(UPSTREAM_AUTH_HEADER, a);
         }
         let t0 = Instant::now();
         let answer = tokio::time::timeout(self.timeout, req.send()).await;
@@ -478,7 +494,13 @@ mod tests {
     }
 
     impl Origin for Registry {
-        async fn open(&self, _: &str, _: &str, digest: &str) -> Result<Opened, UpstreamError> {
+        async fn open(
+            &self,
+            _: &str,
+            _: &str,
+            digest: &str,
+            _: Option<&str>,
+        ) -> Result<Opened, UpstreamError> {
             lock(&self.opens).push(self.node.clone());
             let b = self
                 .blobs
@@ -577,6 +599,7 @@ mod tests {
                 mesh: Some(mesh.clone()),
                 metrics: None,
                 registries: vec!["r.test".into()],
+                checker: None,
             };
             tokio::spawn(crate::peer::serve(l, Empty, opts, std::future::pending()));
             nodes.push(Node {
@@ -595,7 +618,7 @@ mod tests {
     async fn fetch_all(node: &Node, digest: &str, offset: u64) -> Result<Vec<u8>, String> {
         let f = node
             .mesh
-            .fetch("r.test", "team/app", digest, offset)
+            .fetch("r.test", "team/app", digest, offset, None)
             .await
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
@@ -703,7 +726,10 @@ mod tests {
             .unwrap(),
             None,
         );
-        let f = asker.fetch("r.test", "team/app", &d, 0).await.unwrap();
+        let f = asker
+            .fetch("r.test", "team/app", &d, 0, None)
+            .await
+            .unwrap();
         assert_eq!(f.source, "peer");
         let mut got = Vec::new();
         let mut s = f.stream;

@@ -1,4 +1,4 @@
-//! The peer server (issue 8, first part): the read-only OCI distribution API for blobs and
+//! The peer server and local mirror (issue 8): the read-only OCI distribution API for blobs and
 //! manifests by digest, streamed from containerd's content store.
 //!
 //! - `GET/HEAD /v2/<name>/blobs/<digest>` and `/v2/<name>/manifests/<digest>`; `GET /v2/`.
@@ -9,10 +9,11 @@
 //! - `Content-Length`, `Docker-Content-Digest`; manifests with the `Content-Type` of their own
 //!   `mediaType`; blobs honour a single `Range` (containerd resumes with `bytes=N-`); HEAD sends
 //!   the headers only.
-//! - Who gets what is [`decide_access`]'s call. Wired so far: the public policy (`[sharing]
-//!   public`). A request that brings credentials is declined (the upstream check is not built
-//!   yet, and an unchecked credential is default deny), one without is challenged; nothing is
-//!   served that the policy does not mark public. docs/sharing.md has the rest of the design.
+//! - Who asks: [`classify_caller`]. Another agent with the token is served from the store or
+//!   the one upstream fetch (never forwarded again); this host's containerd or pre-pull gets
+//!   [`decide_access`]'s answer (public policy; private blobs when the registry accepts the
+//!   pull's credentials, checked by [`AccessChecker`]); anyone else 403.
+//! - A blob the store lacks goes to the [`Mesh`] (home peer, else one upstream fetch).
 use std::{
     io,
     net::{IpAddr, SocketAddr},
@@ -36,12 +37,13 @@ use crate::{
     },
     core::sharing::{
         Access, AccessFacts, ByteRange, Caller, ContentRequest, Kind, PEER_TOKEN_HEADER, Presented,
-        PublicPolicy, Route, SharingError, Token, UpstreamCheck, classify_caller, decide_access,
-        manifest_media_type, parse_range, parse_request,
+        PublicPolicy, Route, ServeReason, SharingError, Token, UPSTREAM_AUTH_HEADER, UpstreamCheck,
+        classify_caller, decide_access, manifest_media_type, needs_upstream_check, parse_range,
+        parse_request,
     },
     mesh::Mesh,
     metrics::SharingMetrics,
-    upstream::{Discard, Keeper, Origin},
+    upstream::{AccessChecker, Discard, Keeper, Origin},
 };
 
 /// Where the peer server reads content: containerd's content store, or a fake in tests.
@@ -92,6 +94,9 @@ pub struct PeerOptions<O: Origin, K: Keeper> {
     pub metrics: Option<SharingMetrics>,
     /// The registries metrics may name (anything else is counted as "other").
     pub registries: Vec<String>,
+    /// Checks the credentials a private pull brings at the registry; None: such pulls are
+    /// declined (containerd goes to the registry itself).
+    pub checker: Option<Arc<AccessChecker>>,
 }
 
 impl PeerOptions<Registry, Discard> {
@@ -104,6 +109,7 @@ impl PeerOptions<Registry, Discard> {
             mesh: None,
             metrics: None,
             registries: Vec::new(),
+            checker: None,
         }
     }
 }
@@ -217,20 +223,39 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
         }
         Route::Content(c) => c,
     };
+    // The checked credentials of a private pull, carried to the home peer's upstream fetch.
+    let mut upstream_auth: Option<String> = None;
     if caller == Caller::Local {
-        let facts = AccessFacts {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let mut facts = AccessFacts {
             registry: req.registry.as_deref(),
             repository: &req.name,
-            // The upstream check of presented credentials is not built yet: Unknown (deny).
-            presented: if headers.contains_key(header::AUTHORIZATION) {
-                Presented::Credentials(UpstreamCheck::Unknown)
-            } else {
-                Presented::None
+            presented: match authorization {
+                Some(_) => Presented::Credentials(UpstreamCheck::Unknown),
+                None => Presented::None,
             },
             // Pods' pull secrets are not looked at yet.
             node_pod_may_pull: false,
         };
+        // Private content with credentials: the registry says whether they may pull it.
+        // (Blobs only: a manifest by digest is served from the store or not at all, so a
+        // private one is declined and containerd asks the registry for it.)
+        if req.kind == Kind::Blob
+            && needs_upstream_check(&facts, &st.opts.policy)
+            && let (Some(checker), Some(registry), Some(a)) =
+                (&st.opts.checker, req.registry.as_deref(), authorization)
+        {
+            let check = checker
+                .check(registry, &req.name, req.digest.as_str(), a)
+                .await;
+            facts.presented = Presented::Credentials(check);
+        }
         match decide_access(&facts, &st.opts.policy) {
+            Access::Serve(ServeReason::Credentials) => {
+                upstream_auth = authorization.map(str::to_string);
+            }
             Access::Serve(_) => {}
             Access::Challenge { realm } => {
                 st.count(caller, "challenged");
@@ -304,10 +329,14 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
     };
     let fetched = match caller {
         // Another agent asked: fetch upstream (once), never forward again.
-        Caller::Peer => match mesh
-            .flights()
-            .join(registry, &req.name, req.digest.as_str())
-        {
+        Caller::Peer => match mesh.flights().join(
+            registry,
+            &req.name,
+            req.digest.as_str(),
+            headers
+                .get(UPSTREAM_AUTH_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        ) {
             Ok((flight, _)) => match flight.size().await {
                 Ok(size) => Ok(crate::mesh::Fetched {
                     size,
@@ -319,8 +348,14 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
             Err(e) => Err(crate::mesh::MeshError::Upstream(e)),
         },
         _ => {
-            mesh.fetch(registry, &req.name, req.digest.as_str(), start)
-                .await
+            mesh.fetch(
+                registry,
+                &req.name,
+                req.digest.as_str(),
+                start,
+                upstream_auth.as_deref(),
+            )
+            .await
         }
     };
     let fetched = match fetched {

@@ -812,7 +812,7 @@ async fn open_blob(
     if let Some(mesh) = mesh {
         let host = crate::core::pulls::registry_of(reference);
         let (_, repository) = crate::core::pulls::distribution_source_label(reference);
-        match mesh.fetch(host, &repository, digest, offset).await {
+        match mesh.fetch(host, &repository, digest, offset, None).await {
             Ok(f) if f.size == size => return Ok(f.stream),
             Ok(f) => {
                 warn!(%digest, size, shared = f.size, "layer sharing announced another size; fetching from the registry");

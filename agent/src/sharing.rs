@@ -12,7 +12,7 @@
 //!   ([`crate::mesh`], [`crate::upstream`]); the same path serves the agent's pre-pulls.
 //! - Membership: the static `peers` list (the EndpointSlice watch feeds the same channel).
 //!
-//! Not here yet: the upstream credential check for private content, pods' pull secrets.
+//! Not here yet: pods' pull secrets as a reason to serve private content.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -34,7 +34,7 @@ use crate::{
     mesh::Mesh,
     metrics::SharingMetrics,
     peer::{ContentSource, PeerOptions},
-    upstream::{Flights, Keeper, UpstreamError, file_stream},
+    upstream::{AccessChecker, Flights, Keeper, UpstreamError, file_stream},
 };
 
 /// The mesh the agent runs: upstream is the registry, fetched blobs are kept in containerd.
@@ -112,6 +112,10 @@ pub async fn start(
     }
     let source = LazyContainerd::new(socket, namespace);
     let upstream = Registry::new(&settings.insecure_registries, settings.credentials.clone());
+    let checker = Arc::new(AccessChecker::new(Arc::new(Registry::new(
+        &settings.insecure_registries,
+        crate::core::credentials::Credentials::anonymous(),
+    ))));
     let keeper = ContainerdKeeper {
         store: source.clone(),
         keep: settings.keep,
@@ -134,6 +138,7 @@ pub async fn start(
         mesh: Some(mesh.clone()),
         metrics: metrics.clone(),
         registries: settings.registries.clone(),
+        checker: Some(checker),
     };
     let gauge_mesh = mesh.clone();
     let mut gauge_stop = stop.clone();

@@ -30,7 +30,11 @@ use crate::{
         containerd::ContainerdError,
         registry::{Registry, RegistryError},
     },
-    core::{oci::Descriptor, sharing::digest_hasher},
+    core::{
+        credentials::{Credential, Credentials},
+        oci::Descriptor,
+        sharing::{UpstreamCheck, basic_credentials, check_key, digest_hasher},
+    },
 };
 
 /// Everything an upstream fetch can fail with (cloned to every waiter).
@@ -72,11 +76,14 @@ pub type Opened = (u64, BoxStream<'static, io::Result<Vec<u8>>>);
 
 /// Where blobs come from upstream: the registry, or a fake in tests.
 pub trait Origin: Send + Sync + 'static {
+    /// `auth`: the `Authorization: Basic` of a pull whose credentials were checked for this
+    /// repository (private content), else None (the origin's own credentials).
     fn open(
         &self,
         registry: &str,
         repository: &str,
         digest: &str,
+        auth: Option<&str>,
     ) -> impl Future<Output = Result<Opened, UpstreamError>> + Send;
 }
 
@@ -86,16 +93,22 @@ impl Origin for Registry {
         registry: &str,
         repository: &str,
         digest: &str,
+        auth: Option<&str>,
     ) -> Result<Opened, UpstreamError> {
         let reference = format!("{registry}/{repository}@{digest}");
         let fail = |e: RegistryError| UpstreamError::Registry {
             what: reference.clone(),
             reason: e.to_string(),
         };
-        let (len, stream) = self
-            .sized_blob(&reference, digest, 0, 0)
-            .await
-            .map_err(fail)?;
+        let (len, stream) = match auth.and_then(basic_credentials) {
+            Some((username, password)) => {
+                as_user(self, registry, username, password)
+                    .sized_blob(&reference, digest, 0, 0)
+                    .await
+            }
+            None => self.sized_blob(&reference, digest, 0, 0).await,
+        }
+        .map_err(fail)?;
         let Some(len) = len else {
             return Err(UpstreamError::NoLength {
                 what: reference.clone(),
@@ -103,6 +116,13 @@ impl Origin for Registry {
         };
         Ok((len, stream.boxed()))
     }
+}
+
+/// `base` presenting a user and password to `host` (and nothing to any other registry).
+fn as_user(base: &Registry, host: &str, username: String, password: String) -> Registry {
+    let mut creds = Credentials::anonymous();
+    creds.insert(host, Credential::Basic { username, password });
+    base.with_credentials(creds)
 }
 
 /// Keeps a fetched blob where later requests find it (containerd's content store).
@@ -299,6 +319,7 @@ impl<O: Origin, K: Keeper> Flights<O, K> {
         registry: &str,
         repository: &str,
         digest: &str,
+        auth: Option<&str>,
     ) -> Result<(Arc<Flight>, bool), UpstreamError> {
         if digest_hasher(digest).is_none() {
             return Err(UpstreamError::Algorithm {
@@ -327,9 +348,12 @@ impl<O: Origin, K: Keeper> Flights<O, K> {
             repository.to_string(),
             digest.to_string(),
         );
+        let auth = auth.map(str::to_string);
         let f = flight.clone();
         tokio::spawn(async move {
-            let outcome = me.fetch(&f, &registry, &repository, &digest).await;
+            let outcome = me
+                .fetch(&f, &registry, &repository, &digest, auth.as_deref())
+                .await;
             match outcome {
                 Ok(size) => {
                     let desc = Descriptor {
@@ -359,9 +383,10 @@ impl<O: Origin, K: Keeper> Flights<O, K> {
         registry: &str,
         repository: &str,
         digest: &str,
+        auth: Option<&str>,
     ) -> Result<u64, UpstreamError> {
         let what = format!("{registry}/{repository}@{digest}");
-        let (size, mut stream) = self.origin.open(registry, repository, digest).await?;
+        let (size, mut stream) = self.origin.open(registry, repository, digest, auth).await?;
         let spool = |e: io::Error| UpstreamError::Spool {
             path: f.path.clone(),
             reason: e.to_string(),
@@ -464,6 +489,71 @@ impl Keeper for Discard {
     }
 }
 
+/// Checks the credentials a pull presents against the registry itself, before the mirror
+/// serves private content with them: allowed only when the registry lets them pull that blob.
+/// Results are kept [`CHECK_TTL`] under a hash of credentials, registry and repository; the
+/// credentials themselves are neither logged nor kept.
+pub struct AccessChecker {
+    registry: Arc<Registry>,
+    cache: Mutex<HashMap<[u8; 32], (UpstreamCheck, std::time::Instant)>>,
+}
+
+/// How long a credential check is remembered.
+pub const CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl AccessChecker {
+    /// `registry` gives the plain-HTTP list and timeout (its own credentials are not used).
+    pub fn new(registry: Arc<Registry>) -> AccessChecker {
+        AccessChecker {
+            registry,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn check(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        authorization: &str,
+    ) -> UpstreamCheck {
+        let key = check_key(authorization, registry, repository);
+        let now = std::time::Instant::now();
+        {
+            let mut cache = lock(&self.cache);
+            cache.retain(|_, (_, at)| now.duration_since(*at) < CHECK_TTL);
+            if let Some((c, _)) = cache.get(&key) {
+                return *c;
+            }
+        }
+        let Some((username, password)) = basic_credentials(authorization) else {
+            return UpstreamCheck::Unknown;
+        };
+        // What the registry says of the credentials for the repository is remembered; a
+        // digest it does not have (404) says nothing of them, and no answer is not an answer.
+        let (result, remember) = match as_user(&self.registry, registry, username, password)
+            .can_pull(&format!("{registry}/{repository}@{digest}"), digest)
+            .await
+        {
+            Ok(()) => (UpstreamCheck::Allowed, true),
+            Err(
+                RegistryError::Denied { .. }
+                | RegistryError::CredentialsRefused { .. }
+                | RegistryError::NeedsCredentials { .. },
+            ) => (UpstreamCheck::Denied, true),
+            Err(RegistryError::NotFound { .. }) => (UpstreamCheck::Denied, false),
+            Err(e) => {
+                debug!(%registry, %repository, reason = e.metric_label(), "credential check gave no answer");
+                (UpstreamCheck::Unknown, false)
+            }
+        };
+        if remember {
+            lock(&self.cache).insert(key, (result, now));
+        }
+        result
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -503,7 +593,13 @@ pub(crate) mod tests {
     }
 
     impl Origin for Gate {
-        async fn open(&self, _: &str, _: &str, _: &str) -> Result<Opened, UpstreamError> {
+        async fn open(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Option<&str>,
+        ) -> Result<Opened, UpstreamError> {
             self.opens.fetch_add(1, Ordering::SeqCst);
             let rx = lock(&self.chunks).take().ok_or(UpstreamError::Registry {
                 what: "gate".into(),
@@ -582,10 +678,10 @@ pub(crate) mod tests {
         let (gate, tx) = Gate::new(data.len() as u64);
         let kept = Recorder::default();
         let flights = Flights::new(dir.path(), gate.clone(), kept.clone()).unwrap();
-        let (f1, started1) = flights.join("r", "app", &d).unwrap();
+        let (f1, started1) = flights.join("r", "app", &d, None).unwrap();
         // Three more join while nothing has arrived; one of them from an offset.
-        let (f2, started2) = flights.join("r", "app", &d).unwrap();
-        let (f3, _) = flights.join("r", "app", &d).unwrap();
+        let (f2, started2) = flights.join("r", "app", &d, None).unwrap();
+        let (f3, _) = flights.join("r", "app", &d, None).unwrap();
         assert!(started1 && !started2);
         let readers = [
             tokio::spawn(collect(f1.read(0, 0))),
@@ -627,7 +723,7 @@ pub(crate) mod tests {
         let (gate, tx) = Gate::new(data.len() as u64);
         let kept = Recorder::default();
         let flights = Flights::new(dir.path(), gate, kept.clone()).unwrap();
-        let (f, _) = flights.join("r", "app", &claimed).unwrap();
+        let (f, _) = flights.join("r", "app", &claimed, None).unwrap();
         let reader = tokio::spawn(collect(f.read(0, 0)));
         tx.send(Ok(data.clone())).await.unwrap();
         drop(tx);
@@ -644,7 +740,7 @@ pub(crate) mod tests {
         let d = sha256(&data);
         let (gate, tx) = Gate::new(data.len() as u64);
         let flights = Flights::new(dir.path(), gate, Recorder::default()).unwrap();
-        let (f, _) = flights.join("r", "app", &d).unwrap();
+        let (f, _) = flights.join("r", "app", &d, None).unwrap();
         let reader = tokio::spawn(collect(f.read(0, 0)));
         tx.send(Ok(data[..100].to_vec())).await.unwrap();
         tx.send(Err(io::Error::other("connection reset")))
@@ -662,7 +758,7 @@ pub(crate) mod tests {
         }
         // The next request starts a new fetch.
         assert_eq!(flights.in_flight(), 0);
-        let (_, started) = flights.join("r", "app", &d).unwrap();
+        let (_, started) = flights.join("r", "app", &d, None).unwrap();
         assert!(started);
     }
 
@@ -672,7 +768,9 @@ pub(crate) mod tests {
         let data = blob(100);
         let (gate, tx) = Gate::new(50);
         let flights = Flights::new(dir.path(), gate, Recorder::default()).unwrap();
-        let (f, _) = flights.join("r", "app", &sha256(&data[..50])).unwrap();
+        let (f, _) = flights
+            .join("r", "app", &sha256(&data[..50]), None)
+            .unwrap();
         tx.send(Ok(data)).await.unwrap();
         drop(tx);
         let (got, err) = collect(f.read(0, 0)).await;
@@ -686,7 +784,7 @@ pub(crate) mod tests {
         let (gate, _tx) = Gate::new(1);
         let flights = Flights::new(dir.path(), gate.clone(), Recorder::default()).unwrap();
         assert!(matches!(
-            flights.join("r", "app", "md5:00"),
+            flights.join("r", "app", "md5:00", None),
             Err(UpstreamError::Algorithm { .. })
         ));
         assert_eq!(gate.opens.load(Ordering::SeqCst), 0);

@@ -87,7 +87,12 @@ impl Drop for MirrorInstalled {
 }
 
 /// CRI PullImage with an AuthConfig of user and password and no server_address.
-async fn cri_pull_auth(node: &Node, reference: &str, user: &str, password: &str) {
+async fn try_cri_pull_auth(
+    node: &Node,
+    reference: &str,
+    user: &str,
+    password: &str,
+) -> Result<(), containerd_client::tonic::Status> {
     let channel = containerd_client::connect(node.socket())
         .await
         .expect("connecting to CRI");
@@ -104,6 +109,12 @@ async fn cri_pull_auth(node: &Node, reference: &str, user: &str, password: &str)
             }),
             sandbox_config: None,
         }))
+        .await
+        .map(|_| ())
+}
+
+async fn cri_pull_auth(node: &Node, reference: &str, user: &str, password: &str) {
+    try_cri_pull_auth(node, reference, user, password)
         .await
         .unwrap_or_else(|e| panic!("CRI PullImage {reference} with credentials: {e}"));
 }
@@ -678,4 +689,131 @@ async fn the_agent_serves_peers_and_restores_certs_d_when_sharing_is_off() {
     let status = agent.terminate(Duration::from_secs(20));
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Private content: the pull's credentials, checked at the registry.
+
+/// The whole-blob GETs (200) in a registry log for `digests`: by ragent (oci-client), by
+/// containerd; and ragent's one-byte credential checks (206).
+fn blob_gets_by_client(log: &str, digests: &BTreeSet<String>) -> (usize, usize, usize) {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter(|l| digests.iter().any(|d| l.contains(d.as_str())))
+        .collect();
+    let whole: Vec<&&str> = lines.iter().filter(|l| l.contains("\" 200 ")).collect();
+    let ragent = whole.iter().filter(|l| l.contains("oci-client")).count();
+    let checks = lines
+        .iter()
+        .filter(|l| l.contains("\" 206 ") && l.contains("oci-client"))
+        .count();
+    (ragent, whole.len() - ragent, checks)
+}
+
+/// A registry that demands credentials; the agent's mirror in front of it for CRI. A pull
+/// with the right credentials is served through the agent (it checked them at the registry
+/// and fetched the blobs with them); a pull with wrong ones gets nothing from the agent, and
+/// the registry refuses it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_content_is_served_only_to_credentials_the_registry_accepts() {
+    use ragent_testkit::auth::{AuthKind, AuthRegistry};
+    let node = node();
+    let (user, password) = ("ragent-puller", "s3cret-s3cret");
+    let reg = AuthRegistry::start(&node, AuthKind::Htpasswd, user, password).expect("registry");
+    let host = reg.host();
+    // containerd reaches it over plain HTTP (its own hosts.toml, which ragent's entry keeps).
+    node.add_plain_http_registry(&host).expect("hosts.toml");
+    let peer_port = free_port();
+    let config = node.dir().join("sharing-private.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sharing]\nenabled = true\npeer_addr = \"127.0.0.1:{peer_port}\"\n\
+             registries = [\"{host}\"]\ncerts_dir = \"{}\"\ninsecure_registries = [\"{host}\"]\n\
+             spool_dir = \"{}\"\n",
+            node.hosts_dir().display(),
+            node.dir().join("spool-private").display()
+        ),
+    )
+    .expect("config");
+    let agent = Agent::start(
+        &node,
+        free_port(),
+        &["--no-ebpf", "--config", &config.display().to_string()],
+    );
+    let series = |outcome: &str| {
+        format!("ragent_peer_requests_total{{caller=\"local\",outcome=\"{outcome}\"}}")
+    };
+
+    // The right credentials: every blob comes through the agent.
+    let img = fresh_image(&node, "private-ok").await;
+    let blobs: BTreeSet<String> = img.digests().into_iter().skip(1).collect();
+    let reference = img.reference.replacen(&node.registry(), &host, 1);
+    cri_pull_auth(&node, &reference, user, password).await;
+    fetched(&node, &blobs).await;
+    let (by_ragent, by_containerd, checks) = blob_gets_by_client(&reg.log_text(), &blobs);
+    assert_eq!(
+        (by_ragent, by_containerd),
+        (blobs.len(), 0),
+        "the agent fetched every blob, containerd none"
+    );
+    // The credentials were checked (a one-byte GET), and the answer remembered for the
+    // repository.
+    assert_eq!(checks, 1);
+    assert!(agent.value(&series("fetched")).unwrap_or(0.0) >= blobs.len() as f64);
+    let declined_before = agent.value(&series("declined")).unwrap_or(0.0);
+    forget(&node, &img).await;
+
+    // Wrong credentials: the registry refuses the pull (at the tag, before any blob).
+    let img = fresh_image(&node, "private-wrong").await;
+    let blobs: BTreeSet<String> = img.digests().into_iter().skip(1).collect();
+    let reference = img.reference.replacen(&node.registry(), &host, 1);
+    let r = try_cri_pull_auth(&node, &reference, user, "not-the-password").await;
+    assert!(r.is_err(), "the registry refuses wrong credentials");
+    // The mirror itself, asked for a blob of that image: without credentials a challenge;
+    // with wrong ones 404 and nothing fetched; with the right ones the blob.
+    use base64::Engine as _;
+    let basic = |p: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{p}"))
+        )
+    };
+    let layer = img.layers[0].0.clone();
+    let path = format!(
+        "/v2/{}/blobs/{layer}?ns={}",
+        img.repo,
+        host.replace(':', "%3A")
+    );
+    let mirror: SocketAddr = ([127, 0, 0, 1], peer_port).into();
+    let none = request(mirror, "GET", &path, &[]).await;
+    assert_eq!(none.status, 401);
+    let wrong = request(
+        mirror,
+        "GET",
+        &path,
+        &[("authorization", basic("not-the-password").as_str())],
+    )
+    .await;
+    assert_eq!(wrong.status, 404);
+    let (by_ragent, _, checks) = blob_gets_by_client(&reg.log_text(), &blobs);
+    assert_eq!(
+        (by_ragent, checks),
+        (0, 0),
+        "nothing fetched for wrong credentials"
+    );
+    assert!(agent.value(&series("declined")).unwrap_or(0.0) > declined_before);
+    let right = request(
+        mirror,
+        "GET",
+        &path,
+        &[("authorization", basic(password).as_str())],
+    )
+    .await;
+    assert_eq!(right.status, 200);
+    assert_eq!(sha256(&right.body), layer);
+    forget(&node, &img).await;
+    drop(agent);
+    let _ = std::fs::remove_dir_all(node.hosts_dir().join(&host));
 }

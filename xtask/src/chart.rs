@@ -222,7 +222,10 @@ fn check_config(path: &Path) -> Result<()> {
     // (peer-token/<scenario>.token: the token it generated, or the operator's); the Service's
     // namespace is the pod's (POD_NAMESPACE, from the downward API), which a config file the
     // chart renders never names itself.
-    let mut sharing = file.sharing;
+    let mut sharing = config::SharingSection {
+        auth: None,
+        ..file.sharing
+    };
     if sharing.token_file.is_some() {
         let shipped = beside(path, "peer-token", "token");
         if !shipped.is_file() {

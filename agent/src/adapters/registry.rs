@@ -641,6 +641,28 @@ impl Registry {
         Ok(self.sized_blob(reference, digest, size, offset).await?.1)
     }
 
+    /// A registry like this one (same plain-HTTP list and timeout) that presents `credentials`.
+    pub fn with_credentials(&self, credentials: Credentials) -> Registry {
+        Registry::with_timeout(&self.insecure, credentials, self.timeout)
+    }
+
+    /// Whether this registry's credentials may pull `digest` of `reference`'s repository: a
+    /// GET of its first byte (`Range: bytes=0-0`); the answer counts, not the byte.
+    pub async fn can_pull(&self, reference: &str, digest: &str) -> Result<(), RegistryError> {
+        let r = parse(reference)?;
+        let what = format!("{}@{digest}", r.whole());
+        let auth = self.auth_for(&r)?;
+        let client = self.client(&r).await;
+        client
+            .store_auth_if_needed(r.resolve_registry(), &auth)
+            .await;
+        client
+            .pull_blob_stream_partial(&r, digest, 0, Some(1))
+            .await
+            .map_err(|e| self.request_error(&r, what, e))?;
+        Ok(())
+    }
+
     /// [`Registry::blob`], with the length of the answer the registry announced (the bytes from
     /// `offset` on), when it did.
     pub async fn sized_blob(

@@ -993,6 +993,9 @@ pub struct Token(String);
 
 /// The header that carries the peer token.
 pub const PEER_TOKEN_HEADER: &str = "x-ragent-peer-token";
+/// Between agents only: the `Authorization` of a private pull whose credentials the asking
+/// agent checked at the registry, for the home peer's upstream fetch (used, never kept).
+pub const UPSTREAM_AUTH_HEADER: &str = "x-ragent-upstream-auth";
 
 impl Token {
     /// The token in a file's text: trimmed, 16..=4096 visible ASCII characters.
@@ -1030,6 +1033,32 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
     }
+}
+
+/// The user name and password of an `Authorization: Basic` header (what containerd sends a
+/// mirror that challenged it); None for anything else.
+pub fn basic_credentials(header: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let (scheme, value) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    (!user.is_empty()).then(|| (user.to_string(), pass.to_string()))
+}
+
+/// The key a credential check is remembered under: a hash, so the cache holds no secret.
+pub fn check_key(authorization: &str, registry: &str, repository: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [authorization, registry, repository] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize().into()
 }
 
 /// Who sent a request to the peer server.
@@ -2031,5 +2060,31 @@ mod tests {
         assert!(h.finish().starts_with("sha512:ddaf35a193617aba"));
         assert!(digest_hasher("md5:x").is_none());
         assert!(Fallback::Cut.marks_down() && !Fallback::Status.marks_down());
+    }
+
+    #[test]
+    fn basic_credentials_are_read_and_check_keys_hold_no_secret() {
+        // "puller:s3:cret" (a colon in the password stays in it).
+        assert_eq!(
+            basic_credentials("Basic cHVsbGVyOnMzOmNyZXQ="),
+            Some(("puller".into(), "s3:cret".into()))
+        );
+        assert_eq!(
+            basic_credentials("basic cHVsbGVyOnMzOmNyZXQ="),
+            Some(("puller".into(), "s3:cret".into()))
+        );
+        for bad in ["Bearer abc", "Basic !!!", "Basic OnB3", "Basic", ""] {
+            assert_eq!(basic_credentials(bad), None, "{bad}");
+        }
+        let k = check_key("Basic cHVsbGVyOnMzOmNyZXQ=", "r:5000", "team/app");
+        assert_ne!(
+            k,
+            check_key("Basic cHVsbGVyOnMzOmNyZXQ=", "r:5000", "team/other")
+        );
+        assert_ne!(
+            k,
+            check_key("Basic cHVsbGVyOnMzOmNyZXQ=", "r:500", "0/team/app")
+        );
+        assert!(!k.windows(6).any(|w| w == b"puller"));
     }
 }
