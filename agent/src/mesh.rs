@@ -193,7 +193,9 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
         if let Some(m) = &self.metrics
             && label == "peer"
         {
-            m.avoided.with_label_values(&[registry]).inc();
+            m.avoided
+                .with_label_values(&[m.registry_label(registry)])
+                .inc();
         }
         debug!(%digest, source = ?source, offset, "blob for this node");
         // The rest of the plan continues a transfer a peer cuts.
@@ -246,7 +248,7 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
                         pos += b.len() as u64;
                         if let Some(m) = &self.metrics {
                             m.blob_bytes
-                                .with_label_values(&[registry, label])
+                                .with_label_values(&[m.registry_label(registry), label])
                                 .inc_by(b.len() as u64);
                         }
                         if tx.send(Ok(b)).await.is_err() {
@@ -315,7 +317,9 @@ impl<O: Origin, K: Keeper> Mesh<O, K> {
             Source::Upstream => {
                 let (flight, started) = self.flights.join(registry, repository, digest, auth)?;
                 if !started && let Some(m) = &self.metrics {
-                    m.avoided.with_label_values(&[registry]).inc();
+                    m.avoided
+                        .with_label_values(&[m.registry_label(registry)])
+                        .inc();
                 }
                 let size = flight.size().await?;
                 Ok(Some((size, flight.read(offset, 0))))

@@ -972,6 +972,8 @@ pub struct SharingMetrics {
     pub requests: IntCounterVec,
     pub served: IntCounterVec,
     pub peers: IntGaugeVec,
+    /// `[sharing] registries`: the only `registry` label values besides `other`.
+    registries: std::sync::Arc<Vec<String>>,
 }
 
 /// Metrics registered only when layer sharing runs (`[sharing] enabled`).
@@ -1037,6 +1039,7 @@ impl SharingMetrics {
                 r,
                 IntGaugeVec::new(opts(&SHARING_PEERS), SHARING_PEERS.labels)?,
             )?,
+            registries: std::sync::Arc::new(registries.to_vec()),
         };
         for registry in registries {
             for source in ["local", "peer", "upstream"] {
@@ -1060,6 +1063,16 @@ impl SharingMetrics {
             m.peers.with_label_values(&[state]);
         }
         Ok(m)
+    }
+
+    /// The `registry` label for `registry`: itself when `[sharing] registries` lists it, else
+    /// `other` (the value comes from requests, so it is bounded here).
+    pub fn registry_label<'a>(&self, registry: &'a str) -> &'a str {
+        if self.registries.iter().any(|r| r == registry) {
+            registry
+        } else {
+            "other"
+        }
     }
 }
 
@@ -1278,7 +1291,9 @@ mod tests {
         rs.node_shape.with_label_values(&["a", "b"]);
         rs.node_saving.with_label_values::<&str>(&[]).set(0.5);
         m.kube().unwrap();
-        m.sharing(&["r:5000".to_string()]).unwrap();
+        let sh = m.sharing(&["r:5000".to_string()]).unwrap();
+        assert_eq!(sh.registry_label("r:5000"), "r:5000");
+        assert_eq!(sh.registry_label("attacker.example/anything"), "other");
         // Registered once: a second call returns the same handles.
         m.kube().unwrap().pods.set(3);
         let text = m.encode().unwrap();
