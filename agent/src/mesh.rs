@@ -602,7 +602,6 @@ mod tests {
                 listen_ip: None,
                 mesh: Some(mesh.clone()),
                 metrics: None,
-                registries: vec!["r.test".into()],
                 checker: None,
             };
             tokio::spawn(crate::peer::serve(l, Empty, opts, std::future::pending()));

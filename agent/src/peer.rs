@@ -92,8 +92,6 @@ pub struct PeerOptions<O: Origin, K: Keeper> {
     /// Where misses go (home peer or upstream); None: a miss is 404.
     pub mesh: Option<Arc<Mesh<O, K>>>,
     pub metrics: Option<SharingMetrics>,
-    /// The registries metrics may name (anything else is counted as "other").
-    pub registries: Vec<String>,
     /// Checks the credentials a private pull brings at the registry; None: such pulls are
     /// declined (containerd goes to the registry itself).
     pub checker: Option<Arc<AccessChecker>>,
@@ -108,7 +106,6 @@ impl PeerOptions<Registry, Discard> {
             listen_ip: None,
             mesh: None,
             metrics: None,
-            registries: Vec::new(),
             checker: None,
         }
     }
@@ -155,13 +152,6 @@ impl<S, O: Origin, K: Keeper> PeerState<S, O, K> {
                 Caller::Stranger => "stranger",
             };
             m.requests.with_label_values(&[c, outcome]).inc();
-        }
-    }
-
-    fn registry_label<'a>(&'a self, registry: Option<&'a str>) -> &'a str {
-        match registry {
-            Some(r) if self.opts.registries.iter().any(|x| x == r) => r,
-            _ => "other",
         }
     }
 }
@@ -294,7 +284,7 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
                 && req.kind == Kind::Blob
                 && let Some(m) = &st.opts.metrics
             {
-                let label = st.registry_label(req.registry.as_deref());
+                let label = m.registry_label(req.registry.as_deref().unwrap_or("other"));
                 let n = r
                     .headers()
                     .get(header::CONTENT_LENGTH)
@@ -398,10 +388,7 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
     let served = (caller == Caller::Peer)
         .then(|| st.opts.metrics.clone())
         .flatten()
-        .map(|m| {
-            m.served
-                .with_label_values(&[st.registry_label(Some(registry))])
-        });
+        .map(|m| m.served.with_label_values(&[m.registry_label(registry)]));
     let mut left = len;
     let body = fetched.stream.map(move |chunk| {
         let mut b = chunk?;

@@ -137,7 +137,6 @@ pub async fn start(
         listen_ip: Some(settings.peer_addr.ip()).filter(|ip| !ip.is_unspecified()),
         mesh: Some(mesh.clone()),
         metrics: metrics.clone(),
-        registries: settings.registries.clone(),
         checker: Some(checker),
     };
     let gauge_mesh = mesh.clone();
