@@ -450,6 +450,16 @@ async fn sharing_peers_follow_the_endpoint_slices() {
         ("node-b", "10.0.1.12:9465", false),
     ])
     .await;
+    // The fake API sends changes only to live watches (a real one replays them from the
+    // resourceVersion): change nothing until the agent watches.
+    let t0 = std::time::Instant::now();
+    while api.watching(ENDPOINTSLICES) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the agent never watched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A second slice (the controller splits large Services) adds a node; node-b turns ready.
     api.put(
         ENDPOINTSLICES,
