@@ -39,7 +39,7 @@ use crate::{
         Access, AccessFacts, ByteRange, Caller, ContentRequest, Kind, PEER_TOKEN_HEADER, Presented,
         PublicPolicy, Route, ServeReason, SharingError, Token, UPSTREAM_AUTH_HEADER, UpstreamCheck,
         classify_caller, decide_access, manifest_media_type, needs_upstream_check, parse_range,
-        parse_request,
+        parse_request, range_start,
     },
     mesh::Mesh,
     metrics::SharingMetrics,
@@ -411,18 +411,6 @@ async fn handle<S: ContentSource, O: Origin, K: Keeper>(
         }
     })))
     .unwrap_or_else(|_| internal())
-}
-
-/// The first byte a `Range` asks for (`bytes=N-` or `bytes=N-M`; 0 without one); None for a
-/// suffix range, which needs the length first.
-fn range_start(range: Option<&str>) -> Option<u64> {
-    let Some(v) = range else { return Some(0) };
-    let spec = v.trim().strip_prefix("bytes=")?;
-    let (first, _) = spec.split_once('-')?;
-    if first.is_empty() {
-        return None;
-    }
-    first.trim().parse().ok()
 }
 
 /// What the store had.

@@ -719,38 +719,9 @@ impl Cluster {
             hosts.join("hosts.toml"),
             crate::node::HOSTS_TOML.replace("{{REGISTRY}}", &self.registry_host()),
         )?;
-        let root = d.join("root");
-        let c_root = std::ffi::CString::new(root.display().to_string())?;
-        let opts = std::ffi::CString::new(format!("size={}m,mode=0700", self.config.tmpfs_mib))?;
-        // SAFETY: mount(2) with valid C strings; teardown unmounts it.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c_root.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "mounting a tmpfs on {} (needs root): {}",
-                root.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        let dd = d.display();
+        crate::node::mount_tmpfs(&d.join("root"), self.config.tmpfs_mib)?;
         let cfg = d.join("containerd.toml");
-        fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{dd}/root\"\nstate = \"{dd}/state\"\noom_score = 0\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{dd}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{dd}/containerd.sock.ttrpc\"\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{dd}/opt\"\n"
-            ),
-        )?;
+        fs::write(&cfg, crate::node::plain_containerd_toml(&d))?;
         let log = d.join("containerd.log");
         self.spawn_logged(
             &format!("containerd n{i}"),

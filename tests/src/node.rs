@@ -738,36 +738,8 @@ impl TmpfsContainerd {
         fs::create_dir_all(&root)?;
         fs::create_dir_all(dir.join("state"))?;
         fs::create_dir_all(dir.join("opt"))?;
-        let c_root = std::ffi::CString::new(root.display().to_string())?;
-        let opts = std::ffi::CString::new(format!("size={size_mib}m,mode=0700"))?;
-        // SAFETY: mount(2) with valid C strings; the guard unmounts it.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c_root.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "mounting a tmpfs on {}: {}",
-                root.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        let d = dir.display();
-        fs::write(
-            dir.join("containerd.toml"),
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\noom_score = 0\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
-            ),
-        )?;
+        mount_tmpfs(&root, size_mib)?;
+        fs::write(dir.join("containerd.toml"), plain_containerd_toml(dir))?;
         let log = fs::File::create(dir.join("containerd.log"))?;
         let child = Command::new("containerd")
             .arg("--config")
@@ -831,6 +803,43 @@ impl Drop for TmpfsContainerd {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Mounts a tmpfs of `size_mib` MiB on `root` (needs root; the caller unmounts it).
+pub(crate) fn mount_tmpfs(root: &Path, size_mib: u32) -> Result<()> {
+    let c_root = std::ffi::CString::new(root.display().to_string())?;
+    let opts = std::ffi::CString::new(format!("size={size_mib}m,mode=0700"))?;
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c_root.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting a tmpfs on {} (needs root): {}",
+            root.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The config of a containerd without CRI whose root, state, sockets and opt dir are under
+/// `dir`.
+pub(crate) fn plain_containerd_toml(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\noom_score = 0\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{d}/containerd.sock\"\n\
+         [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
+    )
 }
 
 #[cfg(test)]

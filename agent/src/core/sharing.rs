@@ -1165,6 +1165,18 @@ impl Fallback {
     }
 }
 
+/// The first byte a `Range` asks for (`bytes=N-` or `bytes=N-M`; 0 without one); None for a
+/// suffix range, which needs the length first.
+pub fn range_start(range: Option<&str>) -> Option<u64> {
+    let Some(v) = range else { return Some(0) };
+    let spec = v.trim().strip_prefix("bytes=")?;
+    let (first, _) = spec.split_once('-')?;
+    if first.is_empty() {
+        return None;
+    }
+    first.trim().parse().ok()
+}
+
 /// A blob whose bytes hash to its digest (`sha256:` or `sha512:`); None for another algorithm.
 pub fn digest_hasher(digest: &str) -> Option<DigestHasher> {
     match digest.split_once(':')? {
@@ -2086,5 +2098,16 @@ mod tests {
             check_key("Basic cHVsbGVyOnMzOmNyZXQ=", "r:500", "0/team/app")
         );
         assert!(!k.windows(6).any(|w| w == b"puller"));
+    }
+
+    #[test]
+    fn a_range_gives_its_first_byte_before_the_length_is_known() {
+        assert_eq!(range_start(None), Some(0));
+        assert_eq!(range_start(Some("bytes=100-")), Some(100));
+        assert_eq!(range_start(Some(" bytes=5-9")), Some(5));
+        // A suffix range needs the length first; anything else is not a range we serve.
+        for bad in ["bytes=-10", "items=0-", "bytes=x-", "bytes=10"] {
+            assert_eq!(range_start(Some(bad)), None, "{bad}");
+        }
     }
 }
